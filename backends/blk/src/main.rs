@@ -1,0 +1,433 @@
+//! vhost-user-blk: serves a raw image file or block device to vhost-user frontends.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use clap::Parser;
+use log::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_blk::blk::{BlockDevice, BlockStorage, SERIAL_LEN};
+use vhost_user_blk::file_storage::{FileStorage, OpenError, StorageOptions};
+use vhost_user_blk::vhu_blk::{self, QueueConfig, VhostUserBlkBackend, MAX_QUEUES, MAX_QUEUE_SIZE};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{block_signal, create_sigset};
+
+/// Signals handled by the signal thread; blocked everywhere else.
+const HANDLED_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+#[derive(Parser, Debug)]
+#[command(author, version, about = "vhost-user block device backend")]
+struct Args {
+    /// Unix socket to listen on for vhost-user frontends.
+    #[arg(short = 's', long)]
+    socket_path: PathBuf,
+    /// Raw disk image or block device to serve.
+    #[arg(long, visible_alias = "img")]
+    image: PathBuf,
+    /// Refuse writes and tell the driver the disk is read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Serial number the driver reads with GET_ID (at most 20 bytes).
+    #[arg(long, default_value = "hvisor-vhost-blk")]
+    serial: String,
+    /// Open the image with O_DIRECT, bypassing the host page cache.
+    #[arg(long)]
+    direct: bool,
+    /// Largest virtqueue size the frontend may configure (a power of two).
+    #[arg(long, default_value_t = 256)]
+    queue_size: u16,
+    /// Number of request queues, each served by its own thread.
+    #[arg(long, default_value_t = 1)]
+    num_queues: usize,
+    /// Lock the image so that no second backend opens it (the default).
+    #[arg(long, overrides_with = "no_lock")]
+    lock: bool,
+    /// Do not lock the image.
+    #[arg(long, overrides_with = "lock")]
+    no_lock: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("Queue size {0} is not a power of two between 2 and {MAX_QUEUE_SIZE}")]
+    InvalidQueueSize(u16),
+    #[error("Number of queues {0} is not between 1 and {MAX_QUEUES}")]
+    InvalidNumQueues(usize),
+    #[error("Serial {0:?} is longer than {SERIAL_LEN} bytes")]
+    SerialTooLong(String),
+    #[error("Cannot open the image")]
+    Image(#[source] OpenError),
+    #[error("Socket {} is in use by a running backend", .0.display())]
+    SocketInUse(PathBuf),
+    #[error("{} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("Cannot listen on {}", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    #[error("Cannot set up signal handling")]
+    Signals(#[source] io::Error),
+    #[error("Cannot wait for a frontend")]
+    Accept(#[source] io::Error),
+    #[error("Cannot create the backend")]
+    Backend(#[source] vhu_blk::Error),
+    #[error("Vhost-user daemon failed: {0}")]
+    Daemon(vhost_user_backend::Error),
+    #[error("Cannot flush the image")]
+    Flush(#[source] io::Error),
+}
+
+/// Validated settings.
+#[derive(Debug)]
+struct Config {
+    socket_path: PathBuf,
+    image: PathBuf,
+    storage: StorageOptions,
+    serial: String,
+    queues: QueueConfig,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = Error;
+
+    fn try_from(args: Args) -> Result<Self, Error> {
+        if !args.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&args.queue_size) {
+            return Err(Error::InvalidQueueSize(args.queue_size));
+        }
+        if !(1..=MAX_QUEUES).contains(&args.num_queues) {
+            return Err(Error::InvalidNumQueues(args.num_queues));
+        }
+        if args.serial.len() > SERIAL_LEN {
+            return Err(Error::SerialTooLong(args.serial));
+        }
+        Ok(Config {
+            socket_path: args.socket_path,
+            image: args.image,
+            storage: StorageOptions {
+                read_only: args.read_only,
+                direct: args.direct,
+                lock: !args.no_lock,
+            },
+            serial: args.serial,
+            queues: QueueConfig {
+                num_queues: args.num_queues,
+                queue_size: args.queue_size,
+            },
+        })
+    }
+}
+
+/// Shutdown state shared by the serve loop and the signal thread.
+struct Shutdown {
+    requested: AtomicBool,
+    /// Wakes the serve loop while it waits for a frontend.
+    wake: EventFd,
+    /// The live connection, closed to end it early.
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl Shutdown {
+    fn new() -> io::Result<Self> {
+        Ok(Shutdown {
+            requested: AtomicBool::new(false),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            connection: Mutex::new(None),
+        })
+    }
+
+    fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+        if let Err(e) = self.wake.write(1) {
+            error!("Cannot wake the serve loop: {e}");
+        }
+        if let Some(connection) = self.connection().as_ref() {
+            connection.shutdown();
+        }
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Records the live connection; closes it at once if shutdown was already requested.
+    fn track(&self, handle: Option<ShutdownHandle>) {
+        let mut connection = self.connection();
+        *connection = handle;
+        if self.requested() {
+            if let Some(handle) = connection.as_ref() {
+                handle.shutdown();
+            }
+        }
+    }
+
+    fn connection(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Creates the socket with mode 0600. A stale socket is replaced; a live one, or a file that
+/// is not a socket, is left alone.
+fn listen(path: &Path) -> Result<Listener, Error> {
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        if !metadata.file_type().is_socket() {
+            return Err(Error::NotASocket(path.to_owned()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::SocketInUse(path.to_owned()));
+        }
+    }
+    // SAFETY: umask only swaps the process file-mode mask. No other thread exists yet, so
+    // nothing else creates files while the restrictive mask is in place.
+    let previous = unsafe { libc::umask(0o177) };
+    let listener = Listener::new(path, true);
+    // SAFETY: as above; restores the previous mask.
+    unsafe { libc::umask(previous) };
+    listener.map_err(|source| Error::Listen {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Blocks the handled signals in this thread and every thread spawned after it, so that
+/// only the signal thread's sigwait sees them.
+fn block_handled_signals() -> io::Result<()> {
+    for signal in HANDLED_SIGNALS {
+        match block_signal(signal) {
+            Ok(()) | Err(vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) => {}
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// SIGTERM/SIGINT request a clean shutdown; SIGHUP re-reads the image size.
+fn spawn_signal_thread(shutdown: Arc<Shutdown>, storage: Arc<FileStorage>) -> io::Result<()> {
+    let set = create_sigset(&HANDLED_SIGNALS).map_err(io::Error::from)?;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut signal: libc::c_int = 0;
+            // SAFETY: `set` is an initialised signal set and `signal` a writable int.
+            let ret = unsafe { libc::sigwait(&set, &mut signal) };
+            if ret != 0 {
+                error!("sigwait failed: {}", io::Error::from_raw_os_error(ret));
+                continue;
+            }
+            if signal == libc::SIGHUP {
+                match storage.refresh_capacity() {
+                    // There is no config-change message to send (no BACKEND_REQ), so the
+                    // driver sees the new size when it next reads the configuration space.
+                    Ok(capacity) => info!("Image capacity is now {capacity} bytes"),
+                    Err(e) => error!("Cannot re-read the image size: {e}"),
+                }
+                continue;
+            }
+            info!("Signal {signal}: shutting down");
+            shutdown.request();
+            return;
+        })?;
+    Ok(())
+}
+
+/// Waits until a frontend connects (true) or shutdown is requested (false).
+fn wait_for_frontend(listener: &Listener, shutdown: &Shutdown) -> io::Result<bool> {
+    const LISTENER: u64 = 0;
+    const WAKE: u64 = 1;
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        listener.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, LISTENER),
+    )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        shutdown.wake.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, WAKE),
+    )?;
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        if shutdown.requested() {
+            return Ok(false);
+        }
+        match epoll.wait(-1, &mut events) {
+            Ok(count) => {
+                if events[..count].iter().any(|event| event.data() == LISTENER) {
+                    return Ok(!shutdown.requested());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn serve(config: Config) -> Result<(), Error> {
+    block_handled_signals().map_err(Error::Signals)?;
+    let storage =
+        Arc::new(FileStorage::open(&config.image, &config.storage).map_err(Error::Image)?);
+    let mut listener = listen(&config.socket_path)?;
+    let shutdown = Arc::new(Shutdown::new().map_err(Error::Signals)?);
+    spawn_signal_thread(shutdown.clone(), storage.clone()).map_err(Error::Signals)?;
+    info!(
+        "Serving {} ({} bytes{}) on {}",
+        config.image.display(),
+        storage.capacity(),
+        if config.storage.read_only {
+            ", read-only"
+        } else {
+            ""
+        },
+        config.socket_path.display()
+    );
+
+    while wait_for_frontend(&listener, &shutdown).map_err(Error::Accept)? {
+        let device = BlockDevice::new(
+            storage.clone(),
+            config.storage.read_only,
+            config.serial.as_bytes(),
+        );
+        let backend = VhostUserBlkBackend::new(device, config.queues).map_err(Error::Backend)?;
+        let mut daemon = VhostUserDaemon::new(
+            "vhost-user-blk".into(),
+            Arc::new(backend),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(Error::Daemon)?;
+        daemon.start(&mut listener).map_err(Error::Daemon)?;
+        info!("Frontend connected");
+        shutdown.track(daemon.shutdown_handle());
+        let result = daemon.wait();
+        shutdown.track(None);
+        // Dropping the daemon stops its queue threads once their current requests are done.
+        drop(daemon);
+        match result {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("Frontend disconnected"),
+            Err(e) => warn!("Connection ended: {e}"),
+        }
+    }
+
+    storage.flush().map_err(Error::Flush)?;
+    info!("Shut down");
+    // Dropping the listener removes the socket.
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let result = Config::try_from(Args::parse()).and_then(serve);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            error!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, Error> {
+        let mut argv = vec![
+            "vhost-user-blk",
+            "-s",
+            "/run/blk.sock",
+            "--image",
+            "disk.img",
+        ];
+        argv.extend_from_slice(extra);
+        Config::try_from(Args::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn defaults() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.socket_path, PathBuf::from("/run/blk.sock"));
+        assert_eq!(config.image, PathBuf::from("disk.img"));
+        assert_eq!(config.serial, "hvisor-vhost-blk");
+        assert_eq!(config.queues.queue_size, 256);
+        assert_eq!(config.queues.num_queues, 1);
+        assert!(!config.storage.read_only);
+        assert!(!config.storage.direct);
+        assert!(config.storage.lock);
+    }
+
+    #[test]
+    fn options_are_parsed() {
+        let config = parse(&[
+            "--read-only",
+            "--direct",
+            "--serial",
+            "abc",
+            "--queue-size",
+            "1024",
+            "--num-queues",
+            "4",
+            "--no-lock",
+        ])
+        .unwrap();
+        assert!(config.storage.read_only && config.storage.direct && !config.storage.lock);
+        assert_eq!(config.serial, "abc");
+        assert_eq!(config.queues.queue_size, 1024);
+        assert_eq!(config.queues.num_queues, 4);
+        // The last of --lock / --no-lock wins.
+        assert!(parse(&["--no-lock", "--lock"]).unwrap().storage.lock);
+        let alias = Args::try_parse_from(["vhost-user-blk", "-s", "s", "--img", "x"]).unwrap();
+        assert_eq!(alias.image, PathBuf::from("x"));
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        assert!(matches!(
+            parse(&["--queue-size", "100"]),
+            Err(Error::InvalidQueueSize(100))
+        ));
+        assert!(matches!(
+            parse(&["--queue-size", "2048"]),
+            Err(Error::InvalidQueueSize(2048))
+        ));
+        assert!(matches!(
+            parse(&["--queue-size", "0"]),
+            Err(Error::InvalidQueueSize(0))
+        ));
+        assert!(matches!(
+            parse(&["--num-queues", "0"]),
+            Err(Error::InvalidNumQueues(0))
+        ));
+        assert!(matches!(
+            parse(&["--num-queues", "65"]),
+            Err(Error::InvalidNumQueues(65))
+        ));
+        assert!(parse(&["--serial", "12345678901234567890"]).is_ok());
+        assert!(matches!(
+            parse(&["--serial", "123456789012345678901"]),
+            Err(Error::SerialTooLong(_))
+        ));
+        assert!(Args::try_parse_from(["vhost-user-blk", "--image", "x"]).is_err());
+        assert!(Args::try_parse_from(["vhost-user-blk", "-s", "x"]).is_err());
+    }
+}

@@ -1,0 +1,415 @@
+//! The bridge's one event loop: it consumes the HSM request ring, answers register accesses
+//! from each device's transport, turns call eventfds into guest interrupts and watches the
+//! backend sockets.
+
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hvisor_hsm::{DeviceReq, Hsm};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::frontend::VhostUserDevice;
+use crate::irq::{Injection, IrqLines};
+use crate::ratelimit::RateLimited;
+use crate::transport::MmioTransport;
+
+/// Epoll tokens: fixed ones first, then one per device fd.
+const TOKEN_WAKEUP: u64 = 0;
+const TOKEN_STOP: u64 = 1;
+const TOKEN_HSM_CONTROL: u64 = 2;
+const TOKEN_DEVICE_BASE: u64 = 1 << 32;
+/// Within a device's token space: queue `q` call fd is `q`, the socket is this.
+const DEVICE_SOCKET_SLOT: u64 = 0xffff;
+
+/// How many empty ring polls between looks at the other fds while spinning.
+const POLLS_PER_EPOLL: u32 = 32;
+
+/// Event-loop tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopOptions {
+    /// Keep polling the ring this long after the last activity before sleeping.
+    pub spin: Duration,
+    /// Sleep at most this long: the guard against a wakeup the hypervisor never sends.
+    pub guard_timeout: Duration,
+}
+
+impl Default for LoopOptions {
+    fn default() -> Self {
+        Self {
+            spin: Duration::from_micros(50),
+            guard_timeout: Duration::from_millis(100),
+        }
+    }
+}
+
+/// One emulated virtio-mmio device.
+#[derive(Debug)]
+pub struct BridgeDevice {
+    /// The zone that owns it.
+    pub zone: u32,
+    /// Guest-physical base of its registers.
+    pub base: u64,
+    /// Size of its register window.
+    pub len: u64,
+    /// The interrupt id injected into the guest.
+    pub irq: u32,
+    /// The register state machine over the vhost-user frontend.
+    pub transport: MmioTransport<VhostUserDevice>,
+    /// An interrupt is owed but the zone was at hvisor's pending limit.
+    deferred: bool,
+}
+
+impl BridgeDevice {
+    /// A device at `[base, base+len)` of `zone`.
+    pub fn new(
+        zone: u32,
+        base: u64,
+        len: u64,
+        irq: u32,
+        transport: MmioTransport<VhostUserDevice>,
+    ) -> Self {
+        Self {
+            zone,
+            base,
+            len,
+            irq,
+            transport,
+            deferred: false,
+        }
+    }
+
+    fn contains(&self, zone: u32, address: u64) -> bool {
+        self.zone == zone && address >= self.base && address - self.base < self.len
+    }
+}
+
+/// Errors that stop the event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    /// epoll failed.
+    #[error("epoll failed")]
+    Epoll(#[source] std::io::Error),
+}
+
+/// Counters, for logs and benchmarks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LoopStats {
+    /// Requests taken from the ring.
+    pub requests: u64,
+    /// Interrupts pushed to the hypervisor.
+    pub interrupts: u64,
+    /// Times the loop went to sleep.
+    pub sleeps: u64,
+    /// Sleeps that ended by the guard timeout with requests pending (lost wakeups).
+    pub guard_wakeups: u64,
+}
+
+/// The bridge: devices plus the HSM, driven by [`Bridge::run`].
+#[derive(Debug)]
+pub struct Bridge {
+    hsm: Arc<dyn Hsm>,
+    devices: Vec<BridgeDevice>,
+    lines: IrqLines,
+    epoll: Epoll,
+    options: LoopOptions,
+    stats: LoopStats,
+    stop_fd: Option<RawFd>,
+    hsm_gone: bool,
+    unknown_access: RateLimited,
+    bad_request: RateLimited,
+}
+
+impl Bridge {
+    /// Builds the loop. `stop` (an eventfd or signalfd), when readable, ends [`Bridge::run`];
+    /// `hsm_control`, when it hangs up, means the hypervisor stand-in is gone.
+    pub fn new(
+        hsm: Arc<dyn Hsm>,
+        devices: Vec<BridgeDevice>,
+        options: LoopOptions,
+        stop: Option<BorrowedFd<'_>>,
+        hsm_control: Option<BorrowedFd<'_>>,
+    ) -> Result<Self, LoopError> {
+        let epoll = Epoll::new().map_err(LoopError::Epoll)?;
+        let add = |fd: RawFd, events: EventSet, token: u64| {
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+                .map_err(LoopError::Epoll)
+        };
+        add(hsm.wakeup_fd().as_raw_fd(), EventSet::IN, TOKEN_WAKEUP)?;
+        if let Some(stop) = stop {
+            add(stop.as_raw_fd(), EventSet::IN, TOKEN_STOP)?;
+        }
+        if let Some(control) = hsm_control {
+            add(
+                control.as_raw_fd(),
+                EventSet::READ_HANG_UP | EventSet::HANG_UP,
+                TOKEN_HSM_CONTROL,
+            )?;
+        }
+        for (i, dev) in devices.iter().enumerate() {
+            let base = TOKEN_DEVICE_BASE * (i as u64 + 1);
+            let frontend = dev.transport.backend();
+            for (q, fd) in frontend.call_fds().enumerate() {
+                add(fd.as_raw_fd(), EventSet::IN, base + q as u64)?;
+            }
+            add(
+                frontend.socket_fd().as_raw_fd(),
+                EventSet::READ_HANG_UP | EventSet::HANG_UP,
+                base + DEVICE_SOCKET_SLOT,
+            )?;
+        }
+        let addrs: Vec<u64> = devices.iter().map(|d| d.base).collect();
+        hsm.bridge().publish_mmio_addrs(&addrs);
+        Ok(Self {
+            hsm,
+            devices,
+            lines: IrqLines::default(),
+            epoll,
+            options,
+            stats: LoopStats::default(),
+            stop_fd: stop.map(|s| s.as_raw_fd()),
+            hsm_gone: false,
+            unknown_access: RateLimited::new(),
+            bad_request: RateLimited::new(),
+        })
+    }
+
+    /// The devices, e.g. for tests that inspect transport state.
+    pub fn devices(&self) -> &[BridgeDevice] {
+        &self.devices
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LoopStats {
+        self.stats
+    }
+
+    /// Runs until the stop fd fires or the hypervisor stand-in hangs up.
+    pub fn run(&mut self) -> Result<LoopStats, LoopError> {
+        let bridge_page = Arc::clone(&self.hsm);
+        let ring = bridge_page.bridge();
+        // Drain before the first sleep: requests may predate the bridge (hvisor-tool does not).
+        ring.disarm_wakeup();
+        let mut events = vec![EpollEvent::default(); 64];
+        let mut last_activity = Instant::now();
+        let mut polls: u32 = 0;
+        loop {
+            let mut busy = false;
+            while let Some(req) = ring.pop_request() {
+                self.handle_request(&req);
+                busy = true;
+            }
+            polls = polls.wrapping_add(1);
+            if busy || polls.is_multiple_of(POLLS_PER_EPOLL) {
+                let n = self.epoll_wait(&mut events, 0)?;
+                busy |= n > 0;
+                if self.dispatch(&events[..n]) {
+                    break;
+                }
+            }
+            let now = Instant::now();
+            if busy {
+                last_activity = now;
+                continue;
+            }
+            if now.duration_since(last_activity) < self.options.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            // need_wakeup=1, SeqCst fence, re-check: a request pushed before the flag was
+            // visible is caught here instead of being slept on.
+            if !ring.arm_wakeup() {
+                continue;
+            }
+            self.stats.sleeps += 1;
+            let timeout = self.options.guard_timeout.as_millis().min(i32::MAX as u128) as i32;
+            let n = self.epoll_wait(&mut events, timeout)?;
+            ring.disarm_wakeup();
+            if n == 0 && ring.has_requests() {
+                self.stats.guard_wakeups += 1;
+                log::warn!("requests pending after a {timeout} ms sleep without a wakeup");
+            }
+            if self.dispatch(&events[..n]) {
+                break;
+            }
+            last_activity = Instant::now();
+        }
+        Ok(self.stats)
+    }
+
+    fn epoll_wait(&self, events: &mut [EpollEvent], timeout_ms: i32) -> Result<usize, LoopError> {
+        loop {
+            match self.epoll.wait(timeout_ms, events) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(LoopError::Epoll(e)),
+            }
+        }
+    }
+
+    /// Handles ready fds; true when the loop must stop.
+    fn dispatch(&mut self, events: &[EpollEvent]) -> bool {
+        let mut stop = false;
+        for event in events {
+            match event.data() {
+                TOKEN_WAKEUP => self.hsm.ack_wakeup(),
+                TOKEN_STOP => {
+                    if let Some(fd) = self.stop_fd {
+                        drain_fd(fd);
+                    }
+                    stop = true;
+                }
+                TOKEN_HSM_CONTROL => {
+                    if !self.hsm_gone {
+                        log::warn!("the hypervisor side closed its control connection; stopping");
+                    }
+                    self.hsm_gone = true;
+                    stop = true;
+                }
+                token => self.device_event(token),
+            }
+        }
+        stop
+    }
+
+    fn device_event(&mut self, token: u64) {
+        let index = (token / TOKEN_DEVICE_BASE) as usize;
+        let slot = token % TOKEN_DEVICE_BASE;
+        let Some(dev) = index.checked_sub(1).and_then(|i| self.devices.get_mut(i)) else {
+            return;
+        };
+        if slot == DEVICE_SOCKET_SLOT {
+            if dev.transport.backend().is_disconnected() {
+                return;
+            }
+            log::error!(
+                "{}: backend hung up; the device needs a reset (guest I/O on it fails until then)",
+                dev.transport.backend().label()
+            );
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                dev.transport.backend().socket_fd().as_raw_fd(),
+                EpollEvent::default(),
+            );
+            dev.transport.backend_mut().mark_disconnected();
+            if dev.transport.fail() {
+                self.raise(index - 1);
+            }
+            return;
+        }
+        if dev.transport.backend().take_call(slot as usize) && dev.transport.signal_used_buffer() {
+            self.raise(index - 1);
+        }
+    }
+
+    /// Injects device `index`'s line (the transport said it was not asserted).
+    fn raise(&mut self, index: usize) {
+        let dev = &mut self.devices[index];
+        match self.lines.inject(self.hsm.as_ref(), dev.zone, dev.irq) {
+            Injection::Injected => {
+                dev.transport.mark_line_asserted();
+                dev.deferred = false;
+                self.stats.interrupts += 1;
+            }
+            Injection::Deferred => dev.deferred = true,
+            Injection::Failed => {}
+        }
+    }
+
+    fn handle_request(&mut self, req: &DeviceReq) {
+        self.stats.requests += 1;
+        let sync = req.need_interrupt == 0;
+        let size = match req.size {
+            1 | 2 | 4 | 8 => req.size as u8,
+            _ => {
+                if self.bad_request.hit() {
+                    log::warn!(
+                        "request with access size {} at {:#x} ignored",
+                        req.size,
+                        req.address
+                    );
+                }
+                self.reply(req, 0);
+                return;
+            }
+        };
+        let Some(index) = self
+            .devices
+            .iter()
+            .position(|d| d.contains(req.src_zone, req.address))
+        else {
+            if self.unknown_access.hit() {
+                log::warn!(
+                    "zone {}: access to {:#x} matches no device ({})",
+                    req.src_zone,
+                    req.address,
+                    if sync { "answered 0" } else { "dropped" }
+                );
+            }
+            self.reply(req, 0);
+            return;
+        };
+        let dev = &mut self.devices[index];
+        let offset = req.address - dev.base;
+        let zone = dev.zone;
+        if req.is_write != 0 {
+            let was_asserted = dev.transport.line_asserted();
+            let effect = dev.transport.write(offset, size, req.value);
+            let now_asserted = dev.transport.line_asserted();
+            self.reply(req, 0);
+            if was_asserted && !now_asserted {
+                self.lines.release(zone);
+                self.retry_deferred(zone);
+            }
+            if effect.inject_interrupt {
+                self.raise(index);
+            }
+        } else {
+            let value = dev.transport.read(offset, size);
+            self.reply(req, value);
+        }
+    }
+
+    /// Replies to a synchronous request; asynchronous ones (QueueNotify) get none.
+    fn reply(&mut self, req: &DeviceReq, value: u64) {
+        if req.need_interrupt != 0 {
+            return;
+        }
+        let masked = match req.size {
+            1 => value & 0xff,
+            2 => value & 0xffff,
+            4 => value & 0xffff_ffff,
+            _ => value,
+        };
+        if let Err(e) = self.hsm.bridge().reply(req.src_cpu, masked) {
+            if self.bad_request.hit() {
+                log::warn!(
+                    "cannot reply to zone {} cpu {}: {e}",
+                    req.src_zone,
+                    req.src_cpu
+                );
+            }
+        }
+    }
+
+    fn retry_deferred(&mut self, zone: u32) {
+        for i in 0..self.devices.len() {
+            let dev = &self.devices[i];
+            if dev.zone == zone && dev.deferred && !dev.transport.line_asserted() {
+                if dev.transport.interrupt_status() != 0 {
+                    self.raise(i);
+                } else {
+                    self.devices[i].deferred = false;
+                }
+            }
+        }
+    }
+}
+
+fn drain_fd(fd: RawFd) {
+    let mut buf = [0u8; 128];
+    // SAFETY: reading into a local buffer of the given length; the fd is non-blocking or
+    // readable (epoll said so), and errors are ignored.
+    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+}

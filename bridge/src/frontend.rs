@@ -1,0 +1,506 @@
+//! The vhost-user frontend of one device: it negotiates with the backend when the device is
+//! created, caches the config space, and on the guest's DRIVER_OK hands the backend the zone's
+//! memory table and the vrings. It implements [`VirtioBackend`] so the transport drives it.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::transport::{BackendError, QueueConfig, VirtioBackend};
+
+/// Feature bits the bridge passes through to the guest: the device-specific range, the ring
+/// features that need nothing from the transport, VERSION_1 and IN_ORDER. Everything else
+/// (ACCESS_PLATFORM, RING_PACKED, NOTIFICATION_DATA, RING_RESET, ...) would need transport
+/// support that virtio-mmio-over-hvisor does not have.
+const PASSTHROUGH_FEATURES: u64 = 0x00ff_ffff // device-specific bits 0..=23
+    | 1 << 28 // VIRTIO_RING_F_INDIRECT_DESC
+    | 1 << 29 // VIRTIO_RING_F_EVENT_IDX
+    | 1 << 32 // VIRTIO_F_VERSION_1
+    | 1 << 35; // VIRTIO_F_IN_ORDER
+
+/// Protocol features the bridge can use.
+fn wanted_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+/// Errors of the vhost-user frontend.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    /// The backend socket did not appear or refused the connection.
+    #[error("Cannot connect to {}", .socket.display())]
+    Connect {
+        /// The socket path.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: vhost::Error,
+    },
+    /// The socket did not appear in time.
+    #[error("Backend socket {} did not appear within {timeout:?}", .socket.display())]
+    SocketTimeout {
+        /// The socket path.
+        socket: PathBuf,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// A vhost-user request failed.
+    #[error("vhost-user {request} failed")]
+    Request {
+        /// The request, e.g. `SET_MEM_TABLE`.
+        request: &'static str,
+        /// Why.
+        #[source]
+        source: vhost::Error,
+    },
+    /// The backend serves fewer queues than the device needs.
+    #[error("Backend offers {offered} queues, the device needs {wanted}")]
+    QueueCount {
+        /// From GET_QUEUE_NUM.
+        offered: u64,
+        /// From the config.
+        wanted: u16,
+    },
+    /// A vring address the guest gave is not inside zone RAM or misaligned.
+    #[error("Queue {queue}: {what} at {addr:#x} is outside zone RAM or misaligned")]
+    BadRing {
+        /// The queue index.
+        queue: u16,
+        /// Which part of the ring.
+        what: &'static str,
+        /// The guest-physical address.
+        addr: u64,
+    },
+    /// An eventfd could not be created.
+    #[error("Cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A zone RAM region could not be described to the backend.
+    #[error("Zone RAM region has no file backing")]
+    MemoryRegion(#[source] vhost::Error),
+    /// The backend has gone.
+    #[error("Backend disconnected")]
+    Disconnected,
+}
+
+fn request(request: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError {
+    move |source| FrontendError::Request { request, source }
+}
+
+/// Static facts about the device that the config gives.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    /// For logs.
+    pub label: String,
+    /// The virtio device id.
+    pub device_id: u32,
+    /// Number of virtqueues.
+    pub num_queues: u16,
+    /// QueueNumMax for every queue.
+    pub queue_size: u16,
+    /// Bytes of config space to fetch and expose.
+    pub config_len: usize,
+}
+
+/// Waits up to `timeout` for `socket` to exist, then connects.
+pub fn connect(
+    socket: &Path,
+    num_queues: u16,
+    timeout: Duration,
+) -> Result<Frontend, FrontendError> {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if socket.exists() {
+            match Frontend::connect(socket, u64::from(num_queues)) {
+                Ok(f) => return Ok(f),
+                Err(source) if Instant::now() >= deadline => {
+                    return Err(FrontendError::Connect {
+                        socket: socket.to_path_buf(),
+                        source,
+                    })
+                }
+                Err(_) => {}
+            }
+        } else if Instant::now() >= deadline {
+            return Err(FrontendError::SocketTimeout {
+                socket: socket.to_path_buf(),
+                timeout,
+            });
+        }
+        // Polling the path is the only way to learn that another process created a socket.
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// One device's vhost-user frontend.
+pub struct VhostUserDevice {
+    spec: DeviceSpec,
+    frontend: Frontend,
+    memory: GuestMemoryMmap,
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    config: Vec<u8>,
+    kicks: Vec<EventFd>,
+    calls: Vec<EventFd>,
+    started: Vec<bool>,
+    activated: bool,
+    features_sent: bool,
+    disconnected: bool,
+}
+
+impl std::fmt::Debug for VhostUserDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserDevice")
+            .field("spec", &self.spec)
+            .field("backend_features", &self.backend_features)
+            .field("protocol", &self.protocol)
+            .field("started", &self.started)
+            .field("activated", &self.activated)
+            .field("disconnected", &self.disconnected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhostUserDevice {
+    /// Negotiates with a connected backend: SET_OWNER, features, protocol features, queue count
+    /// and config space, which is cached for the guest's reads.
+    pub fn new(
+        spec: DeviceSpec,
+        mut frontend: Frontend,
+        memory: GuestMemoryMmap,
+    ) -> Result<Self, FrontendError> {
+        frontend.set_owner().map_err(request("SET_OWNER"))?;
+        let backend_features = frontend.get_features().map_err(request("GET_FEATURES"))?;
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(request("GET_PROTOCOL_FEATURES"))?;
+            protocol = offered & wanted_protocol_features();
+            frontend
+                .set_protocol_features(protocol)
+                .map_err(request("SET_PROTOCOL_FEATURES"))?;
+            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            let offered = frontend.get_queue_num().map_err(request("GET_QUEUE_NUM"))?;
+            if offered < u64::from(spec.num_queues) {
+                return Err(FrontendError::QueueCount {
+                    offered,
+                    wanted: spec.num_queues,
+                });
+            }
+        }
+        let mut config = vec![0u8; spec.config_len];
+        if protocol.contains(VhostUserProtocolFeatures::CONFIG) && spec.config_len > 0 {
+            let (_, payload) = frontend
+                .get_config(
+                    0,
+                    spec.config_len as u32,
+                    VhostUserConfigFlags::WRITABLE,
+                    &config,
+                )
+                .map_err(request("GET_CONFIG"))?;
+            let n = payload.len().min(config.len());
+            config[..n].copy_from_slice(&payload[..n]);
+        }
+        let n = usize::from(spec.num_queues);
+        let new_fd = || EventFd::new(EFD_NONBLOCK).map_err(FrontendError::EventFd);
+        let kicks = (0..n).map(|_| new_fd()).collect::<Result<Vec<_>, _>>()?;
+        let calls = (0..n).map(|_| new_fd()).collect::<Result<Vec<_>, _>>()?;
+        log::info!(
+            "{}: backend features {:#x}, protocol features {:#x}, {} queues of {}",
+            spec.label,
+            backend_features,
+            protocol.bits(),
+            spec.num_queues,
+            spec.queue_size
+        );
+        Ok(Self {
+            spec,
+            frontend,
+            memory,
+            backend_features,
+            protocol,
+            config,
+            kicks,
+            calls,
+            started: vec![false; n],
+            activated: false,
+            features_sent: false,
+            disconnected: false,
+        })
+    }
+
+    /// The label used in logs.
+    pub fn label(&self) -> &str {
+        &self.spec.label
+    }
+
+    /// The call eventfd of each queue, to poll for used-buffer notifications.
+    pub fn call_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        // SAFETY: each raw fd belongs to an EventFd in `self.calls`, which outlives the borrow.
+        self.calls
+            .iter()
+            .map(|e| unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) })
+    }
+
+    /// Reads (and clears) queue `queue`'s call eventfd; true if it had fired.
+    pub fn take_call(&self, queue: usize) -> bool {
+        self.calls.get(queue).is_some_and(|c| c.read().is_ok())
+    }
+
+    /// The backend socket, to poll for hang-up.
+    pub fn socket_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the raw fd belongs to `self.frontend`, which outlives the returned borrow.
+        unsafe { BorrowedFd::borrow_raw(self.frontend.as_raw_fd()) }
+    }
+
+    /// The backend hung up: every later activation fails until the device is recreated.
+    pub fn mark_disconnected(&mut self) {
+        self.disconnected = true;
+        self.activated = false;
+        self.started.iter_mut().for_each(|s| *s = false);
+    }
+
+    /// True once the backend hung up.
+    pub fn is_disconnected(&self) -> bool {
+        self.disconnected
+    }
+
+    fn memory_table(&self) -> Result<Vec<VhostUserMemoryRegionInfo>, FrontendError> {
+        self.memory
+            .iter()
+            .map(|r| {
+                VhostUserMemoryRegionInfo::from_guest_region(r).map_err(FrontendError::MemoryRegion)
+            })
+            .collect()
+    }
+
+    /// The bridge's host address of `[gpa, gpa+len)`, which must lie in one region and be
+    /// `align`-aligned: the backend maps the same regions and translates back.
+    fn host_address(
+        &self,
+        queue: u16,
+        what: &'static str,
+        gpa: u64,
+        len: u64,
+        align: u64,
+    ) -> Result<u64, FrontendError> {
+        let bad = || FrontendError::BadRing {
+            queue,
+            what,
+            addr: gpa,
+        };
+        if !gpa.is_multiple_of(align) {
+            return Err(bad());
+        }
+        let region = self.memory.find_region(GuestAddress(gpa)).ok_or_else(bad)?;
+        let offset = gpa - region.start_addr().0;
+        if offset.checked_add(len).is_none_or(|end| end > region.len()) {
+            return Err(bad());
+        }
+        let host = self
+            .memory
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|_| bad())?;
+        Ok(host as u64)
+    }
+
+    fn start_queue(&mut self, q: &QueueConfig) -> Result<(), FrontendError> {
+        let size = u64::from(q.size);
+        let index = usize::from(q.index);
+        let data = VringConfigData {
+            queue_max_size: self.spec.queue_size,
+            queue_size: q.size,
+            flags: 0,
+            desc_table_addr: self.host_address(
+                q.index,
+                "descriptor table",
+                q.desc,
+                16 * size,
+                16,
+            )?,
+            avail_ring_addr: self.host_address(
+                q.index,
+                "available ring",
+                q.driver,
+                6 + 2 * size,
+                2,
+            )?,
+            used_ring_addr: self.host_address(q.index, "used ring", q.device, 6 + 8 * size, 4)?,
+            log_addr: None,
+        };
+        let f = &mut self.frontend;
+        f.set_vring_num(index, q.size)
+            .map_err(request("SET_VRING_NUM"))?;
+        f.set_vring_addr(index, &data)
+            .map_err(request("SET_VRING_ADDR"))?;
+        f.set_vring_base(index, 0)
+            .map_err(request("SET_VRING_BASE"))?;
+        f.set_vring_call(index, &self.calls[index])
+            .map_err(request("SET_VRING_CALL"))?;
+        f.set_vring_kick(index, &self.kicks[index])
+            .map_err(request("SET_VRING_KICK"))?;
+        self.started[index] = true;
+        if self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            f.set_vring_enable(index, true)
+                .map_err(request("SET_VRING_ENABLE"))?;
+        }
+        Ok(())
+    }
+
+    fn protocol_features_acked(&self) -> bool {
+        self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    fn try_activate(&mut self, acked: u64, queues: &[QueueConfig]) -> Result<(), FrontendError> {
+        if self.disconnected {
+            return Err(FrontendError::Disconnected);
+        }
+        let mut features = acked & self.backend_features;
+        if self.protocol_features_acked() {
+            features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        }
+        self.frontend
+            .set_features(features)
+            .map_err(request("SET_FEATURES"))?;
+        self.features_sent = true;
+        let table = self.memory_table()?;
+        self.frontend
+            .set_mem_table(&table)
+            .map_err(request("SET_MEM_TABLE"))?;
+        for q in queues.iter().filter(|q| q.ready) {
+            self.start_queue(q)?;
+        }
+        self.activated = true;
+        // Notifies may have arrived between DRIVER_OK and now; kick every started queue once.
+        for (kick, _) in self.kicks.iter().zip(&self.started).filter(|(_, s)| **s) {
+            let _ = kick.write(1);
+        }
+        Ok(())
+    }
+
+    fn try_reset(&mut self) -> Result<(), FrontendError> {
+        if self.disconnected {
+            return Err(FrontendError::Disconnected);
+        }
+        for index in 0..self.started.len() {
+            if !self.started[index] {
+                continue;
+            }
+            self.started[index] = false;
+            if self.protocol_features_acked() {
+                self.frontend
+                    .set_vring_enable(index, false)
+                    .map_err(request("SET_VRING_ENABLE"))?;
+            }
+            self.frontend
+                .get_vring_base(index)
+                .map_err(request("GET_VRING_BASE"))?;
+        }
+        if self.features_sent
+            && self
+                .protocol
+                .contains(VhostUserProtocolFeatures::RESET_DEVICE)
+        {
+            self.frontend
+                .reset_device()
+                .map_err(request("RESET_DEVICE"))?;
+        }
+        self.features_sent = false;
+        self.activated = false;
+        Ok(())
+    }
+}
+
+impl VirtioBackend for VhostUserDevice {
+    fn device_id(&self) -> u32 {
+        self.spec.device_id
+    }
+
+    fn device_features(&self) -> u64 {
+        self.backend_features & PASSTHROUGH_FEATURES
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.spec.num_queues
+    }
+
+    fn queue_max_size(&self, _queue: u16) -> u16 {
+        self.spec.queue_size
+    }
+
+    fn config_len(&self) -> usize {
+        self.config.len()
+    }
+
+    fn read_config(&self, offset: usize, data: &mut [u8]) {
+        data.fill(0);
+        if let Some(src) = self.config.get(offset..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn write_config(&mut self, offset: usize, data: &[u8]) -> Result<(), BackendError> {
+        let end = offset
+            .checked_add(data.len())
+            .filter(|&e| e <= self.config.len());
+        let Some(end) = end else {
+            return Err(BackendError::new("config write beyond the config space"));
+        };
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(BackendError::new("backend has no CONFIG protocol feature"));
+        }
+        self.frontend
+            .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
+            .map_err(|e| BackendError::from_error(request("SET_CONFIG")(e)))?;
+        self.config[offset..end].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn activate(
+        &mut self,
+        acked_features: u64,
+        queues: &[QueueConfig],
+    ) -> Result<(), BackendError> {
+        let started = Instant::now();
+        self.try_activate(acked_features, queues)
+            .map_err(BackendError::from_error)?;
+        log::info!(
+            "{}: activated with features {:#x} in {:?}",
+            self.spec.label,
+            acked_features,
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), BackendError> {
+        self.try_reset().map_err(BackendError::from_error)?;
+        log::info!("{}: reset", self.spec.label);
+        Ok(())
+    }
+
+    fn notify(&mut self, queue: u16) {
+        if let Some(kick) = self.kicks.get(usize::from(queue)) {
+            // An eventfd write fails only when the counter would overflow; the backend has
+            // then plenty of pending kicks already.
+            let _ = kick.write(1);
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! hvisor-vhost bridge: consumes hvisor's virtio request ring, emulates virtio-mmio v2
+//! registers, and serves each device through a vhost-user backend.
+//!
+//! - [`config`]: hvisor-tool's `virtio_cfg.json` plus backend fields.
+//! - [`transport`]: the virtio-mmio register state machine (no I/O).
+//! - [`frontend`]: the vhost-user frontend behind the transport.
+//! - [`irq`]: interrupt lines and hvisor's pending-IRQ limit.
+//! - [`event_loop`]: the one thread that ties the ring, the devices and the backends.
+//! - [`supervisor`]: spawns the in-repo backends a config implies.
+
+use std::fs::File;
+use std::os::fd::BorrowedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hvisor_hsm::Hsm;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+pub mod config;
+pub mod event_loop;
+pub mod frontend;
+pub mod irq;
+pub mod ratelimit;
+pub mod supervisor;
+pub mod transport;
+
+use config::{BackendSpec, Config, ZoneConfig};
+use event_loop::{Bridge, BridgeDevice, LoopOptions};
+use frontend::{DeviceSpec, VhostUserDevice};
+use supervisor::{SpawnedBackend, Supervisor};
+use transport::MmioTransport;
+
+/// Errors while building the bridge.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The HSM refused a RAM region.
+    #[error("Zone {zone}: cannot map RAM region {zone0_ipa:#x}")]
+    Ram {
+        /// Zone id.
+        zone: u32,
+        /// Region address as root Linux sees it.
+        zone0_ipa: u64,
+        /// Why.
+        #[source]
+        source: hvisor_hsm::HsmError,
+    },
+    /// The bridge could not map zone RAM.
+    #[error("Zone {zone}: cannot map RAM")]
+    Mmap {
+        /// Zone id.
+        zone: u32,
+        /// Why.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// A RAM fd could not be duplicated.
+    #[error("Zone {zone}: cannot duplicate a RAM fd")]
+    DupFd {
+        /// Zone id.
+        zone: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A backend could not be started.
+    #[error("Zone {zone}, {device}: cannot start the backend")]
+    Spawn {
+        /// Zone id.
+        zone: u32,
+        /// Device label.
+        device: String,
+        /// Why.
+        #[source]
+        source: supervisor::SupervisorError,
+    },
+    /// A backend could not be reached or refused to negotiate.
+    #[error("Zone {zone}, {device}: backend setup failed")]
+    Backend {
+        /// Zone id.
+        zone: u32,
+        /// Device label.
+        device: String,
+        /// Why.
+        #[source]
+        source: frontend::FrontendError,
+    },
+    /// The event loop could not be created.
+    #[error("Cannot create the event loop")]
+    Loop(#[source] event_loop::LoopError),
+}
+
+/// Knobs of [`build`].
+#[derive(Debug, Clone)]
+pub struct BridgeOptions {
+    /// Where spawned backends' sockets go (made 0700).
+    pub runtime_dir: PathBuf,
+    /// The `vhost-user-blk` program.
+    pub blk_program: PathBuf,
+    /// How long to wait for an external backend's socket.
+    pub connect_timeout: Duration,
+    /// Event-loop tuning.
+    pub loop_options: LoopOptions,
+}
+
+/// The bridge plus the backend processes it started (stopped when dropped).
+#[derive(Debug)]
+pub struct Running {
+    /// The event loop.
+    pub bridge: Bridge,
+    /// Backends the bridge spawned.
+    pub backends: Vec<SpawnedBackend>,
+}
+
+/// Maps each zone's RAM, starts or connects every device's backend, negotiates, and builds
+/// the event loop.
+pub fn build(
+    config: &Config,
+    hsm: Arc<dyn Hsm>,
+    options: &BridgeOptions,
+    stop: Option<BorrowedFd<'_>>,
+    hsm_control: Option<BorrowedFd<'_>>,
+) -> Result<Running, BridgeError> {
+    let supervisor = Supervisor::new(options.runtime_dir.clone(), options.blk_program.clone())
+        .map_err(|source| BridgeError::Spawn {
+            zone: 0,
+            device: "runtime dir".into(),
+            source,
+        })?;
+    let mut devices = Vec::new();
+    let mut backends = Vec::new();
+    for zone in &config.zones {
+        let memory = map_zone_ram(hsm.as_ref(), zone)?;
+        for dev in &zone.devices {
+            let label = format!("zone{}/{}", zone.id, dev.label());
+            let spawned = supervisor
+                .spawn(zone.id, dev)
+                .map_err(|source| BridgeError::Spawn {
+                    zone: zone.id,
+                    device: label.clone(),
+                    source,
+                })?;
+            let socket = match (&spawned, &dev.backend) {
+                (Some(s), _) => s.socket().to_path_buf(),
+                (None, BackendSpec::External { socket }) => socket.clone(),
+                (None, BackendSpec::SpawnBlk { .. }) => {
+                    unreachable!("spawn returns a backend for SpawnBlk")
+                }
+            };
+            let backend_err = |source| BridgeError::Backend {
+                zone: zone.id,
+                device: label.clone(),
+                source,
+            };
+            let frontend = frontend::connect(&socket, dev.num_queues, options.connect_timeout)
+                .map_err(backend_err)?;
+            let spec = DeviceSpec {
+                label: label.clone(),
+                device_id: dev.device_type.id,
+                num_queues: dev.num_queues,
+                queue_size: dev.queue_size,
+                config_len: config::config_space_len(dev.device_type.id),
+            };
+            let device =
+                VhostUserDevice::new(spec, frontend, memory.clone()).map_err(backend_err)?;
+            devices.push(BridgeDevice::new(
+                zone.id,
+                dev.addr,
+                dev.len,
+                dev.irq,
+                MmioTransport::with_label(device, label),
+            ));
+            backends.extend(spawned);
+        }
+    }
+    let bridge = Bridge::new(hsm, devices, options.loop_options, stop, hsm_control)
+        .map_err(BridgeError::Loop)?;
+    Ok(Running { bridge, backends })
+}
+
+fn map_zone_ram(hsm: &dyn Hsm, zone: &ZoneConfig) -> Result<GuestMemoryMmap, BridgeError> {
+    let mut regions = zone.memory_regions.clone();
+    regions.sort_by_key(|r| r.zonex_ipa);
+    let mut ranges = Vec::new();
+    for r in &regions {
+        let ram = hsm
+            .ram_region(r.zone0_ipa, r.size)
+            .map_err(|source| BridgeError::Ram {
+                zone: zone.id,
+                zone0_ipa: r.zone0_ipa,
+                source,
+            })?;
+        let fd = ram.fd.try_clone().map_err(|source| BridgeError::DupFd {
+            zone: zone.id,
+            source,
+        })?;
+        let file = File::from(fd);
+        ranges.push((
+            GuestAddress(r.zonex_ipa),
+            r.size as usize,
+            Some(FileOffset::new(file, ram.offset)),
+        ));
+    }
+    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|source| BridgeError::Mmap {
+        zone: zone.id,
+        source,
+    })
+}

@@ -1,0 +1,188 @@
+//! Starts the in-repo backends that a config entry written in hvisor-tool style implies
+//! (`"img": ...` spawns `vhost-user-blk`), and stops them when the bridge exits.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::config::{BackendSpec, DeviceConfig};
+
+/// Errors while starting a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The runtime directory could not be made private.
+    #[error("Cannot prepare runtime directory {}", .0.display())]
+    RuntimeDir(PathBuf, #[source] std::io::Error),
+    /// The backend program could not be started.
+    #[error("Cannot start {}", .0.display())]
+    Spawn(PathBuf, #[source] std::io::Error),
+    /// The backend exited before its socket appeared.
+    #[error("{program} exited before creating its socket ({status})")]
+    EarlyExit {
+        /// The program.
+        program: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+    },
+    /// The socket did not appear in time.
+    #[error("{} did not appear within {timeout:?}", .socket.display())]
+    Timeout {
+        /// The socket path.
+        socket: PathBuf,
+        /// How long we waited.
+        timeout: Duration,
+    },
+}
+
+/// A backend process the bridge started.
+#[derive(Debug)]
+pub struct SpawnedBackend {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl SpawnedBackend {
+    /// The backend's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The backend's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for SpawnedBackend {
+    fn drop(&mut self) {
+        // SIGTERM lets the backend flush; SIGKILL only if it does not exit in time.
+        // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                let _ = std::fs::remove_file(&self.socket);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Where spawned backends' sockets live and which programs serve them.
+#[derive(Debug, Clone)]
+pub struct Supervisor {
+    runtime_dir: PathBuf,
+    blk_program: PathBuf,
+    start_timeout: Duration,
+}
+
+impl Supervisor {
+    /// Makes `runtime_dir` (mode 0700) and remembers the backend program paths.
+    pub fn new(runtime_dir: PathBuf, blk_program: PathBuf) -> Result<Self, SupervisorError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&runtime_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(&runtime_dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|e| SupervisorError::RuntimeDir(runtime_dir.clone(), e))?;
+        Ok(Self {
+            runtime_dir,
+            blk_program,
+            start_timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// The default backend program: next to the bridge binary, else from `PATH`.
+    pub fn default_program(name: &str) -> PathBuf {
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join(name)))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from(name))
+    }
+
+    /// Starts the backend a device needs, if it is one we spawn. Returns `None` for external
+    /// backends.
+    pub fn spawn(
+        &self,
+        zone: u32,
+        device: &DeviceConfig,
+    ) -> Result<Option<SpawnedBackend>, SupervisorError> {
+        let BackendSpec::SpawnBlk {
+            image,
+            read_only,
+            serial,
+            direct,
+        } = &device.backend
+        else {
+            return Ok(None);
+        };
+        let socket = self.runtime_dir.join(format!(
+            "zone{zone}-{}-{:x}.sock",
+            device.device_type.name, device.addr
+        ));
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new(&self.blk_program);
+        cmd.arg("--socket-path")
+            .arg(&socket)
+            .arg("--image")
+            .arg(image)
+            .arg("--num-queues")
+            .arg(device.num_queues.to_string())
+            .arg("--queue-size")
+            .arg(device.queue_size.to_string());
+        if *read_only {
+            cmd.arg("--read-only");
+        }
+        if *direct {
+            cmd.arg("--direct");
+        }
+        if let Some(serial) = serial {
+            cmd.arg("--serial").arg(serial);
+        }
+        cmd.stdin(Stdio::null());
+        let child = cmd
+            .spawn()
+            .map_err(|e| SupervisorError::Spawn(self.blk_program.clone(), e))?;
+        let mut backend = SpawnedBackend { child, socket };
+        log::info!(
+            "{}: started {} (pid {}) on {}",
+            device.label(),
+            self.blk_program.display(),
+            backend.pid(),
+            backend.socket.display()
+        );
+        self.wait_for_socket(&mut backend)?;
+        Ok(Some(backend))
+    }
+
+    fn wait_for_socket(&self, backend: &mut SpawnedBackend) -> Result<(), SupervisorError> {
+        let deadline = Instant::now() + self.start_timeout;
+        let mut delay = Duration::from_millis(2);
+        while !backend.socket.exists() {
+            if let Ok(Some(status)) = backend.child.try_wait() {
+                return Err(SupervisorError::EarlyExit {
+                    program: self.blk_program.display().to_string(),
+                    status,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(SupervisorError::Timeout {
+                    socket: backend.socket.clone(),
+                    timeout: self.start_timeout,
+                });
+            }
+            // The only signal that another process bound a socket is the path appearing.
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1236 @@
+//! hvisor's role played in software: guest RAM in memfds, a memfd bridge page, vCPUs that
+//! trap into the request ring exactly as hvisor's `mmio_virtio_handler` does, and a thread
+//! that drains the result ring into per-zone pending IRQs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+
+use crate::abi::{DeviceReq, MAX_CPUS, MAX_PENDING_IRQS, MMAP_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::mmap::{memfd, SharedMapping};
+use crate::provider::{send_handover, Handover, RegionHandover};
+use crate::ring::spin_until;
+use crate::{BridgePage, Hsm, HsmError, RamFd};
+
+/// hvisor's `MAX_BACKOFF`: the longest spin between retries on a full request ring.
+const MAX_BACKOFF_SPINS: u32 = 1024;
+
+/// One guest RAM region of a simulated zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimRegion {
+    /// Address root Linux would use (the `ram_region` key).
+    pub zone0_ipa: u64,
+    /// Guest-physical address.
+    pub zonex_ipa: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A simulated zone: its RAM and its trapping virtio MMIO windows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimZoneSpec {
+    /// Zone id.
+    pub id: u32,
+    /// Guest RAM regions.
+    pub regions: Vec<SimRegion>,
+    /// Virtio MMIO windows `(base, size)`, as in the zone config's `"virtio"` regions.
+    pub windows: Vec<(u64, u64)>,
+}
+
+/// Counters of the simulated hypervisor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Requests pushed into the ring.
+    pub requests: u64,
+    /// Of those, asynchronous (QueueNotify at window offset 0x50).
+    pub async_requests: u64,
+    /// Times a vCPU found the ring full and backed off.
+    pub ring_full_backoffs: u64,
+    /// Wakeup eventfd writes.
+    pub wakeups: u64,
+    /// Results taken from the result ring for known zones.
+    pub irqs_delivered: u64,
+    /// Results naming an unknown zone (skipped, as hvisor does).
+    pub unknown_zone_results: u64,
+    /// Most distinct IRQs ever pending at once in one zone.
+    pub max_pending_irqs: usize,
+    /// Times more than [`MAX_PENDING_IRQS`] were pending in one zone (hvisor would panic).
+    pub pending_limit_violations: u64,
+    /// Accesses outside every virtio window (not sent; reads return 0).
+    pub unhandled_accesses: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    async_requests: AtomicU64,
+    ring_full_backoffs: AtomicU64,
+    wakeups: AtomicU64,
+    unhandled_accesses: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct IrqState {
+    /// Distinct pending IRQs per zone, cleared as `wait_irq` consumes them.
+    pending: HashMap<u32, BTreeSet<u32>>,
+    delivered: u64,
+    unknown_zone: u64,
+    max_pending: usize,
+    violations: u64,
+}
+
+#[derive(Debug)]
+struct RamRegion {
+    spec: SimRegion,
+    fd: Arc<OwnedFd>,
+    map: SharedMapping,
+}
+
+#[derive(Debug)]
+struct Zone {
+    id: u32,
+    regions: Vec<RamRegion>,
+    windows: Vec<(u64, u64)>,
+}
+
+/// State shared with the simulator's threads.
+#[derive(Debug)]
+struct Shared {
+    bridge_fd: OwnedFd,
+    page: BridgePage,
+    /// hvisor's `req_lock`: serialises request producers.
+    producer: Mutex<()>,
+    /// One synchronous access at a time per physical CPU.
+    cpu_locks: Vec<Mutex<()>>,
+    wakeup: EventFd,
+    finish: EventFd,
+    zones: Vec<Zone>,
+    irqs: Mutex<IrqState>,
+    irq_arrived: Condvar,
+    counters: Counters,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn borrow_eventfd(evt: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the eventfd is owned by `evt`, which outlives the borrow.
+    unsafe { BorrowedFd::borrow_raw(evt.as_raw_fd()) }
+}
+
+fn ranges_overlap(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+}
+
+fn validate(zones: &[SimZoneSpec]) -> Result<(), HsmError> {
+    let bad = |msg: String| Err(HsmError::SimConfig(msg));
+    let mut all_zone0 = Vec::new();
+    for (i, zone) in zones.iter().enumerate() {
+        if zones[..i].iter().any(|z| z.id == zone.id) {
+            return bad(format!("zone {} listed twice", zone.id));
+        }
+        let mut zonex = Vec::new();
+        for r in &zone.regions {
+            let fits = r.size > 0
+                && r.zone0_ipa.checked_add(r.size).is_some()
+                && r.zonex_ipa.checked_add(r.size).is_some()
+                && usize::try_from(r.size).is_ok()
+                && i64::try_from(r.size).is_ok();
+            if !fits {
+                return bad(format!("zone {}: bad region {r:?}", zone.id));
+            }
+            if zonex
+                .iter()
+                .any(|&x| ranges_overlap(x, (r.zonex_ipa, r.size)))
+            {
+                return bad(format!(
+                    "zone {}: overlapping guest RAM at {:#x}",
+                    zone.id, r.zonex_ipa
+                ));
+            }
+            if all_zone0
+                .iter()
+                .any(|&x| ranges_overlap(x, (r.zone0_ipa, r.size)))
+            {
+                return bad(format!(
+                    "overlapping zone0_ipa ranges at {:#x}",
+                    r.zone0_ipa
+                ));
+            }
+            zonex.push((r.zonex_ipa, r.size));
+            all_zone0.push((r.zone0_ipa, r.size));
+        }
+        for (j, &window) in zone.windows.iter().enumerate() {
+            if window.1 == 0 || window.0.checked_add(window.1).is_none() {
+                return bad(format!("zone {}: bad window {window:#x?}", zone.id));
+            }
+            if zone.windows[..j].iter().any(|&w| ranges_overlap(w, window)) {
+                return bad(format!(
+                    "zone {}: overlapping windows at {:#x}",
+                    zone.id, window.0
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Shared {
+    fn zone(&self, id: u32) -> Option<&Zone> {
+        self.zones.iter().find(|z| z.id == id)
+    }
+
+    /// hvisor's `push_req`: retry a full ring with exponential backoff outside the lock.
+    fn push(&self, req: &DeviceReq) {
+        let mut backoff = 1;
+        loop {
+            let pushed = {
+                let _producer = lock(&self.producer);
+                self.page.push_request(req)
+            };
+            if pushed {
+                break;
+            }
+            self.counters
+                .ring_full_backoffs
+                .fetch_add(1, Ordering::Relaxed);
+            for _ in 0..backoff {
+                std::hint::spin_loop();
+            }
+            if backoff == MAX_BACKOFF_SPINS {
+                // Unlike hvisor's, our consumer may be waiting for this very CPU.
+                std::thread::yield_now();
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF_SPINS);
+        }
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if self.page.need_wakeup() {
+            if let Err(e) = self.wakeup.write(1) {
+                log::warn!("sim: cannot write the wakeup eventfd: {e}");
+            }
+            self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// hvisor's `hv_virtio_inject_irq`: take every result and mark its IRQ pending.
+    fn drain_results(&self) {
+        let mut irqs = lock(&self.irqs);
+        while let Some(res) = self.page.pop_result() {
+            if self.zone(res.target_zone).is_none() {
+                log::warn!("sim: result for unknown zone {}", res.target_zone);
+                irqs.unknown_zone += 1;
+                continue;
+            }
+            irqs.delivered += 1;
+            let pending = irqs.pending.entry(res.target_zone).or_default();
+            pending.insert(res.irq_id);
+            let count = pending.len();
+            irqs.max_pending = irqs.max_pending.max(count);
+            if count > MAX_PENDING_IRQS {
+                log::error!(
+                    "sim: zone {} has {count} distinct pending IRQs (hvisor allows {MAX_PENDING_IRQS})",
+                    res.target_zone
+                );
+                irqs.violations += 1;
+            }
+        }
+        drop(irqs);
+        self.irq_arrived.notify_all();
+    }
+
+    fn handover(&self) -> Handover<'_> {
+        Handover {
+            bridge: (self.bridge_fd.as_fd(), 0),
+            wakeup: borrow_eventfd(&self.wakeup),
+            finish: borrow_eventfd(&self.finish),
+            regions: self
+                .zones
+                .iter()
+                .flat_map(|z| &z.regions)
+                .map(|r| RegionHandover {
+                    zone0_ipa: r.spec.zone0_ipa,
+                    size: r.spec.size,
+                    fd: r.fd.as_fd(),
+                    offset: 0,
+                })
+                .collect(),
+        }
+    }
+
+    fn ram_region(&self, zone0_ipa: u64, size: u64) -> Result<RamFd, HsmError> {
+        let end = zone0_ipa.checked_add(size);
+        self.zones
+            .iter()
+            .flat_map(|z| &z.regions)
+            .find(|r| {
+                r.spec.zone0_ipa <= zone0_ipa
+                    && end.is_some_and(|end| end <= r.spec.zone0_ipa + r.spec.size)
+            })
+            .map(|r| RamFd {
+                fd: r.fd.clone(),
+                offset: zone0_ipa - r.spec.zone0_ipa,
+            })
+            .ok_or(HsmError::NoRamRegion { zone0_ipa, size })
+    }
+}
+
+const EVENT_EXIT: u64 = 0;
+const EVENT_FINISH: u64 = 1;
+const EVENT_LISTENER: u64 = 1;
+const FIRST_CONNECTION: u64 = 2;
+
+fn watch(epoll: &Epoll, fd: BorrowedFd<'_>, events: EventSet, token: u64) -> io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        fd.as_raw_fd(),
+        EpollEvent::new(events, token),
+    )
+}
+
+fn wait_events(epoll: &Epoll, events: &mut [EpollEvent]) -> io::Result<usize> {
+    loop {
+        match epoll.wait(-1, events) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// The drain thread: FINISH_REQ (the finish eventfd) drains the result ring.
+fn drain_loop(shared: Arc<Shared>, epoll: Epoll) {
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let ready = match wait_events(&epoll, &mut events) {
+            Ok(n) => n,
+            Err(e) => {
+                log::error!("sim: drain thread epoll failed: {e}");
+                return;
+            }
+        };
+        for event in &events[..ready] {
+            match event.data() {
+                EVENT_EXIT => return,
+                EVENT_FINISH => {
+                    // Clear first: a FINISH_REQ after this read is seen by the next wait.
+                    let _ = shared.finish.read();
+                    shared.drain_results();
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The simulated hypervisor. Share it through `Arc`; dropping the last reference stops its
+/// drain thread.
+#[derive(Debug)]
+pub struct SimHypervisor {
+    shared: Arc<Shared>,
+    exit: EventFd,
+    drain: Option<JoinHandle<()>>,
+}
+
+impl SimHypervisor {
+    /// Creates the zones' RAM and the bridge page and starts the result drain thread.
+    pub fn new(zones: Vec<SimZoneSpec>) -> Result<Arc<Self>, HsmError> {
+        validate(&zones)?;
+        let setup = |what| move |e| HsmError::io(what, e);
+        let bridge_fd = memfd("hvisor-sim-bridge", MMAP_SIZE as u64)
+            .map_err(setup("creating the bridge memfd"))?;
+        let page = BridgePage::map(bridge_fd.as_fd(), 0)?;
+        let mut sim_zones = Vec::with_capacity(zones.len());
+        for spec in zones {
+            let mut regions = Vec::with_capacity(spec.regions.len());
+            for (i, r) in spec.regions.iter().enumerate() {
+                let fd = memfd(&format!("hvisor-sim-zone{}-ram{i}", spec.id), r.size)
+                    .map_err(setup("creating a guest RAM memfd"))?;
+                // Size checked to fit usize by `validate`.
+                let map = SharedMapping::new(fd.as_fd(), 0, r.size as usize)
+                    .map_err(setup("mapping guest RAM"))?;
+                regions.push(RamRegion {
+                    spec: *r,
+                    fd: Arc::new(fd),
+                    map,
+                });
+            }
+            sim_zones.push(Zone {
+                id: spec.id,
+                regions,
+                windows: spec.windows,
+            });
+        }
+        let eventfd =
+            || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(setup("eventfd creation"));
+        let shared = Arc::new(Shared {
+            bridge_fd,
+            page,
+            producer: Mutex::new(()),
+            cpu_locks: (0..MAX_CPUS).map(|_| Mutex::new(())).collect(),
+            wakeup: eventfd()?,
+            finish: eventfd()?,
+            zones: sim_zones,
+            irqs: Mutex::new(IrqState::default()),
+            irq_arrived: Condvar::new(),
+            counters: Counters::default(),
+        });
+
+        let exit = eventfd()?;
+        let epoll = Epoll::new().map_err(setup("epoll creation"))?;
+        watch(&epoll, borrow_eventfd(&exit), EventSet::IN, EVENT_EXIT)
+            .and_then(|()| {
+                watch(
+                    &epoll,
+                    borrow_eventfd(&shared.finish),
+                    EventSet::IN,
+                    EVENT_FINISH,
+                )
+            })
+            .map_err(setup("epoll setup"))?;
+        let thread_shared = shared.clone();
+        let drain = std::thread::Builder::new()
+            .name("sim-drain".into())
+            .spawn(move || drain_loop(thread_shared, epoll))
+            .map_err(setup("spawning the drain thread"))?;
+        Ok(Arc::new(SimHypervisor {
+            shared,
+            exit,
+            drain: Some(drain),
+        }))
+    }
+
+    /// An in-process [`Hsm`] for a bridge.
+    pub fn hsm(self: &Arc<Self>) -> Arc<dyn Hsm> {
+        Arc::new(SimHsm { sim: self.clone() })
+    }
+
+    /// Listens on `socket` and hands the fds to every bridge that connects (provider
+    /// protocol). A stale socket file at that path is replaced.
+    pub fn serve(self: &Arc<Self>, socket: &Path) -> Result<ProviderServer, HsmError> {
+        let setup = |what| move |e| HsmError::io(what, e);
+        if std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
+            std::fs::remove_file(socket).map_err(setup("removing a stale provider socket"))?;
+        }
+        let listener = UnixListener::bind(socket).map_err(setup("binding the provider socket"))?;
+        let server = (|| {
+            listener.set_nonblocking(true)?;
+            let exit = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
+            let exit_for_thread = exit.try_clone()?;
+            let epoll = Epoll::new()?;
+            watch(&epoll, borrow_eventfd(&exit), EventSet::IN, EVENT_EXIT)?;
+            watch(&epoll, listener.as_fd(), EventSet::IN, EVENT_LISTENER)?;
+            let shared = self.shared.clone();
+            let thread = std::thread::Builder::new()
+                .name("sim-provider".into())
+                .spawn(move || serve_loop(&shared, &listener, &epoll, &exit_for_thread))?;
+            Ok(ProviderServer {
+                path: socket.to_owned(),
+                exit,
+                thread: Some(thread),
+            })
+        })();
+        server.map_err(|e| {
+            let _ = std::fs::remove_file(socket);
+            HsmError::io("starting the provider server", e)
+        })
+    }
+
+    /// A vCPU of `zone` on physical CPU `cpu`.
+    ///
+    /// # Panics
+    /// If `cpu >= MAX_CPUS` (hvisor's `cfg_*` arrays have no such slot).
+    pub fn vcpu(self: &Arc<Self>, zone: u32, cpu: u64) -> SimVcpu {
+        assert!(cpu < MAX_CPUS as u64, "cpu {cpu} out of range");
+        SimVcpu {
+            sim: self.clone(),
+            zone,
+            cpu,
+        }
+    }
+
+    /// Guest RAM of `zone`, addressed by guest-physical address.
+    pub fn ram(self: &Arc<Self>, zone: u32) -> SimRam {
+        SimRam {
+            sim: self.clone(),
+            zone,
+        }
+    }
+
+    /// Waits up to `timeout` for `irq` to be pending in `zone`, and consumes it.
+    pub fn wait_irq(&self, zone: u32, irq: u32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut irqs = lock(&self.shared.irqs);
+        loop {
+            if irqs.pending.get_mut(&zone).is_some_and(|p| p.remove(&irq)) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            irqs = self
+                .shared
+                .irq_arrived
+                .wait_timeout(irqs, deadline - now)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> SimStats {
+        let counters = &self.shared.counters;
+        let irqs = lock(&self.shared.irqs);
+        SimStats {
+            requests: counters.requests.load(Ordering::Relaxed),
+            async_requests: counters.async_requests.load(Ordering::Relaxed),
+            ring_full_backoffs: counters.ring_full_backoffs.load(Ordering::Relaxed),
+            wakeups: counters.wakeups.load(Ordering::Relaxed),
+            irqs_delivered: irqs.delivered,
+            unknown_zone_results: irqs.unknown_zone,
+            max_pending_irqs: irqs.max_pending,
+            pending_limit_violations: irqs.violations,
+            unhandled_accesses: counters.unhandled_accesses.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for SimHypervisor {
+    fn drop(&mut self) {
+        if let Some(drain) = self.drain.take() {
+            if self.exit.write(1).is_ok() {
+                let _ = drain.join();
+            }
+        }
+    }
+}
+
+/// The provider thread: hands the fds to each connection and keeps it open until the peer
+/// leaves or the server stops.
+fn serve_loop(shared: &Shared, listener: &UnixListener, epoll: &Epoll, exit: &EventFd) {
+    let mut connections: HashMap<u64, UnixStream> = HashMap::new();
+    let mut next_token = FIRST_CONNECTION;
+    let mut events = [EpollEvent::default(); 16];
+    loop {
+        let ready = match wait_events(epoll, &mut events) {
+            Ok(n) => n,
+            Err(e) => {
+                log::error!("sim: provider epoll failed: {e}");
+                return;
+            }
+        };
+        for event in &events[..ready] {
+            match event.data() {
+                EVENT_EXIT => {
+                    let _ = exit.read();
+                    return;
+                }
+                EVENT_LISTENER => loop {
+                    let stream = match listener.accept() {
+                        Ok((stream, _)) => stream,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            log::warn!("sim: accept failed: {e}");
+                            break;
+                        }
+                    };
+                    let handed = send_handover(&stream, &shared.handover())
+                        .and_then(|()| {
+                            stream
+                                .set_nonblocking(true)
+                                .map_err(|e| HsmError::io("provider socket setup", e))
+                        })
+                        .and_then(|()| {
+                            let events = EventSet::IN | EventSet::READ_HANG_UP;
+                            watch(epoll, stream.as_fd(), events, next_token)
+                                .map_err(|e| HsmError::io("provider socket setup", e))
+                        });
+                    match handed {
+                        Ok(()) => {
+                            log::debug!("sim: handed the fds to a bridge");
+                            connections.insert(next_token, stream);
+                            next_token += 1;
+                        }
+                        Err(e) => log::warn!("sim: handover failed: {e}"),
+                    }
+                },
+                token => {
+                    if connections.get(&token).is_some_and(peer_gone) {
+                        if let Some(stream) = connections.remove(&token) {
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                stream.as_raw_fd(),
+                                EpollEvent::default(),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bridges send nothing: data is discarded, EOF or an error ends the connection.
+fn peer_gone(mut stream: &UnixStream) -> bool {
+    let mut buf = [0u8; 64];
+    match io::Read::read(&mut stream, &mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ),
+    }
+}
+
+/// A running provider socket; dropping it stops the thread, closes the bridges' connections
+/// and removes the socket file.
+#[derive(Debug)]
+pub struct ProviderServer {
+    path: PathBuf,
+    exit: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ProviderServer {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ProviderServer {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if self.exit.write(1).is_ok() {
+                let _ = thread.join();
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The in-process [`Hsm`] of a [`SimHypervisor`].
+#[derive(Debug)]
+struct SimHsm {
+    sim: Arc<SimHypervisor>,
+}
+
+impl Hsm for SimHsm {
+    fn bridge(&self) -> &BridgePage {
+        &self.sim.shared.page
+    }
+
+    fn wakeup_fd(&self) -> BorrowedFd<'_> {
+        borrow_eventfd(&self.sim.shared.wakeup)
+    }
+
+    fn ack_wakeup(&self) {
+        // Non-blocking: EAGAIN just means the counter was already clear.
+        let _ = self.sim.shared.wakeup.read();
+    }
+
+    fn finish_req(&self) -> Result<(), HsmError> {
+        self.sim
+            .shared
+            .finish
+            .write(1)
+            .map_err(|e| HsmError::io("signalling FINISH_REQ", e))
+    }
+
+    fn ram_region(&self, zone0_ipa: u64, size: u64) -> Result<RamFd, HsmError> {
+        self.sim.shared.ram_region(zone0_ipa, size)
+    }
+}
+
+/// A guest vCPU pinned to one physical CPU: its MMIO accesses trap like hvisor's.
+#[derive(Debug, Clone)]
+pub struct SimVcpu {
+    sim: Arc<SimHypervisor>,
+    zone: u32,
+    cpu: u64,
+}
+
+impl SimVcpu {
+    /// A trapped read of `size` bytes. Returns the bridge's reply unmasked, as hvisor does on
+    /// aarch64; 0 outside every virtio window.
+    pub fn read(&self, addr: u64, size: u8) -> u64 {
+        self.access(addr, size, None, None)
+            .expect("no deadline, so no timeout")
+    }
+
+    /// A trapped write. Returns at once for QueueNotify at window offset 0x50, otherwise
+    /// after the bridge replied.
+    pub fn write(&self, addr: u64, size: u8, value: u64) {
+        self.access(addr, size, Some(value), None)
+            .expect("no deadline, so no timeout");
+    }
+
+    /// [`SimVcpu::read`] that gives up after `timeout` (hvisor would spin forever).
+    ///
+    /// After a timeout the late reply may still arrive and complete the next access early.
+    pub fn read_within(&self, addr: u64, size: u8, timeout: Duration) -> Result<u64, HsmError> {
+        self.access(addr, size, None, Some(Instant::now() + timeout))
+    }
+
+    /// [`SimVcpu::write`] that gives up after `timeout`.
+    pub fn write_within(
+        &self,
+        addr: u64,
+        size: u8,
+        value: u64,
+        timeout: Duration,
+    ) -> Result<(), HsmError> {
+        self.access(addr, size, Some(value), Some(Instant::now() + timeout))
+            .map(drop)
+    }
+
+    /// The vCPU's physical CPU id.
+    pub fn cpu(&self) -> u64 {
+        self.cpu
+    }
+
+    /// hvisor's `mmio_virtio_handler`.
+    fn access(
+        &self,
+        addr: u64,
+        size: u8,
+        write: Option<u64>,
+        deadline: Option<Instant>,
+    ) -> Result<u64, HsmError> {
+        let shared = &self.sim.shared;
+        let window_base = shared.zone(self.zone).and_then(|zone| {
+            zone.windows
+                .iter()
+                .find(|&&(base, len)| addr >= base && addr - base < len)
+                .map(|&(base, _)| base)
+        });
+        let Some(base) = window_base else {
+            shared
+                .counters
+                .unhandled_accesses
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(0);
+        };
+        // Relative to the window, not the device: in a shared window only the first device's
+        // notify is asynchronous.
+        let need_interrupt = write.is_some() && addr - base == QUEUE_NOTIFY_OFFSET;
+        let _cpu = lock(&shared.cpu_locks[self.cpu as usize]);
+        let old_flag = shared.page.cfg_flag(self.cpu);
+        shared.push(&DeviceReq {
+            src_cpu: self.cpu,
+            address: addr,
+            size: size.into(),
+            value: write.unwrap_or(0),
+            src_zone: self.zone,
+            is_write: write.is_some().into(),
+            need_interrupt: need_interrupt.into(),
+            padding: 0,
+        });
+        if need_interrupt {
+            shared
+                .counters
+                .async_requests
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(0);
+        }
+        if !spin_until(|| shared.page.cfg_flag(self.cpu) != old_flag, deadline) {
+            return Err(HsmError::SyncTimeout(self.cpu));
+        }
+        Ok(if write.is_some() {
+            0
+        } else {
+            shared.page.cfg_value(self.cpu)
+        })
+    }
+}
+
+/// Guest RAM of one zone, addressed by guest-physical address (`zonex_ipa`).
+#[derive(Debug, Clone)]
+pub struct SimRam {
+    sim: Arc<SimHypervisor>,
+    zone: u32,
+}
+
+impl SimRam {
+    /// The host address of `gpa..gpa+len`, which must lie inside one region.
+    fn locate(&self, gpa: u64, len: usize) -> Result<*mut u8, HsmError> {
+        let zone = self
+            .sim
+            .shared
+            .zone(self.zone)
+            .ok_or(HsmError::UnknownZone(self.zone))?;
+        let outside = || HsmError::GuestAddress {
+            zone: self.zone,
+            gpa,
+            len: len as u64,
+        };
+        let end = gpa.checked_add(len as u64).ok_or_else(outside)?;
+        let region = zone
+            .regions
+            .iter()
+            .find(|r| r.spec.zonex_ipa <= gpa && end <= r.spec.zonex_ipa + r.spec.size)
+            .ok_or_else(outside)?;
+        let offset = (gpa - region.spec.zonex_ipa) as usize;
+        // SAFETY: offset + len <= region size == mapping length (checked above).
+        Ok(unsafe { region.map.as_ptr().add(offset) })
+    }
+
+    /// Copies guest memory at `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), HsmError> {
+        let src = self.locate(gpa, buf.len())?;
+        // SAFETY: `src..src+len` is inside a live mapping owned by the simulator (kept alive
+        // by `self.sim`); `buf` is a distinct Rust buffer. Guest RAM is plain bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), HsmError> {
+        let dst = self.locate(gpa, data.len())?;
+        // SAFETY: as in `read`; the mapping is writable and shared.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc;
+
+    use vmm_sys_util::tempdir::TempDir;
+
+    use super::*;
+    use crate::mmap::SharedMapping;
+    use crate::ProviderHsm;
+
+    const WINDOW: u64 = 0xa00_0000;
+    const RAM_ZONE0: u64 = 0x5000_0000;
+    const RAM_GPA: u64 = 0x4000_0000;
+    const RAM_SIZE: u64 = 0x10_0000;
+    const LONG: Duration = Duration::from_secs(30);
+
+    fn zone(windows: Vec<(u64, u64)>) -> SimZoneSpec {
+        SimZoneSpec {
+            id: 1,
+            regions: vec![
+                SimRegion {
+                    zone0_ipa: RAM_ZONE0,
+                    zonex_ipa: RAM_GPA,
+                    size: RAM_SIZE,
+                },
+                SimRegion {
+                    zone0_ipa: RAM_ZONE0 + 0x100_0000,
+                    zonex_ipa: RAM_GPA + RAM_SIZE,
+                    size: RAM_SIZE,
+                },
+            ],
+            windows,
+        }
+    }
+
+    /// One 0x4000 window shared by all devices, as in the qemu-aarch64 examples.
+    fn shared_window_sim() -> Arc<SimHypervisor> {
+        SimHypervisor::new(vec![zone(vec![(WINDOW, 0x4000)])]).unwrap()
+    }
+
+    /// One 0x200 window per device, as in the nxp/rk3588 examples.
+    fn per_device_window_sim() -> Arc<SimHypervisor> {
+        SimHypervisor::new(vec![zone(vec![(WINDOW, 0x200), (WINDOW + 0x200, 0x200)])]).unwrap()
+    }
+
+    /// Plays the daemon: pops requests, replies to the synchronous ones with
+    /// `address ^ 0xffff`, and reports every request on a channel.
+    struct Responder {
+        stop: Arc<AtomicBool>,
+        seen: mpsc::Receiver<DeviceReq>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl Responder {
+        fn start(hsm: Arc<dyn Hsm>) -> Self {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (tx, seen) = mpsc::channel();
+            let thread_stop = stop.clone();
+            let thread = std::thread::spawn(move || {
+                while !thread_stop.load(Ordering::Relaxed) {
+                    let Some(req) = hsm.bridge().pop_request() else {
+                        std::thread::yield_now();
+                        continue;
+                    };
+                    if req.need_interrupt == 0 {
+                        hsm.bridge()
+                            .reply(req.src_cpu, req.address ^ 0xffff)
+                            .unwrap();
+                    }
+                    let _ = tx.send(req);
+                }
+            });
+            Responder {
+                stop,
+                seen,
+                thread: Some(thread),
+            }
+        }
+
+        fn next(&self) -> DeviceReq {
+            self.seen.recv_timeout(LONG).expect("a request")
+        }
+    }
+
+    impl Drop for Responder {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(thread) = self.thread.take() {
+                thread.join().unwrap();
+            }
+        }
+    }
+
+    fn poll_readable(fd: BorrowedFd<'_>) -> bool {
+        let mut poll = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn sync_read_returns_the_reply() {
+        let sim = shared_window_sim();
+        let responder = Responder::start(sim.hsm());
+        let vcpu = sim.vcpu(1, 3);
+        assert_eq!(vcpu.read(WINDOW + 0x8, 4), (WINDOW + 0x8) ^ 0xffff);
+        let req = responder.next();
+        assert_eq!(
+            req,
+            DeviceReq {
+                src_cpu: 3,
+                address: WINDOW + 0x8,
+                size: 4,
+                value: 0,
+                src_zone: 1,
+                is_write: 0,
+                need_interrupt: 0,
+                padding: 0,
+            }
+        );
+        // A synchronous write also waits for the reply.
+        vcpu.write(WINDOW + 0x70, 4, 0xf);
+        let req = responder.next();
+        assert_eq!((req.is_write, req.need_interrupt, req.value), (1, 0, 0xf));
+        assert_eq!(sim.hsm().bridge().cfg_flag(3), 2);
+        let stats = sim.stats();
+        assert_eq!((stats.requests, stats.async_requests), (2, 0));
+    }
+
+    #[test]
+    fn queue_notify_is_async_and_unreplied() {
+        let sim = shared_window_sim();
+        let hsm = sim.hsm();
+        let vcpu = sim.vcpu(1, 0);
+        // No daemon is running: only an asynchronous access can return.
+        vcpu.write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 1);
+        let req = hsm.bridge().pop_request().unwrap();
+        assert_eq!(
+            (req.address, req.is_write, req.need_interrupt),
+            (WINDOW + 0x50, 1, 1)
+        );
+        assert_eq!(hsm.bridge().cfg_flag(0), 0, "nobody replied");
+        assert_eq!(sim.stats().async_requests, 1);
+
+        // With a daemon running, the notify still gets no reply.
+        let responder = Responder::start(hsm.clone());
+        vcpu.write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 0);
+        assert_eq!(responder.next().need_interrupt, 1);
+        assert_eq!(hsm.bridge().cfg_flag(0), 0);
+        // A read of that offset is synchronous.
+        vcpu.read(WINDOW + QUEUE_NOTIFY_OFFSET, 4);
+        assert_eq!(responder.next().need_interrupt, 0);
+        assert_eq!(hsm.bridge().cfg_flag(0), 1);
+    }
+
+    #[test]
+    fn notify_of_second_device_in_a_shared_window_is_sync() {
+        let sim = shared_window_sim();
+        let hsm = sim.hsm();
+        let vcpu = sim.vcpu(1, 1);
+        assert!(matches!(
+            vcpu.write_within(WINDOW + 0x250, 4, 0, Duration::from_millis(20)),
+            Err(HsmError::SyncTimeout(1))
+        ));
+        assert_eq!(hsm.bridge().pop_request().unwrap().need_interrupt, 0);
+
+        let responder = Responder::start(hsm.clone());
+        let flag = hsm.bridge().cfg_flag(1);
+        vcpu.write(WINDOW + 0x250, 4, 0);
+        let req = responder.next();
+        assert_eq!((req.address, req.need_interrupt), (WINDOW + 0x250, 0));
+        assert_eq!(hsm.bridge().cfg_flag(1), flag + 1);
+    }
+
+    #[test]
+    fn notify_of_second_device_in_its_own_window_is_async() {
+        let sim = per_device_window_sim();
+        let hsm = sim.hsm();
+        sim.vcpu(1, 1).write(WINDOW + 0x250, 4, 0);
+        assert_eq!(hsm.bridge().pop_request().unwrap().need_interrupt, 1);
+    }
+
+    #[test]
+    fn access_outside_windows_is_not_sent() {
+        let sim = shared_window_sim();
+        let hsm = sim.hsm();
+        let vcpu = sim.vcpu(1, 0);
+        assert_eq!(vcpu.read(WINDOW + 0x4000, 4), 0);
+        vcpu.write(WINDOW - 4, 4, 1);
+        assert_eq!(sim.vcpu(7, 0).read(WINDOW, 4), 0, "unknown zone");
+        assert!(!hsm.bridge().has_requests());
+        assert_eq!(sim.stats().unhandled_accesses, 3);
+        assert_eq!(sim.stats().requests, 0);
+    }
+
+    #[test]
+    fn wakeup_is_written_only_when_requested() {
+        let sim = shared_window_sim();
+        let hsm = sim.hsm();
+        let vcpu = sim.vcpu(1, 0);
+        vcpu.write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 0);
+        assert!(!poll_readable(hsm.wakeup_fd()));
+        assert_eq!(sim.stats().wakeups, 0);
+
+        hsm.bridge().pop_request().unwrap();
+        assert!(hsm.bridge().arm_wakeup());
+        vcpu.write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 0);
+        assert!(poll_readable(hsm.wakeup_fd()));
+        assert_eq!(sim.stats().wakeups, 1);
+        hsm.ack_wakeup();
+        assert!(!poll_readable(hsm.wakeup_fd()));
+        hsm.bridge().disarm_wakeup();
+        vcpu.write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 0);
+        assert!(!poll_readable(hsm.wakeup_fd()));
+    }
+
+    #[test]
+    fn full_ring_backs_off_until_the_daemon_resumes() {
+        let sim = per_device_window_sim();
+        let hsm = sim.hsm();
+        let vcpu = sim.vcpu(1, 2);
+        let guest = std::thread::spawn(move || {
+            for n in 0..40 {
+                vcpu.write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, n);
+            }
+        });
+        // The daemon is "paused" until the vCPU is stuck on a full ring.
+        let deadline = Some(Instant::now() + LONG);
+        assert!(spin_until(
+            || {
+                let stats = sim.stats();
+                stats.requests == 31 && stats.ring_full_backoffs > 0
+            },
+            deadline
+        ));
+        let mut values = Vec::new();
+        assert!(spin_until(
+            || {
+                if let Some(req) = hsm.bridge().pop_request() {
+                    values.push(req.value);
+                }
+                values.len() == 40
+            },
+            deadline
+        ));
+        guest.join().unwrap();
+        assert_eq!(values, (0..40).collect::<Vec<_>>());
+        assert_eq!(sim.stats().requests, 40);
+    }
+
+    #[test]
+    fn results_become_pending_irqs() {
+        let sim = shared_window_sim();
+        let hsm = sim.hsm();
+        hsm.bridge().push_result(1, 78).unwrap();
+        hsm.finish_req().unwrap();
+        assert!(sim.wait_irq(1, 78, LONG));
+        assert!(!sim.wait_irq(1, 78, Duration::from_millis(10)), "consumed");
+        assert!(!sim.wait_irq(2, 78, Duration::from_millis(10)));
+        assert_eq!(sim.stats().irqs_delivered, 1);
+    }
+
+    #[test]
+    fn pending_irqs_are_distinct_and_limited() {
+        let sim = shared_window_sim();
+        let hsm = sim.hsm();
+        for irq in [78, 78, 76] {
+            hsm.bridge().push_result(1, irq).unwrap();
+        }
+        hsm.bridge().push_result(9, 5).unwrap();
+        hsm.finish_req().unwrap();
+        // One finish after all pushes: the drain takes them as one batch.
+        assert!(sim.wait_irq(1, 76, LONG));
+        let stats = sim.stats();
+        assert_eq!(stats.irqs_delivered, 3);
+        assert_eq!(stats.unknown_zone_results, 1);
+        assert_eq!(stats.max_pending_irqs, 2, "78 twice is one pending IRQ");
+        assert_eq!(stats.pending_limit_violations, 0);
+        assert!(sim.wait_irq(1, 78, LONG));
+        assert!(!sim.wait_irq(1, 78, Duration::from_millis(10)));
+
+        for irq in 100..100 + MAX_PENDING_IRQS as u32 + 1 {
+            hsm.bridge().push_result(1, irq).unwrap();
+        }
+        hsm.finish_req().unwrap();
+        assert!(sim.wait_irq(1, 100, LONG));
+        let stats = sim.stats();
+        assert_eq!(stats.max_pending_irqs, MAX_PENDING_IRQS + 1);
+        assert_eq!(stats.pending_limit_violations, 1);
+    }
+
+    #[test]
+    fn ram_is_bounds_checked_per_region() {
+        let sim = shared_window_sim();
+        let ram = sim.ram(1);
+        ram.write(RAM_GPA + 0x10, b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        ram.read(RAM_GPA + 0x10, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        // The last bytes of a region and the first of the next one are both fine...
+        ram.write(RAM_GPA + RAM_SIZE - 2, b"ab").unwrap();
+        ram.write(RAM_GPA + RAM_SIZE, b"cd").unwrap();
+        // ...but one access may not span them, even though both are RAM.
+        let err = ram.write(RAM_GPA + RAM_SIZE - 1, b"xy").unwrap_err();
+        assert!(
+            matches!(err, HsmError::GuestAddress { zone: 1, gpa, len: 2 } if gpa == RAM_GPA + RAM_SIZE - 1)
+        );
+        assert!(ram.read(RAM_GPA - 1, &mut buf).is_err());
+        assert!(ram.read(RAM_GPA + 2 * RAM_SIZE, &mut buf[..1]).is_err());
+        assert!(ram.read(u64::MAX - 1, &mut buf).is_err());
+        assert!(matches!(
+            sim.ram(5).read(RAM_GPA, &mut buf),
+            Err(HsmError::UnknownZone(5))
+        ));
+    }
+
+    #[test]
+    fn ram_region_maps_the_guest_ram() {
+        let sim = shared_window_sim();
+        let hsm = sim.hsm();
+        sim.ram(1)
+            .write(RAM_GPA + RAM_SIZE + 0x2010, &[1, 2, 3, 4])
+            .unwrap();
+        let region = hsm
+            .ram_region(RAM_ZONE0 + 0x100_0000 + 0x2000, 0x1000)
+            .unwrap();
+        assert_eq!(region.offset, 0x2000);
+        let map = SharedMapping::new(region.fd.as_fd(), region.offset, 0x1000).unwrap();
+        let mut got = [0u8; 4];
+        // SAFETY: 0x10..0x14 lies inside the 4 KiB mapping; nothing else writes it now.
+        unsafe { std::ptr::copy_nonoverlapping(map.as_ptr().add(0x10), got.as_mut_ptr(), 4) };
+        assert_eq!(got, [1, 2, 3, 4]);
+        assert!(matches!(
+            hsm.ram_region(RAM_ZONE0 + RAM_SIZE - 0x1000, 0x2000),
+            Err(HsmError::NoRamRegion { .. })
+        ));
+    }
+
+    #[test]
+    fn provider_socket_serves_a_remote_bridge() {
+        let sim = shared_window_sim();
+        let dir = TempDir::new().unwrap();
+        let socket = dir.as_path().join("hsm.sock");
+        let server = sim.serve(&socket).unwrap();
+        let hsm: Arc<dyn Hsm> = Arc::new(ProviderHsm::connect(&socket).unwrap());
+        let remote = ProviderHsm::connect(&socket).unwrap();
+
+        let responder = Responder::start(hsm.clone());
+        assert_eq!(sim.vcpu(1, 4).read(WINDOW + 4, 4), (WINDOW + 4) ^ 0xffff);
+        assert_eq!(responder.next().src_cpu, 4);
+        drop(responder);
+
+        assert!(hsm.bridge().arm_wakeup());
+        sim.vcpu(1, 0).write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 0);
+        assert!(poll_readable(hsm.wakeup_fd()));
+
+        hsm.bridge().push_result(1, 79).unwrap();
+        hsm.finish_req().unwrap();
+        assert!(sim.wait_irq(1, 79, LONG));
+
+        sim.ram(1).write(RAM_GPA, b"ram").unwrap();
+        let region = hsm.ram_region(RAM_ZONE0, RAM_SIZE).unwrap();
+        let map = SharedMapping::new(region.fd.as_fd(), region.offset, 4096).unwrap();
+        let mut got = [0u8; 3];
+        // SAFETY: the first 3 bytes of a live 4 KiB mapping.
+        unsafe { std::ptr::copy_nonoverlapping(map.as_ptr(), got.as_mut_ptr(), 3) };
+        assert_eq!(&got, b"ram");
+
+        assert!(!poll_readable(remote.control_fd()));
+        drop(server);
+        assert!(
+            poll_readable(remote.control_fd()),
+            "EOF once the provider stops"
+        );
+        assert!(!socket.exists(), "socket removed");
+    }
+
+    #[test]
+    fn stale_socket_file_is_replaced() {
+        let sim = shared_window_sim();
+        let dir = TempDir::new().unwrap();
+        let socket = dir.as_path().join("hsm.sock");
+        drop(UnixListener::bind(&socket).unwrap());
+        assert!(socket.exists());
+        let _server = sim.serve(&socket).unwrap();
+        assert!(ProviderHsm::connect(&socket).is_ok());
+    }
+
+    #[test]
+    fn bad_specs_are_rejected() {
+        let region = |zone0_ipa, zonex_ipa, size| SimRegion {
+            zone0_ipa,
+            zonex_ipa,
+            size,
+        };
+        let spec = |id, regions, windows| SimZoneSpec {
+            id,
+            regions,
+            windows,
+        };
+        let cases = [
+            vec![spec(1, vec![], vec![]), spec(1, vec![], vec![])],
+            vec![spec(1, vec![region(0x1000, 0x1000, 0)], vec![])],
+            vec![spec(
+                1,
+                vec![region(0, 0, 0x2000), region(0x4000, 0x1000, 0x1000)],
+                vec![],
+            )],
+            vec![
+                spec(1, vec![region(0, 0, 0x2000)], vec![]),
+                spec(2, vec![region(0x1000, 0, 0x1000)], vec![]),
+            ],
+            vec![spec(1, vec![], vec![(0, 0x200), (0x100, 0x200)])],
+            vec![spec(1, vec![], vec![(u64::MAX, 2)])],
+        ];
+        for zones in cases {
+            let debug = format!("{zones:?}");
+            assert!(
+                matches!(SimHypervisor::new(zones), Err(HsmError::SimConfig(_))),
+                "{debug}"
+            );
+        }
+    }
+}

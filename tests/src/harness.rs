@@ -1,0 +1,321 @@
+//! Runs the real `hvisor-vhost-bridge` and backends against the simulated hypervisor: the
+//! test process plays hvisor and the guest; the bridge and backends are separate processes,
+//! exactly as on a board.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hvisor_bridge::config::Config;
+use hvisor_hsm::sim::ProviderServer;
+use hvisor_hsm::{SimHypervisor, SimRam, SimRegion, SimVcpu, SimZoneSpec};
+
+use crate::driver::{GuestMemory, Interrupts, MmioBus};
+
+/// How long a synchronous register access may wait for the bridge before the test fails.
+/// Generous: the first access waits for the bridge to start and negotiate with backends.
+pub const ACCESS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A private directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Makes a fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("hvv-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A workspace binary (`hvisor-vhost-bridge`, `vhost-user-blk`, ...), built beside the test
+/// executable; `HVV_BIN_DIR` overrides the directory.
+pub fn bin_path(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("HVV_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().expect("current_exe");
+            let mut dir = exe.parent().expect("exe dir").to_path_buf();
+            if dir.ends_with("deps") {
+                dir.pop();
+            }
+            dir
+        }
+    };
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// The simulator's view of a bridge config: the same file drives both sides.
+pub fn sim_zones(config: &Config) -> Vec<SimZoneSpec> {
+    config
+        .zones
+        .iter()
+        .map(|z| SimZoneSpec {
+            id: z.id,
+            regions: z
+                .memory_regions
+                .iter()
+                .map(|r| SimRegion {
+                    zone0_ipa: r.zone0_ipa,
+                    zonex_ipa: r.zonex_ipa,
+                    size: r.size,
+                })
+                .collect(),
+            windows: z.windows.iter().map(|w| (w.base, w.size)).collect(),
+        })
+        .collect()
+}
+
+/// A guest vCPU of the simulated zone.
+#[derive(Debug)]
+pub struct Vcpu(pub SimVcpu);
+
+impl MmioBus for Vcpu {
+    fn read(&self, addr: u64, size: u8) -> u64 {
+        self.0
+            .read_within(addr, size, ACCESS_TIMEOUT)
+            .unwrap_or_else(|e| panic!("read {addr:#x}/{size}: {e}"))
+    }
+
+    fn write(&self, addr: u64, size: u8, value: u64) {
+        self.0
+            .write_within(addr, size, value, ACCESS_TIMEOUT)
+            .unwrap_or_else(|e| panic!("write {addr:#x}/{size} = {value:#x}: {e}"))
+    }
+}
+
+/// A zone's guest RAM.
+#[derive(Debug)]
+pub struct Ram(pub SimRam);
+
+impl GuestMemory for Ram {
+    fn read(&self, gpa: u64, buf: &mut [u8]) {
+        self.0
+            .read(gpa, buf)
+            .unwrap_or_else(|e| panic!("guest RAM read {gpa:#x}: {e}"))
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) {
+        self.0
+            .write(gpa, data)
+            .unwrap_or_else(|e| panic!("guest RAM write {gpa:#x}: {e}"))
+    }
+}
+
+/// One device's interrupt line, delivered by the simulator's result-ring drain.
+#[derive(Debug, Clone)]
+pub struct Irq {
+    sim: Arc<SimHypervisor>,
+    zone: u32,
+    irq: u32,
+}
+
+impl Irq {
+    /// The line `irq` of `zone`.
+    pub fn new(sim: &Arc<SimHypervisor>, zone: u32, irq: u32) -> Irq {
+        Irq {
+            sim: Arc::clone(sim),
+            zone,
+            irq,
+        }
+    }
+}
+
+impl Interrupts for Irq {
+    fn wait(&self, timeout: Duration) -> bool {
+        self.sim.wait_irq(self.zone, self.irq, timeout)
+    }
+}
+
+/// A child process stopped with SIGTERM (then SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    name: String,
+}
+
+impl Process {
+    /// Starts `cmd` with stdin closed; its log goes to the test's stderr.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Process {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Process {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    /// The pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal`.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child; no memory is touched.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    /// Waits up to `timeout` for exit; `None` if still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        match self.wait_timeout(Duration::from_secs(10)) {
+            Some(status) => status,
+            None => {
+                let _ = self.child.kill();
+                panic!("{} did not exit within 10 s of SIGTERM", self.name)
+            }
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGTERM);
+            if self.wait_timeout(Duration::from_secs(5)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+/// A simulated hypervisor with zones from a config, serving its fds to a real bridge process.
+#[derive(Debug)]
+pub struct SimBridge {
+    /// The simulated hypervisor (guest side of every test).
+    pub sim: Arc<SimHypervisor>,
+    /// The parsed config both sides use.
+    pub config: Config,
+    /// The bridge process.
+    pub bridge: Process,
+    _server: ProviderServer,
+    /// Scratch directory: config, sockets, images.
+    pub dir: Arc<TempDir>,
+}
+
+impl SimBridge {
+    /// Writes `config_json` into `dir`, starts the simulator from it and the bridge on it.
+    /// `extra_args` go to the bridge (e.g. `--spin-us 0`).
+    pub fn start(dir: Arc<TempDir>, config_json: &str, extra_args: &[&str]) -> SimBridge {
+        let config_path = dir.path().join("virtio_cfg.json");
+        std::fs::write(&config_path, config_json).expect("write config");
+        let config = Config::from_file(&config_path).unwrap_or_else(|e| panic!("test config: {e}"));
+        let sim = SimHypervisor::new(sim_zones(&config)).expect("simulated hypervisor");
+        let socket = dir.path().join("hsm.sock");
+        let server = sim.serve(&socket).expect("provider socket");
+        let mut cmd = Command::new(bin_path("hvisor-vhost-bridge"));
+        cmd.arg("--config")
+            .arg(&config_path)
+            .arg("--hsm-socket")
+            .arg(&socket)
+            .arg("--runtime-dir")
+            .arg(dir.path().join("run"))
+            .arg("--blk-backend")
+            .arg(bin_path("vhost-user-blk"))
+            .args(extra_args);
+        let bridge = Process::spawn("hvisor-vhost-bridge", &mut cmd);
+        SimBridge {
+            sim,
+            config,
+            bridge,
+            _server: server,
+            dir,
+        }
+    }
+
+    /// vCPU `cpu` of `zone`.
+    pub fn vcpu(&self, zone: u32, cpu: u64) -> Vcpu {
+        Vcpu(self.sim.vcpu(zone, cpu))
+    }
+
+    /// Guest RAM of `zone`.
+    pub fn ram(&self, zone: u32) -> Ram {
+        Ram(self.sim.ram(zone))
+    }
+
+    /// The interrupt line `irq` of `zone`.
+    pub fn irq(&self, zone: u32, irq: u32) -> Irq {
+        Irq::new(&self.sim, zone, irq)
+    }
+}
+
+/// A file of `size` bytes filled with a deterministic pattern, for images.
+pub fn make_image(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+}
+
+/// A small deterministic PRNG (xorshift64*), so failures reproduce from the printed seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded generator; a zero seed is replaced.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Fills `buf` with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
