@@ -311,6 +311,9 @@ impl VhostUserBackend for VhostUserBlkBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // VUB 0.24 registers the consumer by raw fd and never closes it, so each connection
+        // leaks this duplicate (one descriptor per worker thread); the originals close with
+        // the backend.
         let event = self.exit_events.get(thread_index)?;
         match (event.consumer.try_clone(), event.notifier.try_clone()) {
             (Ok(consumer), Ok(notifier)) => Some((consumer, notifier)),

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Lines};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Stdio};
 
 use common::{socket_path, Guest};
@@ -17,6 +17,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_vhost-user-blk");
 struct Backend {
     child: Child,
     log: Lines<BufReader<ChildStderr>>,
+    socket: PathBuf,
 }
 
 impl Backend {
@@ -32,7 +33,11 @@ impl Backend {
             .spawn()
             .unwrap();
         let log = BufReader::new(child.stderr.take().unwrap()).lines();
-        Backend { child, log }
+        Backend {
+            child,
+            log,
+            socket: socket.to_owned(),
+        }
     }
 
     /// Reads log lines until one contains `needle`; panics if the process exits first.
@@ -55,8 +60,12 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Still running only if the test failed or left it serving: clean up after it.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_file(&self.socket);
+        }
     }
 }
 
