@@ -19,8 +19,10 @@ const TOKEN_WAKEUP: u64 = 0;
 const TOKEN_STOP: u64 = 1;
 const TOKEN_HSM_CONTROL: u64 = 2;
 const TOKEN_DEVICE_BASE: u64 = 1 << 32;
-/// Within a device's token space: queue `q` call fd is `q`, the socket is this.
+/// Within a device's token space: queue `q` call fd is `q`, the socket and the
+/// backend-to-frontend channel are these.
 const DEVICE_SOCKET_SLOT: u64 = 0xffff;
+const DEVICE_BACKEND_REQ_SLOT: u64 = 0xfffe;
 
 /// How many empty ring polls between looks at the other fds while spinning.
 const POLLS_PER_EPOLL: u32 = 32;
@@ -158,6 +160,9 @@ impl Bridge {
                 EventSet::READ_HANG_UP | EventSet::HANG_UP,
                 base + DEVICE_SOCKET_SLOT,
             )?;
+            if let Some(fd) = frontend.backend_req_fd() {
+                add(fd.as_raw_fd(), EventSet::IN, base + DEVICE_BACKEND_REQ_SLOT)?;
+            }
         }
         let addrs: Vec<u64> = devices.iter().map(|d| d.base).collect();
         hsm.bridge().publish_mmio_addrs(&addrs);
@@ -295,6 +300,34 @@ impl Bridge {
             dev.transport.backend_mut().mark_disconnected();
             if dev.transport.fail() {
                 self.raise(index - 1);
+            }
+            return;
+        }
+        if slot == DEVICE_BACKEND_REQ_SLOT {
+            let fd = dev
+                .transport
+                .backend()
+                .backend_req_fd()
+                .map(|f| f.as_raw_fd());
+            match dev.transport.backend_mut().handle_backend_request() {
+                Ok(true) => {
+                    log::info!(
+                        "{}: backend reported a config change",
+                        dev.transport.backend().label()
+                    );
+                    if dev.transport.signal_config_change() {
+                        self.raise(index - 1);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    log::warn!("{}: {e}", dev.transport.backend().label());
+                    if let Some(fd) = fd {
+                        let _ = self
+                            .epoll
+                            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                    }
+                }
             }
             return;
         }

@@ -4,12 +4,16 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -32,6 +36,19 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::BACKEND_REQ
+}
+
+/// The backend-to-frontend channel's handler: it only records that the config changed; the
+/// event loop then re-reads the config and raises the guest's config interrupt.
+#[derive(Debug, Default)]
+struct ConfigChanged(AtomicBool);
+
+impl VhostUserFrontendReqHandler for ConfigChanged {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.0.store(true, Ordering::Release);
+        Ok(0)
+    }
 }
 
 /// Errors of the vhost-user frontend.
@@ -153,6 +170,8 @@ pub struct VhostUserDevice {
     config: Vec<u8>,
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
+    backend_req: Option<FrontendReqHandler<ConfigChanged>>,
+    config_changed: Arc<ConfigChanged>,
     started: Vec<bool>,
     activated: bool,
     features_sent: bool,
@@ -217,6 +236,17 @@ impl VhostUserDevice {
             let n = payload.len().min(config.len());
             config[..n].copy_from_slice(&payload[..n]);
         }
+        let config_changed = Arc::new(ConfigChanged::default());
+        let mut backend_req = None;
+        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let mut handler = FrontendReqHandler::new(Arc::clone(&config_changed))
+                .map_err(|e| request("SET_BACKEND_REQ_FD")(vhost::Error::VhostUserProtocol(e)))?;
+            handler.set_reply_ack_flag(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+            frontend
+                .set_backend_request_fd(&handler.get_tx_raw_fd())
+                .map_err(request("SET_BACKEND_REQ_FD"))?;
+            backend_req = Some(handler);
+        }
         let n = usize::from(spec.num_queues);
         let new_fd = || EventFd::new(EFD_NONBLOCK).map_err(FrontendError::EventFd);
         let kicks = (0..n).map(|_| new_fd()).collect::<Result<Vec<_>, _>>()?;
@@ -238,6 +268,8 @@ impl VhostUserDevice {
             config,
             kicks,
             calls,
+            backend_req,
+            config_changed,
             started: vec![false; n],
             activated: false,
             features_sent: false,
@@ -267,6 +299,54 @@ impl VhostUserDevice {
     pub fn socket_fd(&self) -> BorrowedFd<'_> {
         // SAFETY: the raw fd belongs to `self.frontend`, which outlives the returned borrow.
         unsafe { BorrowedFd::borrow_raw(self.frontend.as_raw_fd()) }
+    }
+
+    /// The backend-to-frontend channel, to poll for config-change messages.
+    pub fn backend_req_fd(&self) -> Option<BorrowedFd<'_>> {
+        // SAFETY: the raw fd belongs to the handler in `self`, which outlives the borrow.
+        self.backend_req
+            .as_ref()
+            .map(|h| unsafe { BorrowedFd::borrow_raw(h.as_raw_fd()) })
+    }
+
+    /// Serves one message of the backend-to-frontend channel. Returns true when the backend
+    /// reported a config change, after the cached config has been re-read.
+    pub fn handle_backend_request(&mut self) -> Result<bool, FrontendError> {
+        let Some(handler) = self.backend_req.as_mut() else {
+            return Ok(false);
+        };
+        if let Err(source) = handler.handle_request() {
+            // The channel is gone or broken; stop listening on it.
+            self.backend_req = None;
+            return Err(FrontendError::Request {
+                request: "backend request channel",
+                source: vhost::Error::VhostUserProtocol(source),
+            });
+        }
+        if !self.config_changed.0.swap(false, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        self.refresh_config()?;
+        Ok(true)
+    }
+
+    fn refresh_config(&mut self) -> Result<(), FrontendError> {
+        if self.config.is_empty() || !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Ok(());
+        }
+        let zeros = vec![0u8; self.config.len()];
+        let (_, payload) = self
+            .frontend
+            .get_config(
+                0,
+                zeros.len() as u32,
+                VhostUserConfigFlags::WRITABLE,
+                &zeros,
+            )
+            .map_err(request("GET_CONFIG"))?;
+        let n = payload.len().min(self.config.len());
+        self.config[..n].copy_from_slice(&payload[..n]);
+        Ok(())
     }
 
     /// The backend hung up: every later activation fails until the device is recreated.
