@@ -37,12 +37,34 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(zone) = &self.zone {
-            write!(f, "zone {zone}: ")?;
+            write!(f, "zone {}: ", OneLine(zone))?;
         }
         if let Some(device) = &self.device {
-            write!(f, "device {device}: ")?;
+            write!(f, "device {}: ", OneLine(device))?;
         }
-        write!(f, "field `{}`: {}", self.field, self.reason)
+        write!(
+            f,
+            "field `{}`: {}",
+            OneLine(&self.field),
+            OneLine(&self.reason)
+        )
+    }
+}
+
+/// Text from the config file (key names, paths, values) shown with control characters
+/// escaped, so an error always stays on one line.
+struct OneLine<'a>(&'a str);
+
+impl fmt::Display for OneLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -280,8 +302,14 @@ impl Config {
             field: "<file>".into(),
             reason: format!("cannot read {}: {e}", path.display()),
         })?;
-        let base = path.parent().unwrap_or_else(|| Path::new("."));
-        Self::parse(&text, base)
+        // `Path::new("cfg.json").parent()` is the empty path; an absolute base keeps the
+        // resolved paths valid whatever the working directory of a spawned backend.
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| Path::new("."));
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        Self::parse(&text, &base)
     }
 
     /// Parses and validates config text; `base_dir` resolves relative paths.
@@ -348,13 +376,20 @@ fn parse_c_integer(text: &str) -> Result<u64, String> {
     } else {
         (s, 10)
     };
-    if digits.is_empty() {
+    // `from_str_radix` would take a sign ("0x+10", "-1"); a sign is never meant here.
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("\"{text}\" is not a number"));
     }
     u64::from_str_radix(digits, radix).map_err(|e| format!("\"{text}\" is not a number ({e})"))
 }
 
-const ZONE_KEYS: &[&str] = &["id", "memory_region", "devices", "virtio_windows"];
+const ROOT_KEYS: &[&str] = &["zones"];
+// `name` appears in hvisor-tool's LoongArch examples; it is only a label.
+const ZONE_KEYS: &[&str] = &["id", "name", "memory_region", "devices", "virtio_windows"];
+const REGION_KEYS: &[&str] = &["zone0_ipa", "zonex_ipa", "size"];
+const WINDOW_KEYS: &[&str] = &["base", "size"];
+// hvisor-tool's device fields come first: `width`/`height` (gpu) and `allowed_list`/`reset_map`
+// (scmi) configure its in-process devices and are accepted and ignored here.
 const DEVICE_KEYS: &[&str] = &[
     "type",
     "device_id",
@@ -367,6 +402,8 @@ const DEVICE_KEYS: &[&str] = &[
     "mac",
     "width",
     "height",
+    "allowed_list",
+    "reset_map",
     "socket",
     "queue_size",
     "num_queues",
@@ -393,6 +430,7 @@ impl Parser<'_> {
         let obj = root
             .as_object()
             .ok_or_else(|| top.err("<root>", "expected a JSON object with `zones`"))?;
+        check_keys(obj, ROOT_KEYS, "", &top)?;
         let zones = obj
             .get("zones")
             .ok_or_else(|| top.err("zones", "missing"))?
@@ -406,23 +444,38 @@ impl Parser<'_> {
         }
         let mut config = Config::default();
         let mut ids = BTreeSet::new();
+        let mut enabled = 0;
+        let mut images = Vec::new();
         for (zi, zone) in zones.iter().enumerate() {
             let z = self.zone(zi, zone)?;
+            let ctx = Ctx {
+                zone: Some(z.id.to_string()),
+                device: None,
+            };
             if !ids.insert(z.id) {
-                let ctx = Ctx {
-                    zone: Some(z.id.to_string()),
-                    device: None,
-                };
                 return Err(ctx.err("id", "duplicate zone id"));
             }
+            check_root_ram_overlap(&config.zones, &z, &ctx)?;
+            // hvisor-tool's `vdevs[MAX_DEVS]` (and hvisor's per-CPU IRQ list) count devices of
+            // all zones together.
+            for d in &z.devices {
+                enabled += 1;
+                if enabled > MAX_DEVS {
+                    let dctx = Ctx {
+                        zone: ctx.zone.clone(),
+                        device: Some(device_name(d.index, d.device_type.name)),
+                    };
+                    return Err(dctx.err(
+                        "status",
+                        format!(
+                            "enabled device number {enabled}; hvisor serves at most {MAX_DEVS} \
+                             across all zones"
+                        ),
+                    ));
+                }
+                check_image_sharing(&mut images, z.id, d, &ctx)?;
+            }
             config.zones.push(z);
-        }
-        let total: usize = config.zones.iter().map(|z| z.devices.len()).sum();
-        if total > MAX_DEVS {
-            return Err(top.err(
-                "devices",
-                format!("{total} enabled devices; hvisor allows at most {MAX_DEVS}"),
-            ));
         }
         Ok(config)
     }
@@ -435,13 +488,16 @@ impl Parser<'_> {
         let obj = value
             .as_object()
             .ok_or_else(|| ctx.err("<zone>", "expected an object"))?;
-        check_keys(obj, ZONE_KEYS, &ctx)?;
+        check_keys(obj, ZONE_KEYS, "", &ctx)?;
         let id = required_number(obj, "id", &ctx)?;
         if id >= MAX_CPUS as u64 {
             return Err(ctx.err("id", format!("{id} is out of range (0..{MAX_CPUS})")));
         }
         let id = id as u32;
         ctx.zone = Some(id.to_string());
+        if obj.get("name").is_some_and(|n| !n.is_string()) {
+            return Err(ctx.err("name", "expected a string"));
+        }
 
         let regions = obj
             .get("memory_region")
@@ -473,7 +529,7 @@ impl Parser<'_> {
         check_device_overlap(&devices, &ctx)?;
 
         let windows = match obj.get("virtio_windows") {
-            Some(w) => self.windows(w, &ctx)?,
+            Some(w) => self.windows(w, &memory_regions, &ctx)?,
             None => devices
                 .iter()
                 .map(|d| Window {
@@ -487,16 +543,24 @@ impl Parser<'_> {
                 zone: ctx.zone.clone(),
                 device: Some(device_name(d.index, d.device_type.name)),
             };
+            // Windows never overlap each other, so a device lies in at most one of them.
             if !windows
                 .iter()
                 .any(|w| d.addr >= w.base && d.addr - w.base + d.len <= w.size)
             {
-                return Err(dctx.err("addr", "device is outside every virtio window of the zone"));
+                return Err(dctx.err(
+                    "addr",
+                    "the device's registers are not inside one virtio window of the zone",
+                ));
             }
-            if memory_regions.iter().any(|r| {
-                d.addr < r.zonex_ipa.saturating_add(r.size) && r.zonex_ipa < d.addr + d.len
-            }) {
-                return Err(dctx.err("addr", "device window overlaps zone RAM"));
+            if let Some(ri) = memory_regions
+                .iter()
+                .position(|r| ranges_overlap(d.addr, d.len, r.zonex_ipa, r.size))
+            {
+                return Err(dctx.err(
+                    "addr",
+                    format!("device window overlaps zone RAM (memory_region[{ri}])"),
+                ));
             }
         }
         Ok(ZoneConfig {
@@ -512,6 +576,7 @@ impl Parser<'_> {
         let obj = value
             .as_object()
             .ok_or_else(|| ctx.err(format!("memory_region[{index}]"), "expected an object"))?;
+        check_keys(obj, REGION_KEYS, &field(""), ctx)?;
         let get = |name: &str| -> Result<u64, ConfigError> {
             let v = obj
                 .get(name)
@@ -527,11 +592,14 @@ impl Parser<'_> {
             return Err(ctx.err(field("size"), "must be nonzero"));
         }
         let page = 4096;
-        if !region.size.is_multiple_of(page)
-            || !region.zone0_ipa.is_multiple_of(page)
-            || !region.zonex_ipa.is_multiple_of(page)
-        {
-            return Err(ctx.err(field("size"), "addresses and size must be 4 KiB aligned"));
+        for (name, v) in [
+            ("zone0_ipa", region.zone0_ipa),
+            ("zonex_ipa", region.zonex_ipa),
+            ("size", region.size),
+        ] {
+            if !v.is_multiple_of(page) {
+                return Err(ctx.err(field(name), format!("{v:#x} is not 4 KiB aligned")));
+            }
         }
         if region.zone0_ipa == 0 {
             // /dev/hvisor offset 0 is the bridge page, so RAM at physical 0 cannot be mapped.
@@ -548,15 +616,23 @@ impl Parser<'_> {
         Ok(region)
     }
 
-    fn windows(&self, value: &Value, ctx: &Ctx) -> Result<Vec<Window>, ConfigError> {
+    /// The zone's trap regions. hvisor keeps one MMIO region per address, so windows must not
+    /// overlap each other, and a window over RAM would take that RAM away from the guest.
+    fn windows(
+        &self,
+        value: &Value,
+        memory_regions: &[MemoryRegion],
+        ctx: &Ctx,
+    ) -> Result<Vec<Window>, ConfigError> {
         let arr = value
             .as_array()
             .ok_or_else(|| ctx.err("virtio_windows", "expected an array"))?;
-        let mut out = Vec::new();
+        let mut out: Vec<Window> = Vec::new();
         for (i, w) in arr.iter().enumerate() {
             let obj = w
                 .as_object()
                 .ok_or_else(|| ctx.err(format!("virtio_windows[{i}]"), "expected an object"))?;
+            check_keys(obj, WINDOW_KEYS, &format!("virtio_windows[{i}]."), ctx)?;
             let get = |name: &str| -> Result<u64, ConfigError> {
                 let f = format!("virtio_windows[{i}].{name}");
                 let v = obj.get(name).ok_or_else(|| ctx.err(&f, "missing"))?;
@@ -567,7 +643,28 @@ impl Parser<'_> {
                 size: get("size")?,
             };
             if window.size == 0 || window.base.checked_add(window.size).is_none() {
-                return Err(ctx.err(format!("virtio_windows[{i}].size"), "invalid size"));
+                return Err(ctx.err(
+                    format!("virtio_windows[{i}].size"),
+                    "must be nonzero and end inside the address space",
+                ));
+            }
+            if let Some(j) = out
+                .iter()
+                .position(|o| ranges_overlap(o.base, o.size, window.base, window.size))
+            {
+                return Err(ctx.err(
+                    format!("virtio_windows[{i}].base"),
+                    format!("window overlaps virtio_windows[{j}]"),
+                ));
+            }
+            if let Some(ri) = memory_regions
+                .iter()
+                .position(|r| ranges_overlap(r.zonex_ipa, r.size, window.base, window.size))
+            {
+                return Err(ctx.err(
+                    format!("virtio_windows[{i}].base"),
+                    format!("window overlaps zone RAM (memory_region[{ri}])"),
+                ));
             }
             out.push(window);
         }
@@ -607,8 +704,19 @@ impl Parser<'_> {
                     .filter(|&i| i != 0)
                     .ok_or_else(|| ctx.err("device_id", "must be a nonzero virtio device id"))?;
                 if let Some(Value::String(name)) = obj.get("type") {
-                    if type_by_name(name).is_some_and(|t| t.id != id) {
-                        return Err(ctx.err("device_id", format!("contradicts type \"{name}\"")));
+                    match type_by_name(name) {
+                        None => {
+                            return Err(ctx.err(
+                                "type",
+                                format!(
+                                    "unknown device type \"{name}\"; leave `type` out when `device_id` names the device"
+                                ),
+                            ))
+                        }
+                        Some(t) if t.id != id => {
+                            return Err(ctx.err("device_id", format!("contradicts type \"{name}\"")))
+                        }
+                        Some(_) => {}
                     }
                 }
                 type_by_id(id)
@@ -617,7 +725,7 @@ impl Parser<'_> {
             (None, None) => return Err(ctx.err("type", "missing")),
         };
         ctx.device = Some(device_name(index, info.name));
-        check_keys(obj, DEVICE_KEYS, &ctx)?;
+        check_keys(obj, DEVICE_KEYS, "", &ctx)?;
         match status {
             "enable" => {}
             "disable" => return Ok(None),
@@ -644,6 +752,17 @@ impl Parser<'_> {
                 format!("must be between {MIN_DEVICE_LEN:#x} and {MAX_DEVICE_LEN:#x}"),
             ));
         }
+        // Config space is reached only through the trapped window.
+        let needed = MIN_DEVICE_LEN + config_space_len(info.id) as u64;
+        if len < needed {
+            return Err(ctx.err(
+                "len",
+                format!(
+                    "{len:#x} cuts off the {} config space (needs at least {needed:#x})",
+                    info.name
+                ),
+            ));
+        }
         if addr.checked_add(len).is_none() {
             return Err(ctx.err("len", "window wraps around the address space"));
         }
@@ -655,7 +774,7 @@ impl Parser<'_> {
         let backend_obj = match obj.get("backend") {
             None => None,
             Some(Value::Object(b)) => {
-                check_keys(b, BACKEND_KEYS, &ctx)?;
+                check_keys(b, BACKEND_KEYS, "backend.", &ctx)?;
                 Some(b)
             }
             Some(_) => return Err(ctx.err("backend", "expected an object")),
@@ -717,6 +836,18 @@ impl Parser<'_> {
             Some(Value::String(s)) if !s.is_empty() => Some(self.resolve(s)),
             Some(_) => return Err(ctx.err("socket", "expected a non-empty path")),
         };
+        if socket.is_some() {
+            // Silently ignoring them could, for one, serve a disk meant to be read-only writable.
+            for name in ["read_only", "serial", "direct"] {
+                if field(name)?.is_some() {
+                    return Err(ctx.err(
+                        name,
+                        "applies to the backend the bridge spawns; with `socket`, set it on \
+                         the external backend",
+                    ));
+                }
+            }
+        }
         let img = match obj.get("img") {
             None => None,
             Some(Value::String(s)) if !s.is_empty() => Some(self.resolve(s)),
@@ -791,11 +922,23 @@ fn required_number(obj: &Map<String, Value>, name: &str, ctx: &Ctx) -> Result<u6
     parse_number(v).map_err(|r| ctx.err(name, r))
 }
 
-fn check_keys(obj: &Map<String, Value>, allowed: &[&str], ctx: &Ctx) -> Result<(), ConfigError> {
+/// Rejects keys outside `allowed`; `prefix` places the key in the error, e.g. `backend.`.
+fn check_keys(
+    obj: &Map<String, Value>,
+    allowed: &[&str],
+    prefix: &str,
+    ctx: &Ctx,
+) -> Result<(), ConfigError> {
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(ctx.err(k.as_str(), "unknown field")),
+        Some(k) => Err(ctx.err(format!("{prefix}{k}"), "unknown field")),
         None => Ok(()),
     }
+}
+
+/// True if `[a, a + a_len)` and `[b, b + b_len)` intersect; callers have checked that
+/// neither range wraps.
+fn ranges_overlap(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
+    a < b + b_len && b < a + a_len
 }
 
 fn parse_mac(value: &Value) -> Result<[u8; 6], String> {
@@ -813,11 +956,86 @@ fn parse_mac(value: &Value) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
+/// Within a zone, neither the guest addresses nor the root-Linux addresses of two regions may
+/// overlap: either way one byte would have two meanings.
 fn check_region_overlap(regions: &[MemoryRegion], ctx: &Ctx) -> Result<(), ConfigError> {
-    for (i, a) in regions.iter().enumerate() {
-        for b in &regions[i + 1..] {
-            if a.zonex_ipa < b.zonex_ipa + b.size && b.zonex_ipa < a.zonex_ipa + a.size {
-                return Err(ctx.err(format!("memory_region[{i}].zonex_ipa"), "regions overlap"));
+    for (j, b) in regions.iter().enumerate() {
+        for (i, a) in regions[..j].iter().enumerate() {
+            if ranges_overlap(a.zonex_ipa, a.size, b.zonex_ipa, b.size) {
+                return Err(ctx.err(
+                    format!("memory_region[{j}].zonex_ipa"),
+                    format!("overlaps memory_region[{i}] in guest memory"),
+                ));
+            }
+            if ranges_overlap(a.zone0_ipa, a.size, b.zone0_ipa, b.size) {
+                return Err(ctx.err(
+                    format!("memory_region[{j}].zone0_ipa"),
+                    format!("overlaps memory_region[{i}] in root memory"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An image served by two spawned backends must be read-only in both: two writers would
+/// corrupt it (and our blk backend's image lock would refuse the second one at start).
+fn check_image_sharing(
+    seen: &mut Vec<(PathBuf, bool, String)>,
+    zone: u32,
+    device: &DeviceConfig,
+    ctx: &Ctx,
+) -> Result<(), ConfigError> {
+    let BackendSpec::SpawnBlk {
+        image, read_only, ..
+    } = &device.backend
+    else {
+        return Ok(());
+    };
+    // The same file may be named through different relative paths or links.
+    let canonical = std::fs::canonicalize(image).unwrap_or_else(|_| image.clone());
+    let name = device_name(device.index, device.device_type.name);
+    if let Some((_, _, other)) = seen
+        .iter()
+        .find(|(path, ro, _)| *path == canonical && !(*ro && *read_only))
+    {
+        let dctx = Ctx {
+            zone: ctx.zone.clone(),
+            device: Some(name),
+        };
+        return Err(dctx.err(
+            "img",
+            format!(
+                "{} is also served by {other}; a shared image must be read_only in both",
+                image.display()
+            ),
+        ));
+    }
+    seen.push((canonical, *read_only, format!("zone {zone} device {name}")));
+    Ok(())
+}
+
+/// Two zones never share RAM: a region of `zone` whose root-Linux range overlaps one of an
+/// earlier zone would let each guest overwrite the other.
+fn check_root_ram_overlap(
+    earlier: &[ZoneConfig],
+    zone: &ZoneConfig,
+    ctx: &Ctx,
+) -> Result<(), ConfigError> {
+    for (j, b) in zone.memory_regions.iter().enumerate() {
+        for other in earlier {
+            if let Some(i) = other
+                .memory_regions
+                .iter()
+                .position(|a| ranges_overlap(a.zone0_ipa, a.size, b.zone0_ipa, b.size))
+            {
+                return Err(ctx.err(
+                    format!("memory_region[{j}].zone0_ipa"),
+                    format!(
+                        "overlaps zone {} memory_region[{i}] in root memory",
+                        other.id
+                    ),
+                ));
             }
         }
     }
@@ -831,7 +1049,7 @@ fn check_device_overlap(devices: &[DeviceConfig], ctx: &Ctx) -> Result<(), Confi
                 zone: ctx.zone.clone(),
                 device: Some(device_name(b.index, b.device_type.name)),
             };
-            if a.addr < b.addr + b.len && b.addr < a.addr + a.len {
+            if ranges_overlap(a.addr, a.len, b.addr, b.len) {
                 return Err(bctx.err("addr", format!("window overlaps device #{}", a.index)));
             }
             if a.irq == b.irq {
@@ -861,5 +1079,1517 @@ pub fn config_space_len(device_id: u32) -> usize {
         36 => 2,   // can: status
         41 => 8,   // gpio: ngpio, padding, gpio_names_size
         _ => 0,    // rng, i2c, scmi and unknown devices: none
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// The directory relative paths resolve against; `Cargo.toml` in it is an existing "image".
+    fn manifest_dir() -> &'static Path {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// A private scratch directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "hvv-config-{tag}-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).expect("create scratch dir");
+            TempDir(path)
+        }
+
+        fn touch(&self, name: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, b"").expect("create file");
+            path
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn blk(addr: u64, irq: u32) -> Value {
+        json!({
+            "type": "blk", "addr": format!("{addr:#x}"), "len": "0x200", "irq": irq,
+            "img": "Cargo.toml", "status": "enable"
+        })
+    }
+
+    /// A read-only blk device: several of them may share `Cargo.toml` as their image.
+    fn blk_ro(addr: u64, irq: u32) -> Value {
+        let mut dev = blk(addr, irq);
+        dev["read_only"] = json!(true);
+        dev
+    }
+
+    fn with_socket(type_name: &str, addr: u64, irq: u32) -> Value {
+        json!({
+            "type": type_name, "addr": format!("{addr:#x}"), "len": "0x200", "irq": irq,
+            "socket": format!("{type_name}.sock"), "status": "enable"
+        })
+    }
+
+    fn zone_with(id: u32, zone0_ipa: u64, devices: Vec<Value>) -> Value {
+        json!({
+            "id": id,
+            "memory_region": [
+                { "zone0_ipa": format!("{zone0_ipa:#x}"), "zonex_ipa": "0x50000000",
+                  "size": "0x10000000" }
+            ],
+            "devices": devices
+        })
+    }
+
+    /// One zone, 256 MiB of RAM at 0x5000_0000, one blk device at 0xa003c00 with irq 78.
+    fn base() -> Value {
+        json!({ "zones": [zone_with(1, 0x5000_0000, vec![blk(0xa003c00, 78)])] })
+    }
+
+    fn zone(c: &mut Value) -> &mut Value {
+        &mut c["zones"][0]
+    }
+
+    fn dev(c: &mut Value) -> &mut Value {
+        &mut c["zones"][0]["devices"][0]
+    }
+
+    fn region(c: &mut Value) -> &mut Value {
+        &mut c["zones"][0]["memory_region"][0]
+    }
+
+    fn remove(v: &mut Value, key: &str) {
+        v.as_object_mut().expect("an object").remove(key);
+    }
+
+    fn devices(c: &mut Value) -> &mut Vec<Value> {
+        c["zones"][0]["devices"].as_array_mut().expect("devices")
+    }
+
+    fn set_windows(c: &mut Value, windows: Value) {
+        zone(c)["virtio_windows"] = windows;
+    }
+
+    fn parse(config: &Value) -> Result<Config, ConfigError> {
+        Config::parse(&config.to_string(), manifest_dir())
+    }
+
+    fn parse_ok(config: &Value) -> Config {
+        parse(config).unwrap_or_else(|e| panic!("config rejected: {e}\n{config:#}"))
+    }
+
+    /// Checks the error's location and that its text is one line that names it.
+    fn assert_error(
+        what: &str,
+        result: Result<Config, ConfigError>,
+        zone: Option<&str>,
+        device: Option<&str>,
+        field: &str,
+    ) {
+        let err = match result {
+            Ok(_) => panic!("{what}: accepted"),
+            Err(e) => e,
+        };
+        assert_eq!(
+            (
+                err.zone.as_deref(),
+                err.device.as_deref(),
+                err.field.as_str()
+            ),
+            (zone, device, field),
+            "{what}: wrong location in \"{err}\""
+        );
+        let line = err.to_string();
+        assert!(!line.contains('\n'), "{what}: not one line: {line:?}");
+        if let Some(zone) = zone {
+            assert!(
+                line.starts_with(&format!("zone {zone}: ")),
+                "{what}: {line}"
+            );
+        }
+        if let Some(device) = device {
+            assert!(
+                line.contains(&format!("device {device}: ")),
+                "{what}: {line}"
+            );
+        }
+        assert!(
+            line.contains(&format!("field `{field}`: ")),
+            "{what}: {line}"
+        );
+        assert!(!err.reason.is_empty(), "{what}: no reason");
+    }
+
+    type Edit = fn(&mut Value);
+
+    /// What the case is, the edit that breaks `base()`, and the zone, device and field the
+    /// error must name.
+    type BadConfig = (
+        &'static str,
+        Edit,
+        Option<&'static str>,
+        Option<&'static str>,
+        &'static str,
+    );
+
+    const BAD_CONFIGS: &[BadConfig] = &[
+        // Top level.
+        (
+            "unknown top-level field",
+            |c| c["version"] = json!(2),
+            None,
+            None,
+            "version",
+        ),
+        (
+            "more zones than MAX_CPUS",
+            |c| {
+                let one = c["zones"][0].clone();
+                c["zones"] = Value::Array(vec![one; MAX_CPUS + 1]);
+            },
+            None,
+            None,
+            "zones",
+        ),
+        // Zones.
+        (
+            "zone not an object",
+            |c| *zone(c) = json!(1),
+            Some("#0"),
+            None,
+            "<zone>",
+        ),
+        (
+            "zone id missing",
+            |c| remove(zone(c), "id"),
+            Some("#0"),
+            None,
+            "id",
+        ),
+        (
+            "zone id not a number",
+            |c| zone(c)["id"] = json!("one"),
+            Some("#0"),
+            None,
+            "id",
+        ),
+        (
+            "zone id >= 32",
+            |c| zone(c)["id"] = json!(32),
+            Some("#0"),
+            None,
+            "id",
+        ),
+        (
+            "zone id 0x20",
+            |c| zone(c)["id"] = json!("0x20"),
+            Some("#0"),
+            None,
+            "id",
+        ),
+        (
+            "duplicate zone id",
+            |c| {
+                let other = zone_with(1, 0x9000_0000, vec![]);
+                c["zones"].as_array_mut().unwrap().push(other);
+            },
+            Some("1"),
+            None,
+            "id",
+        ),
+        (
+            "unknown zone field",
+            |c| zone(c)["colour"] = json!("red"),
+            Some("#0"),
+            None,
+            "colour",
+        ),
+        (
+            "zone name not a string",
+            |c| zone(c)["name"] = json!(5),
+            Some("1"),
+            None,
+            "name",
+        ),
+        (
+            "devices not an array",
+            |c| zone(c)["devices"] = json!({}),
+            Some("1"),
+            None,
+            "devices",
+        ),
+        // RAM.
+        (
+            "memory_region missing",
+            |c| remove(zone(c), "memory_region"),
+            Some("1"),
+            None,
+            "memory_region",
+        ),
+        (
+            "memory_region empty",
+            |c| zone(c)["memory_region"] = json!([]),
+            Some("1"),
+            None,
+            "memory_region",
+        ),
+        (
+            "memory_region not an array",
+            |c| zone(c)["memory_region"] = json!({}),
+            Some("1"),
+            None,
+            "memory_region",
+        ),
+        (
+            "region not an object",
+            |c| *region(c) = json!("0x50000000"),
+            Some("1"),
+            None,
+            "memory_region[0]",
+        ),
+        (
+            "region size missing",
+            |c| remove(region(c), "size"),
+            Some("1"),
+            None,
+            "memory_region[0].size",
+        ),
+        (
+            "region size 0",
+            |c| region(c)["size"] = json!("0x0"),
+            Some("1"),
+            None,
+            "memory_region[0].size",
+        ),
+        (
+            "region size unaligned",
+            |c| region(c)["size"] = json!("0x10000800"),
+            Some("1"),
+            None,
+            "memory_region[0].size",
+        ),
+        (
+            "region zonex_ipa unaligned",
+            |c| region(c)["zonex_ipa"] = json!("0x50000800"),
+            Some("1"),
+            None,
+            "memory_region[0].zonex_ipa",
+        ),
+        (
+            "region zone0_ipa unaligned",
+            |c| region(c)["zone0_ipa"] = json!("0x50000004"),
+            Some("1"),
+            None,
+            "memory_region[0].zone0_ipa",
+        ),
+        (
+            "region zone0_ipa 0",
+            |c| region(c)["zone0_ipa"] = json!(0),
+            Some("1"),
+            None,
+            "memory_region[0].zone0_ipa",
+        ),
+        (
+            "region wraps",
+            |c| region(c)["zone0_ipa"] = json!("0xfffffffffffff000"),
+            Some("1"),
+            None,
+            "memory_region[0].size",
+        ),
+        (
+            "unknown region field",
+            |c| region(c)["type"] = json!("normal"),
+            Some("1"),
+            None,
+            "memory_region[0].type",
+        ),
+        (
+            "regions overlap in the guest",
+            |c| {
+                let r = json!({ "zone0_ipa": "0x70000000", "zonex_ipa": "0x5fff0000", "size": "0x10000" });
+                zone(c)["memory_region"].as_array_mut().unwrap().push(r);
+            },
+            Some("1"),
+            None,
+            "memory_region[1].zonex_ipa",
+        ),
+        (
+            "regions overlap in root memory",
+            |c| {
+                let r = json!({ "zone0_ipa": "0x50001000", "zonex_ipa": "0x80000000", "size": "0x1000" });
+                zone(c)["memory_region"].as_array_mut().unwrap().push(r);
+            },
+            Some("1"),
+            None,
+            "memory_region[1].zone0_ipa",
+        ),
+        (
+            "two zones share root memory",
+            |c| {
+                let other = zone_with(2, 0x5fff_0000, vec![]);
+                c["zones"].as_array_mut().unwrap().push(other);
+            },
+            Some("2"),
+            None,
+            "memory_region[0].zone0_ipa",
+        ),
+        // Device identity.
+        (
+            "device not an object",
+            |c| *dev(c) = json!("blk"),
+            Some("1"),
+            Some("#0"),
+            "<device>",
+        ),
+        (
+            "type unknown",
+            |c| dev(c)["type"] = json!("floppy"),
+            Some("1"),
+            Some("#0"),
+            "type",
+        ),
+        (
+            "type not a string",
+            |c| dev(c)["type"] = json!(2),
+            Some("1"),
+            Some("#0"),
+            "type",
+        ),
+        (
+            "type missing",
+            |c| remove(dev(c), "type"),
+            Some("1"),
+            Some("#0"),
+            "type",
+        ),
+        (
+            "device_id 0",
+            |c| {
+                remove(dev(c), "type");
+                dev(c)["device_id"] = json!(0);
+            },
+            Some("1"),
+            Some("#0"),
+            "device_id",
+        ),
+        (
+            "device_id beyond u32",
+            |c| {
+                remove(dev(c), "type");
+                dev(c)["device_id"] = json!("0x100000002");
+            },
+            Some("1"),
+            Some("#0"),
+            "device_id",
+        ),
+        (
+            "device_id contradicts type",
+            |c| dev(c)["device_id"] = json!(1),
+            Some("1"),
+            Some("#0"),
+            "device_id",
+        ),
+        (
+            "unknown type with device_id",
+            |c| {
+                dev(c)["type"] = json!("floppy");
+                dev(c)["device_id"] = json!(2);
+            },
+            Some("1"),
+            Some("#0"),
+            "type",
+        ),
+        (
+            "unknown device field",
+            |c| dev(c)["colour"] = json!("red"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "colour",
+        ),
+        (
+            "status neither enable nor disable",
+            |c| dev(c)["status"] = json!("on"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "status",
+        ),
+        (
+            "status not a string",
+            |c| dev(c)["status"] = json!(true),
+            Some("1"),
+            Some("#0"),
+            "status",
+        ),
+        // Registers and interrupt.
+        (
+            "addr missing",
+            |c| remove(dev(c), "addr"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "addr",
+        ),
+        (
+            "addr 0",
+            |c| dev(c)["addr"] = json!("0x0"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "addr",
+        ),
+        (
+            "addr unaligned",
+            |c| dev(c)["addr"] = json!("0xa003c02"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "addr",
+        ),
+        (
+            "addr negative string",
+            |c| dev(c)["addr"] = json!("-1"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "addr",
+        ),
+        (
+            "addr hex garbage",
+            |c| dev(c)["addr"] = json!("0xa00zz"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "addr",
+        ),
+        (
+            "addr bare 0x",
+            |c| dev(c)["addr"] = json!("0x"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "addr",
+        ),
+        (
+            "addr sign after 0x",
+            |c| dev(c)["addr"] = json!("0x+a003c00"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "addr",
+        ),
+        (
+            "addr empty string",
+            |c| dev(c)["addr"] = json!(""),
+            Some("1"),
+            Some("#0 (blk)"),
+            "addr",
+        ),
+        (
+            "len 0",
+            |c| dev(c)["len"] = json!(0),
+            Some("1"),
+            Some("#0 (blk)"),
+            "len",
+        ),
+        (
+            "len below the registers",
+            |c| dev(c)["len"] = json!("0xff"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "len",
+        ),
+        (
+            "len too big",
+            |c| dev(c)["len"] = json!("0x1001"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "len",
+        ),
+        (
+            "len cuts off config space",
+            |c| dev(c)["len"] = json!("0x100"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "len",
+        ),
+        (
+            "len a float",
+            |c| dev(c)["len"] = json!(512.5),
+            Some("1"),
+            Some("#0 (blk)"),
+            "len",
+        ),
+        (
+            "len wraps",
+            |c| dev(c)["addr"] = json!("0xfffffffffffffe00"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "len",
+        ),
+        (
+            "irq 0",
+            |c| dev(c)["irq"] = json!(0),
+            Some("1"),
+            Some("#0 (blk)"),
+            "irq",
+        ),
+        (
+            "irq beyond u32",
+            |c| dev(c)["irq"] = json!(4_294_967_296u64),
+            Some("1"),
+            Some("#0 (blk)"),
+            "irq",
+        ),
+        (
+            "irq negative",
+            |c| dev(c)["irq"] = json!(-1),
+            Some("1"),
+            Some("#0 (blk)"),
+            "irq",
+        ),
+        (
+            "irq bad octal",
+            |c| dev(c)["irq"] = json!("09"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "irq",
+        ),
+        (
+            "irq a bool",
+            |c| dev(c)["irq"] = json!(true),
+            Some("1"),
+            Some("#0 (blk)"),
+            "irq",
+        ),
+        (
+            "duplicate irq in a zone",
+            |c| devices(c).push(blk(0xa003e00, 78)),
+            Some("1"),
+            Some("#1 (blk)"),
+            "irq",
+        ),
+        (
+            "overlapping device windows",
+            |c| devices(c).push(blk(0xa003d00, 79)),
+            Some("1"),
+            Some("#1 (blk)"),
+            "addr",
+        ),
+        (
+            "device window overlaps zone RAM",
+            |c| dev(c)["addr"] = json!("0x5ffffe00"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "addr",
+        ),
+        // virtio_windows.
+        (
+            "device outside every window",
+            |c| {
+                set_windows(c, json!([{ "base": "0xa000000", "size": "0x1000" }]));
+            },
+            Some("1"),
+            Some("#0 (blk)"),
+            "addr",
+        ),
+        (
+            "device straddles a window end",
+            |c| {
+                set_windows(c, json!([{ "base": "0xa003000", "size": "0xd00" }]));
+            },
+            Some("1"),
+            Some("#0 (blk)"),
+            "addr",
+        ),
+        (
+            "device spans two adjacent windows",
+            |c| {
+                set_windows(
+                    c,
+                    json!([
+                        { "base": "0xa003c00", "size": "0x100" },
+                        { "base": "0xa003d00", "size": "0x100" }
+                    ]),
+                );
+            },
+            Some("1"),
+            Some("#0 (blk)"),
+            "addr",
+        ),
+        (
+            "windows overlap",
+            |c| {
+                set_windows(
+                    c,
+                    json!([
+                        { "base": "0xa000000", "size": "0x4000" },
+                        { "base": "0xa003000", "size": "0x1000" }
+                    ]),
+                );
+            },
+            Some("1"),
+            None,
+            "virtio_windows[1].base",
+        ),
+        (
+            "window overlaps zone RAM",
+            |c| {
+                set_windows(
+                    c,
+                    json!([
+                        { "base": "0xa000000", "size": "0x4000" },
+                        { "base": "0x4ffff000", "size": "0x2000" }
+                    ]),
+                );
+            },
+            Some("1"),
+            None,
+            "virtio_windows[1].base",
+        ),
+        (
+            "window size 0",
+            |c| set_windows(c, json!([{ "base": "0xa000000", "size": 0 }])),
+            Some("1"),
+            None,
+            "virtio_windows[0].size",
+        ),
+        (
+            "window wraps",
+            |c| {
+                set_windows(
+                    c,
+                    json!([{ "base": "0xfffffffffffff000", "size": "0x2000" }]),
+                );
+            },
+            Some("1"),
+            None,
+            "virtio_windows[0].size",
+        ),
+        (
+            "window base missing",
+            |c| set_windows(c, json!([{ "size": "0x4000" }])),
+            Some("1"),
+            None,
+            "virtio_windows[0].base",
+        ),
+        (
+            "unknown window field",
+            |c| {
+                set_windows(
+                    c,
+                    json!([{ "base": "0xa000000", "size": "0x4000", "type": "virtio" }]),
+                );
+            },
+            Some("1"),
+            None,
+            "virtio_windows[0].type",
+        ),
+        (
+            "virtio_windows not an array",
+            |c| set_windows(c, json!({})),
+            Some("1"),
+            None,
+            "virtio_windows",
+        ),
+        // Backends.
+        (
+            "blk without img or socket",
+            |c| remove(dev(c), "img"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "img",
+        ),
+        (
+            "img does not exist",
+            |c| dev(c)["img"] = json!("no-such-image.img"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "img",
+        ),
+        (
+            "img not a string",
+            |c| dev(c)["img"] = json!(1),
+            Some("1"),
+            Some("#0 (blk)"),
+            "img",
+        ),
+        (
+            "console without socket",
+            |c| {
+                *dev(c) = with_socket("console", 0xa003c00, 78);
+                remove(dev(c), "socket");
+            },
+            Some("1"),
+            Some("#0 (console)"),
+            "socket",
+        ),
+        (
+            "socket in the device and in backend",
+            |c| {
+                dev(c)["socket"] = json!("a.sock");
+                dev(c)["backend"] = json!({ "socket": "b.sock" });
+            },
+            Some("1"),
+            Some("#0 (blk)"),
+            "socket",
+        ),
+        (
+            "socket empty",
+            |c| dev(c)["socket"] = json!(""),
+            Some("1"),
+            Some("#0 (blk)"),
+            "socket",
+        ),
+        (
+            "read_only with an external backend",
+            |c| {
+                dev(c)["socket"] = json!("qsd.sock");
+                dev(c)["read_only"] = json!(true);
+            },
+            Some("1"),
+            Some("#0 (blk)"),
+            "read_only",
+        ),
+        (
+            "serial with an external backend",
+            |c| {
+                dev(c)["backend"] = json!({ "socket": "qsd.sock", "serial": "disk0" });
+            },
+            Some("1"),
+            Some("#0 (blk)"),
+            "serial",
+        ),
+        (
+            "backend not an object",
+            |c| dev(c)["backend"] = json!("qsd.sock"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "backend",
+        ),
+        (
+            "unknown backend field",
+            |c| dev(c)["backend"] = json!({ "img": "Cargo.toml" }),
+            Some("1"),
+            Some("#0 (blk)"),
+            "backend.img",
+        ),
+        (
+            "queue_size not a power of two",
+            |c| dev(c)["queue_size"] = json!(100),
+            Some("1"),
+            Some("#0 (blk)"),
+            "queue_size",
+        ),
+        (
+            "queue_size 0",
+            |c| dev(c)["backend"] = json!({ "queue_size": 0 }),
+            Some("1"),
+            Some("#0 (blk)"),
+            "queue_size",
+        ),
+        (
+            "queue_size too big",
+            |c| dev(c)["queue_size"] = json!("0x10000"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "queue_size",
+        ),
+        (
+            "num_queues 0",
+            |c| dev(c)["num_queues"] = json!(0),
+            Some("1"),
+            Some("#0 (blk)"),
+            "num_queues",
+        ),
+        (
+            "num_queues too big",
+            |c| dev(c)["backend"] = json!({ "num_queues": 65 }),
+            Some("1"),
+            Some("#0 (blk)"),
+            "num_queues",
+        ),
+        (
+            "unknown device_id without num_queues",
+            |c| {
+                *dev(c) = with_socket("x", 0xa003c00, 78);
+                remove(dev(c), "type");
+                dev(c)["device_id"] = json!(77);
+            },
+            Some("1"),
+            Some("#0 (virtio)"),
+            "num_queues",
+        ),
+        (
+            "serial too long",
+            |c| dev(c)["serial"] = json!("123456789012345678901"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "serial",
+        ),
+        (
+            "serial not a string",
+            |c| dev(c)["serial"] = json!(7),
+            Some("1"),
+            Some("#0 (blk)"),
+            "serial",
+        ),
+        (
+            "read_only not a bool",
+            |c| dev(c)["read_only"] = json!("yes"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "read_only",
+        ),
+        (
+            "direct not a bool",
+            |c| dev(c)["backend"] = json!({ "direct": 1 }),
+            Some("1"),
+            Some("#0 (blk)"),
+            "direct",
+        ),
+        // Images.
+        (
+            "one image served writable twice",
+            |c| {
+                let mut second = blk(0xa003e00, 79);
+                second["img"] = json!("./Cargo.toml");
+                devices(c).push(second);
+            },
+            Some("1"),
+            Some("#1 (blk)"),
+            "img",
+        ),
+        (
+            "one image writable in one zone, read-only in another",
+            |c| {
+                let other = zone_with(2, 0x9000_0000, vec![blk_ro(0xa003c00, 78)]);
+                c["zones"].as_array_mut().unwrap().push(other);
+            },
+            Some("2"),
+            Some("#0 (blk)"),
+            "img",
+        ),
+        // Net fields.
+        (
+            "mac of 5 items",
+            |c| {
+                *dev(c) = with_socket("net", 0xa003c00, 78);
+                dev(c)["mac"] = json!(["0x00", "0x16", "0x3e", "0x10", "0x10"]);
+            },
+            Some("1"),
+            Some("#0 (net)"),
+            "mac",
+        ),
+        (
+            "mac byte 256",
+            |c| {
+                *dev(c) = with_socket("net", 0xa003c00, 78);
+                dev(c)["mac"] = json!(["0x00", "0x16", "0x3e", "0x10", "0x10", 256]);
+            },
+            Some("1"),
+            Some("#0 (net)"),
+            "mac",
+        ),
+        (
+            "mac item not a number",
+            |c| {
+                *dev(c) = with_socket("net", 0xa003c00, 78);
+                dev(c)["mac"] = json!(["0x00", "0x16", "0x3e", "0x10", "0x10", null]);
+            },
+            Some("1"),
+            Some("#0 (net)"),
+            "mac",
+        ),
+        (
+            "mac as a string",
+            |c| {
+                *dev(c) = with_socket("net", 0xa003c00, 78);
+                dev(c)["mac"] = json!("00:16:3e:10:10:10");
+            },
+            Some("1"),
+            Some("#0 (net)"),
+            "mac",
+        ),
+        (
+            "tap name too long",
+            |c| {
+                *dev(c) = with_socket("net", 0xa003c00, 78);
+                dev(c)["tap"] = json!("a-very-long-tap0");
+            },
+            Some("1"),
+            Some("#0 (net)"),
+            "tap",
+        ),
+        // hvisor's device limit counts all zones.
+        (
+            "nine devices in one zone",
+            |c| {
+                *devices(c) = (0..9)
+                    .map(|i| blk_ro(0xa000000 + i * 0x200, 40 + i as u32))
+                    .collect();
+            },
+            Some("1"),
+            Some("#8 (blk)"),
+            "status",
+        ),
+        (
+            "nine devices over two zones",
+            |c| {
+                *devices(c) = (0..5)
+                    .map(|i| blk_ro(0xa000000 + i * 0x200, 40 + i as u32))
+                    .collect();
+                let four = (0..4)
+                    .map(|i| blk_ro(0xa000000 + i * 0x200, 40 + i as u32))
+                    .collect();
+                c["zones"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(zone_with(2, 0x9000_0000, four));
+            },
+            Some("2"),
+            Some("#3 (blk)"),
+            "status",
+        ),
+    ];
+
+    #[test]
+    fn base_config_is_valid() {
+        let config = parse_ok(&base());
+        let (zone, dev) = config.devices().next().expect("one device");
+        assert_eq!(zone.id, 1);
+        assert_eq!(dev.label(), "blk@0xa003c00");
+        assert_eq!(
+            dev.backend,
+            BackendSpec::SpawnBlk {
+                image: manifest_dir().join("Cargo.toml"),
+                read_only: false,
+                serial: None,
+                direct: false,
+            }
+        );
+    }
+
+    #[test]
+    fn every_bad_config_names_zone_device_and_field() {
+        assert!(BAD_CONFIGS.len() >= 25);
+        for &(what, edit, zone, device, field) in BAD_CONFIGS {
+            let mut config = base();
+            edit(&mut config);
+            assert_error(what, parse(&config), zone, device, field);
+        }
+    }
+
+    #[test]
+    fn bad_documents_name_the_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("invalid JSON", r#"{"zones": ["#, "<json>"),
+            ("trailing garbage", r#"{"zones": []} x"#, "<json>"),
+            ("root not an object", "[]", "<root>"),
+            ("zones missing", "{}", "zones"),
+            ("zones not an array", r#"{"zones": {"id": 1}}"#, "zones"),
+            ("zones empty", r#"{"zones": []}"#, "zones"),
+        ];
+        for &(what, text, field) in cases {
+            assert_error(what, Config::parse(text, manifest_dir()), None, None, field);
+        }
+    }
+
+    #[test]
+    fn control_characters_in_the_file_stay_on_one_line() {
+        let mut config = base();
+        dev(&mut config)["bad\nkey"] = json!(1);
+        dev(&mut config)["img"] = json!("line1\nline2");
+        let err = parse(&config).expect_err("unknown key");
+        assert_eq!(err.field, "bad\nkey");
+        assert!(err.to_string().contains("field `bad\\nkey`"), "{err}");
+
+        remove(dev(&mut config), "bad\nkey");
+        let err = parse(&config).expect_err("missing image");
+        assert_eq!(err.field, "img");
+        let line = err.to_string();
+        assert!(
+            !line.contains('\n') && line.contains("line1\\nline2"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn hvisor_tool_style_example_is_accepted() {
+        let dir = TempDir::new("example");
+        dir.touch("rootfs2.ext4");
+        // The shape of hvisor-tool's documented example: hex strings, numeric irqs, a MAC as
+        // strings, a disabled net device, a second zone whose RAM sits elsewhere in root
+        // memory. The consoles get a vhost-user socket, which our bridge needs.
+        let text = r#"{
+          "zones": [
+            {
+              "id": 1,
+              "memory_region": [
+                { "zone0_ipa": "0x50000000", "zonex_ipa": "0x50000000", "size": "0x30000000" }
+              ],
+              "devices": [
+                { "type": "blk", "addr": "0xa003c00", "len": "0x200", "irq": 78,
+                  "img": "rootfs2.ext4", "status": "enable" },
+                { "type": "console", "addr": "0xa003800", "len": "0x200", "irq": 76,
+                  "socket": "console1.sock", "status": "enable" },
+                { "type": "net", "addr": "0xa003600", "len": "0x200", "irq": 75,
+                  "tap": "tap0", "mac": ["0x00", "0x16", "0x3e", "0x10", "0x10", "0x10"],
+                  "status": "disable" }
+              ]
+            },
+            {
+              "id": 2,
+              "memory_region": [
+                { "zone0_ipa": "0x90000000", "zonex_ipa": "0x40000000", "size": "0x10000000" },
+                { "zone0_ipa": "0x100000000", "zonex_ipa": "0x100000000", "size": "0x40000000" }
+              ],
+              "devices": [
+                { "type": "console", "addr": "0xa003800", "len": "0x200", "irq": 76,
+                  "socket": "console2.sock", "status": "enable" }
+              ]
+            }
+          ]
+        }"#;
+        let config = Config::parse(text, &dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.zones.len(), 2);
+        let z1 = &config.zones[0];
+        assert_eq!(z1.id, 1);
+        assert_eq!(
+            z1.memory_regions,
+            [MemoryRegion {
+                zone0_ipa: 0x5000_0000,
+                zonex_ipa: 0x5000_0000,
+                size: 0x3000_0000
+            }]
+        );
+        assert_eq!(z1.devices.len(), 2, "the disabled net device is dropped");
+        let blk = &z1.devices[0];
+        assert_eq!(
+            (blk.device_type.id, blk.addr, blk.len, blk.irq),
+            (2, 0xa003c00, 0x200, 78)
+        );
+        assert_eq!(
+            blk.backend,
+            BackendSpec::SpawnBlk {
+                image: dir.0.join("rootfs2.ext4"),
+                read_only: false,
+                serial: None,
+                direct: false
+            }
+        );
+        let console = &z1.devices[1];
+        assert_eq!(
+            (console.index, console.device_type.id, console.irq),
+            (1, 3, 76)
+        );
+        assert_eq!(
+            console.backend,
+            BackendSpec::External {
+                socket: dir.0.join("console1.sock")
+            }
+        );
+        assert_eq!(
+            z1.windows,
+            [
+                Window {
+                    base: 0xa003c00,
+                    size: 0x200
+                },
+                Window {
+                    base: 0xa003800,
+                    size: 0x200
+                }
+            ],
+            "without virtio_windows every device is its own trap window"
+        );
+        let z2 = &config.zones[1];
+        assert_eq!(z2.id, 2);
+        assert_eq!(z2.memory_regions.len(), 2);
+        assert_eq!(z2.memory_regions[0].zone0_ipa, 0x9000_0000);
+        assert_eq!(z2.memory_regions[0].zonex_ipa, 0x4000_0000);
+        // The same address and irq as zone 1's console: zones are separate guests.
+        assert_eq!((z2.devices[0].addr, z2.devices[0].irq), (0xa003800, 76));
+
+        // Exactly as hvisor-tool writes it, the console has no backend for us to reach.
+        let without_socket = text.replace(r#""socket": "console1.sock", "#, "");
+        assert_error(
+            "console as hvisor-tool writes it",
+            Config::parse(&without_socket, &dir.0),
+            Some("1"),
+            Some("#1 (console)"),
+            "socket",
+        );
+    }
+
+    #[test]
+    fn hvisor_tool_only_fields_are_accepted_and_ignored() {
+        let mut config = base();
+        zone(&mut config)["name"] = json!("linux");
+        let mut scmi = with_socket("scmi", 0xa003e00, 79);
+        scmi["allowed_list"] = json!({ "reset_ids": [0], "clock_ids": ["*"] });
+        scmi["reset_map"] = json!({ "0": 523 });
+        let mut gpu = with_socket("gpu", 0xa004000, 80);
+        gpu["width"] = json!(1280);
+        gpu["height"] = json!(800);
+        devices(&mut config).extend([scmi, gpu]);
+        let config = parse_ok(&config);
+        let names: Vec<_> = config.devices().map(|(_, d)| d.device_type.name).collect();
+        assert_eq!(names, ["blk", "scmi", "gpu"]);
+    }
+
+    #[test]
+    fn disabled_devices_are_dropped_but_keep_indexes() {
+        let mut config = base();
+        // A disabled entry needs no addr, irq or backend, as in hvisor-tool.
+        devices(&mut config).insert(0, json!({ "type": "net", "status": "disable" }));
+        let config = parse_ok(&config);
+        let devices = &config.zones[0].devices;
+        assert_eq!(devices.len(), 1);
+        assert_eq!((devices[0].index, devices[0].device_type.name), (1, "blk"));
+    }
+
+    #[test]
+    fn status_defaults_to_enable() {
+        let mut config = base();
+        remove(dev(&mut config), "status");
+        assert_eq!(parse_ok(&config).devices().count(), 1);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_base_dir() {
+        let mut config = base();
+        dev(&mut config)["img"] = json!("src/config.rs");
+        let mut console = with_socket("console", 0xa003e00, 79);
+        console["socket"] = json!("run/console.sock");
+        let mut absolute = with_socket("rng", 0xa004000, 80);
+        absolute["socket"] = json!("/run/hvisor-vhost/rng.sock");
+        devices(&mut config).extend([console, absolute]);
+        let config = parse_ok(&config);
+        let backends: Vec<_> = config.devices().map(|(_, d)| d.backend.clone()).collect();
+        assert_eq!(
+            backends,
+            [
+                BackendSpec::SpawnBlk {
+                    image: manifest_dir().join("src/config.rs"),
+                    read_only: false,
+                    serial: None,
+                    direct: false
+                },
+                BackendSpec::External {
+                    socket: manifest_dir().join("run/console.sock")
+                },
+                BackendSpec::External {
+                    socket: PathBuf::from("/run/hvisor-vhost/rng.sock")
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn from_file_resolves_paths_against_the_file_directory() {
+        let dir = TempDir::new("from-file");
+        let image = dir.touch("disk.img");
+        let mut config = base();
+        dev(&mut config)["img"] = json!("disk.img");
+        let path = dir.0.join("virtio_cfg.json");
+        std::fs::write(&path, config.to_string()).expect("write config");
+        let parsed = Config::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+        let (_, dev) = parsed.devices().next().expect("one device");
+        assert!(
+            matches!(&dev.backend, BackendSpec::SpawnBlk { image: i, .. } if *i == image),
+            "{:?}",
+            dev.backend
+        );
+
+        let missing = dir.0.join("absent.json");
+        assert_error(
+            "missing file",
+            Config::from_file(&missing),
+            None,
+            None,
+            "<file>",
+        );
+    }
+
+    #[test]
+    fn backend_section_fields_land_in_the_device() {
+        let mut config = base();
+        dev(&mut config)["backend"] = json!({
+            "serial": "zone1-disk0", "read_only": true, "direct": true,
+            "queue_size": "0x80", "num_queues": 4
+        });
+        let parsed = parse_ok(&config);
+        let (_, d) = parsed.devices().next().expect("one device");
+        assert_eq!((d.num_queues, d.queue_size), (4, 128));
+        assert_eq!(
+            d.backend,
+            BackendSpec::SpawnBlk {
+                image: manifest_dir().join("Cargo.toml"),
+                read_only: true,
+                serial: Some("zone1-disk0".into()),
+                direct: true
+            }
+        );
+
+        // The same fields at the device level, hvisor-tool style, mean the same.
+        let mut flat = base();
+        for (k, v) in [
+            ("serial", json!("zone1-disk0")),
+            ("read_only", json!(true)),
+            ("direct", json!(true)),
+            ("queue_size", json!(128)),
+            ("num_queues", json!("4")),
+        ] {
+            dev(&mut flat)[k] = v;
+        }
+        assert_eq!(parse_ok(&flat), parsed);
+
+        // A socket in `backend` selects the external backend; `img` is then not used.
+        let mut external = base();
+        dev(&mut external)["img"] = json!("not-needed.img");
+        dev(&mut external)["backend"] = json!({ "socket": "qsd/blk0.sock", "num_queues": 2 });
+        let parsed = parse_ok(&external);
+        let (_, d) = parsed.devices().next().expect("one device");
+        assert_eq!(d.num_queues, 2);
+        assert_eq!(
+            d.backend,
+            BackendSpec::External {
+                socket: manifest_dir().join("qsd/blk0.sock")
+            }
+        );
+    }
+
+    #[test]
+    fn device_id_names_any_virtio_type() {
+        // A type we have no table entry for needs its queue count.
+        let mut config = base();
+        *dev(&mut config) = with_socket("x", 0xa003c00, 78);
+        remove(dev(&mut config), "type");
+        dev(&mut config)["device_id"] = json!(77);
+        dev(&mut config)["num_queues"] = json!(3);
+        let parsed = parse_ok(&config);
+        let (_, d) = parsed.devices().next().expect("one device");
+        assert_eq!(
+            d.device_type,
+            DeviceType {
+                id: 77,
+                name: "virtio"
+            }
+        );
+        assert_eq!((d.num_queues, d.queue_size), (3, 256));
+
+        // A known id takes that type's name and geometry.
+        remove(dev(&mut config), "num_queues");
+        dev(&mut config)["device_id"] = json!("0x13");
+        let parsed = parse_ok(&config);
+        let (_, d) = parsed.devices().next().expect("one device");
+        assert_eq!(
+            d.device_type,
+            DeviceType {
+                id: 19,
+                name: "vsock"
+            }
+        );
+        assert_eq!(d.num_queues, 3);
+
+        // `type` and a matching `device_id` together are fine.
+        let mut both = base();
+        dev(&mut both)["device_id"] = json!(2);
+        assert_eq!(parse_ok(&both), parse_ok(&base()));
+    }
+
+    #[test]
+    fn default_queue_geometry_per_type() {
+        let expected = [
+            ("net", 1, 2, 256),
+            ("blk", 2, 1, 256),
+            ("console", 3, 2, 128),
+            ("rng", 4, 1, 256),
+            ("vsock", 19, 3, 256),
+            ("fs", 26, 2, 256),
+        ];
+        for (name, id, num_queues, queue_size) in expected {
+            let mut config = base();
+            *dev(&mut config) = with_socket(name, 0xa003c00, 78);
+            let parsed = parse_ok(&config);
+            let (_, d) = parsed.devices().next().expect("one device");
+            assert_eq!(
+                (d.device_type.id, d.num_queues, d.queue_size),
+                (id, num_queues, queue_size),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn len_must_cover_the_config_space() {
+        // blk config space is 60 bytes: 0x100 + 0x3c.
+        let mut config = base();
+        dev(&mut config)["len"] = json!("0x13c");
+        assert_eq!(parse_ok(&config).zones[0].devices[0].len, 0x13c);
+        dev(&mut config)["len"] = json!("0x138");
+        assert_error(
+            "short blk window",
+            parse(&config),
+            Some("1"),
+            Some("#0 (blk)"),
+            "len",
+        );
+        // rng has no config space: the registers alone are enough.
+        *dev(&mut config) = with_socket("rng", 0xa003c00, 78);
+        dev(&mut config)["len"] = json!("0x100");
+        assert_eq!(parse_ok(&config).zones[0].devices[0].len, 0x100);
+    }
+
+    #[test]
+    fn numbers_as_json_numbers_and_as_strings_are_equal() {
+        let strings = base();
+        let mut numbers = base();
+        *region(&mut numbers) = json!({
+            "zone0_ipa": 0x5000_0000u64, "zonex_ipa": 0x5000_0000u64, "size": 0x1000_0000u64
+        });
+        dev(&mut numbers)["addr"] = json!(0xa003c00u64);
+        dev(&mut numbers)["len"] = json!(512);
+        dev(&mut numbers)["irq"] = json!("78");
+        zone(&mut numbers)["id"] = json!("0x1");
+        assert_eq!(parse_ok(&numbers), parse_ok(&strings));
+    }
+
+    #[test]
+    fn octal_strings_parse_like_strtoumax() {
+        let mut config = base();
+        dev(&mut config)["irq"] = json!("010");
+        assert_eq!(parse_ok(&config).zones[0].devices[0].irq, 8);
+    }
+
+    #[test]
+    fn parse_number_follows_strtoumax_base_zero() {
+        let good: &[(Value, u64)] = &[
+            (json!(0), 0),
+            (json!(4096), 4096),
+            (json!(u64::MAX), u64::MAX),
+            (json!("0"), 0),
+            (json!("42"), 42),
+            (json!("0x2A"), 42),
+            (json!("0X2a"), 42),
+            (json!("052"), 42),
+            (json!(" 0x10 "), 16),
+            (json!("0xffffffffffffffff"), u64::MAX),
+        ];
+        for (value, expected) in good {
+            assert_eq!(parse_number(value), Ok(*expected), "{value}");
+        }
+        let bad = [
+            json!(-1),
+            json!(1.5),
+            json!(null),
+            json!(true),
+            json!([1]),
+            json!(""),
+            json!("  "),
+            json!("0x"),
+            json!("-1"),
+            json!("+1"),
+            json!("0x-1"),
+            json!("08"),
+            json!("12abc"),
+            json!("0x1g"),
+            json!("0x10000000000000000"),
+        ];
+        for value in bad {
+            assert!(parse_number(&value).is_err(), "{value} accepted");
+        }
+    }
+
+    #[test]
+    fn shared_window_holds_several_devices() {
+        let mut config = base();
+        let mut second = blk(0xa003e00, 79);
+        second["img"] = json!("src/lib.rs");
+        devices(&mut config).push(second);
+        set_windows(
+            &mut config,
+            json!([
+                { "base": "0xa000000", "size": "0x4000" },
+                { "base": "0xb000000", "size": "0x200" }
+            ]),
+        );
+        let parsed = parse_ok(&config);
+        let zone = &parsed.zones[0];
+        assert_eq!(zone.devices.len(), 2);
+        assert_eq!(
+            zone.windows,
+            [
+                Window {
+                    base: 0xa00_0000,
+                    size: 0x4000
+                },
+                Window {
+                    base: 0xb00_0000,
+                    size: 0x200
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn eight_devices_over_zones_are_allowed() {
+        let mut config = base();
+        *devices(&mut config) = (0..4)
+            .map(|i| blk_ro(0xa000000 + i * 0x200, 40 + i as u32))
+            .collect();
+        let four = (0..4)
+            .map(|i| blk_ro(0xa000000 + i * 0x200, 40 + i as u32))
+            .collect();
+        let mut disabled = blk(0xa001000, 60);
+        disabled["status"] = json!("disable");
+        let mut zone2 = zone_with(2, 0x9000_0000, four);
+        zone2["devices"].as_array_mut().unwrap().push(disabled);
+        config["zones"].as_array_mut().unwrap().push(zone2);
+        let parsed = parse_ok(&config);
+        assert_eq!(parsed.devices().count(), MAX_DEVS);
+    }
+
+    #[test]
+    fn read_only_devices_may_share_an_image() {
+        let mut config = base();
+        *dev(&mut config) = blk_ro(0xa003c00, 78);
+        let mut other = blk_ro(0xa003c00, 78);
+        other["img"] = json!("src/../Cargo.toml");
+        let zone2 = zone_with(2, 0x9000_0000, vec![other]);
+        config["zones"].as_array_mut().unwrap().push(zone2);
+        let parsed = parse_ok(&config);
+        assert_eq!(parsed.devices().count(), 2);
+    }
+
+    #[test]
+    fn devices_and_irqs_may_repeat_across_zones() {
+        let mut config = base();
+        let mut same_place = blk(0xa003c00, 78);
+        same_place["img"] = json!("src/main.rs");
+        let other = zone_with(2, 0x9000_0000, vec![same_place]);
+        config["zones"].as_array_mut().unwrap().push(other);
+        let parsed = parse_ok(&config);
+        assert_eq!(parsed.devices().count(), 2);
+    }
+
+    #[test]
+    fn config_space_sizes_match_the_spec_structs() {
+        assert_eq!(config_space_len(2), 60);
+        assert_eq!(config_space_len(1), 24);
+        assert_eq!(config_space_len(4), 0);
+        assert_eq!(config_space_len(1000), 0);
+        // Every known type's config space fits the largest window after the registers.
+        for t in TYPES {
+            assert!(MIN_DEVICE_LEN + config_space_len(t.id) as u64 <= MAX_DEVICE_LEN);
+        }
     }
 }

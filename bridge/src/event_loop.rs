@@ -3,21 +3,28 @@
 //! backend sockets.
 
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hvisor_hsm::{DeviceReq, Hsm};
+use vhost::vhost_user::Frontend;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::frontend::VhostUserDevice;
+use crate::config::{BackendSpec, DeviceConfig};
+use crate::frontend::{self, VhostUserDevice};
 use crate::irq::{Injection, IrqLines};
 use crate::ratelimit::RateLimited;
+use crate::supervisor::{SpawnedBackend, Supervisor};
 use crate::transport::MmioTransport;
 
 /// Epoll tokens: fixed ones first, then one per device fd.
 const TOKEN_WAKEUP: u64 = 0;
 const TOKEN_STOP: u64 = 1;
 const TOKEN_HSM_CONTROL: u64 = 2;
+const TOKEN_RECONNECT: u64 = 3;
 const TOKEN_DEVICE_BASE: u64 = 1 << 32;
 /// Within a device's token space: queue `q` call fd is `q`, the socket and the
 /// backend-to-frontend channel are these.
@@ -45,6 +52,26 @@ impl Default for LoopOptions {
     }
 }
 
+/// How to get a device's backend back after it dies: respawn ours, or wait for an external
+/// one to listen again.
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    /// Starts our backends.
+    pub supervisor: Supervisor,
+    /// The device's zone.
+    pub zone: u32,
+    /// The device entry (backend kind, socket, geometry).
+    pub device: DeviceConfig,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+/// A reconnect thread's outcome.
+struct Reconnected {
+    index: usize,
+    result: Result<(Frontend, Option<SpawnedBackend>), String>,
+}
+
 /// One emulated virtio-mmio device.
 #[derive(Debug)]
 pub struct BridgeDevice {
@@ -60,6 +87,11 @@ pub struct BridgeDevice {
     pub transport: MmioTransport<VhostUserDevice>,
     /// An interrupt is owed but the zone was at hvisor's pending limit.
     deferred: bool,
+    /// How to bring the backend back; `None` fails the device on hang-up instead.
+    reconnect: Option<Reconnect>,
+    /// The backend process, when the bridge started it.
+    process: Option<SpawnedBackend>,
+    reconnecting: bool,
 }
 
 impl BridgeDevice {
@@ -78,7 +110,26 @@ impl BridgeDevice {
             irq,
             transport,
             deferred: false,
+            reconnect: None,
+            process: None,
+            reconnecting: false,
         }
+    }
+
+    /// Keeps the backend process (stopped with the device) and the plan to restore it.
+    pub fn with_backend(
+        mut self,
+        process: Option<SpawnedBackend>,
+        reconnect: Option<Reconnect>,
+    ) -> Self {
+        self.process = process;
+        self.reconnect = reconnect;
+        self
+    }
+
+    /// The pid of the backend the bridge started, if any.
+    pub fn backend_pid(&self) -> Option<u32> {
+        self.process.as_ref().map(SpawnedBackend::pid)
     }
 
     fn contains(&self, zone: u32, address: u64) -> bool {
@@ -105,6 +156,8 @@ pub struct LoopStats {
     pub sleeps: u64,
     /// Sleeps that ended by the guard timeout with requests pending (lost wakeups).
     pub guard_wakeups: u64,
+    /// Backends brought back after a hang-up.
+    pub reconnects: u64,
 }
 
 /// The bridge: devices plus the HSM, driven by [`Bridge::run`].
@@ -120,6 +173,17 @@ pub struct Bridge {
     hsm_gone: bool,
     unknown_access: RateLimited,
     bad_request: RateLimited,
+    reconnect_event: EventFd,
+    reconnect_tx: Sender<Reconnected>,
+    reconnect_rx: Receiver<Reconnected>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        // Reconnect threads still running give up at their next attempt.
+        self.cancel.store(true, Ordering::Release);
+    }
 }
 
 impl Bridge {
@@ -149,6 +213,9 @@ impl Bridge {
                 TOKEN_HSM_CONTROL,
             )?;
         }
+        let reconnect_event = EventFd::new(EFD_NONBLOCK).map_err(LoopError::Epoll)?;
+        add(reconnect_event.as_raw_fd(), EventSet::IN, TOKEN_RECONNECT)?;
+        let (reconnect_tx, reconnect_rx) = channel();
         for (i, dev) in devices.iter().enumerate() {
             let base = TOKEN_DEVICE_BASE * (i as u64 + 1);
             let frontend = dev.transport.backend();
@@ -177,6 +244,10 @@ impl Bridge {
             hsm_gone: false,
             unknown_access: RateLimited::new(),
             bad_request: RateLimited::new(),
+            reconnect_event,
+            reconnect_tx,
+            reconnect_rx,
+            cancel: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -265,6 +336,12 @@ impl Bridge {
                     }
                     stop = true;
                 }
+                TOKEN_RECONNECT => {
+                    let _ = self.reconnect_event.read();
+                    while let Ok(done) = self.reconnect_rx.try_recv() {
+                        self.finish_reconnect(done);
+                    }
+                }
                 TOKEN_HSM_CONTROL => {
                     if !self.hsm_gone {
                         log::warn!("the hypervisor side closed its control connection; stopping");
@@ -285,21 +362,8 @@ impl Bridge {
             return;
         };
         if slot == DEVICE_SOCKET_SLOT {
-            if dev.transport.backend().is_disconnected() {
-                return;
-            }
-            log::error!(
-                "{}: backend hung up; the device needs a reset (guest I/O on it fails until then)",
-                dev.transport.backend().label()
-            );
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                dev.transport.backend().socket_fd().as_raw_fd(),
-                EpollEvent::default(),
-            );
-            dev.transport.backend_mut().mark_disconnected();
-            if dev.transport.fail() {
-                self.raise(index - 1);
+            if !dev.transport.backend().is_disconnected() {
+                self.backend_gone(index - 1);
             }
             return;
         }
@@ -333,6 +397,112 @@ impl Bridge {
         }
         if dev.transport.backend().take_call(slot as usize) && dev.transport.signal_used_buffer() {
             self.raise(index - 1);
+        }
+    }
+
+    /// A backend hung up: stop watching its fds, then restore it in the background, or fail
+    /// the device when there is no way to.
+    fn backend_gone(&mut self, index: usize) {
+        let dev = &mut self.devices[index];
+        let frontend = dev.transport.backend();
+        for fd in [Some(frontend.socket_fd()), frontend.backend_req_fd()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                fd.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        dev.transport.backend_mut().mark_disconnected();
+        let label = dev.transport.backend().label().to_string();
+        let Some(plan) = dev.reconnect.clone() else {
+            log::error!("{label}: backend hung up; the device needs a reset");
+            if dev.transport.fail() {
+                self.raise(index);
+            }
+            return;
+        };
+        if dev.reconnecting {
+            return;
+        }
+        dev.reconnecting = true;
+        let dead = dev.process.take();
+        match &dead {
+            Some(p) => log::error!("{label}: backend (pid {}) hung up; restarting it", p.pid()),
+            None => log::error!("{label}: backend hung up; waiting for it to come back"),
+        }
+        let tx = self.reconnect_tx.clone();
+        // The event fd is shared: the thread writes it once its result is queued.
+        let wake = self.reconnect_event.try_clone();
+        let cancel = Arc::clone(&self.cancel);
+        let spawned = std::thread::Builder::new()
+            .name(format!("reconnect-{index}"))
+            .spawn(move || {
+                // Reap the dead process first: its socket path is about to be reused.
+                drop(dead);
+                let result = reconnect(&plan, &label, &cancel);
+                let _ = tx.send(Reconnected { index, result });
+                if let Ok(wake) = wake {
+                    let _ = wake.write(1);
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start a reconnect thread: {e}");
+            self.devices[index].reconnecting = false;
+            if self.devices[index].transport.fail() {
+                self.raise(index);
+            }
+        }
+    }
+
+    fn finish_reconnect(&mut self, done: Reconnected) {
+        let index = done.index;
+        let Some(dev) = self.devices.get_mut(index) else {
+            return;
+        };
+        dev.reconnecting = false;
+        let label = dev.transport.backend().label().to_string();
+        let outcome = done.result.and_then(|(frontend, process)| {
+            dev.process = process;
+            dev.transport
+                .backend_mut()
+                .reattach(frontend)
+                .map_err(|e| error_chain(&e))
+        });
+        match outcome {
+            Ok(()) => {
+                self.stats.reconnects += 1;
+                let base = TOKEN_DEVICE_BASE * (index as u64 + 1);
+                let frontend = self.devices[index].transport.backend();
+                let socket = frontend.socket_fd().as_raw_fd();
+                let backend_req = frontend.backend_req_fd().map(|f| f.as_raw_fd());
+                let _ = self.epoll.ctl(
+                    ControlOperation::Add,
+                    socket,
+                    EpollEvent::new(
+                        EventSet::READ_HANG_UP | EventSet::HANG_UP,
+                        base + DEVICE_SOCKET_SLOT,
+                    ),
+                );
+                if let Some(fd) = backend_req {
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, base + DEVICE_BACKEND_REQ_SLOT),
+                    );
+                }
+                log::info!(
+                    "{label}: backend restored; its queues resume where the guest left them"
+                );
+            }
+            Err(e) => {
+                log::error!("{label}: cannot restore the backend: {e}; the device needs a reset");
+                if self.devices[index].transport.fail() {
+                    self.raise(index);
+                }
+            }
         }
     }
 
@@ -438,6 +608,77 @@ impl Bridge {
             }
         }
     }
+}
+
+/// Brings a backend back: respawns ours, or waits for an external one, retrying with backoff
+/// until `plan.timeout` or until the bridge stops.
+fn reconnect(
+    plan: &Reconnect,
+    label: &str,
+    cancel: &AtomicBool,
+) -> Result<(Frontend, Option<SpawnedBackend>), String> {
+    let deadline = Instant::now() + plan.timeout;
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let outcome = match &plan.device.backend {
+            BackendSpec::External { socket } => {
+                frontend::connect(socket, plan.device.num_queues, Duration::ZERO)
+                    .map(|f| (f, None))
+                    .map_err(|e| error_chain(&e))
+            }
+            _ => plan
+                .supervisor
+                .spawn(plan.zone, &plan.device)
+                .map_err(|e| error_chain(&e))
+                .and_then(|spawned| {
+                    let spawned = spawned.ok_or_else(|| "nothing to spawn".to_string())?;
+                    frontend::connect(
+                        spawned.socket(),
+                        plan.device.num_queues,
+                        Duration::from_secs(5),
+                    )
+                    .map(|f| (f, Some(spawned)))
+                    .map_err(|e| error_chain(&e))
+                }),
+        };
+        match outcome {
+            Ok(done) => {
+                if attempt > 1 {
+                    log::info!("{label}: backend back after {attempt} attempts");
+                }
+                return Ok(done);
+            }
+            Err(e) => {
+                if cancel.load(Ordering::Acquire) {
+                    return Err("the bridge is stopping".into());
+                }
+                if Instant::now() + delay > deadline {
+                    return Err(format!("gave up after {attempt} attempts: {e}"));
+                }
+                if attempt == 1 || attempt.is_power_of_two() {
+                    log::warn!(
+                        "{label}: reconnect attempt {attempt} failed: {e}; retrying in {delay:?}"
+                    );
+                }
+            }
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 fn drain_fd(fd: RawFd) {

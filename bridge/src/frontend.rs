@@ -15,7 +15,7 @@ use vhost::vhost_user::{
     Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::transport::{BackendError, QueueConfig, VirtioBackend};
@@ -107,6 +107,14 @@ pub enum FrontendError {
     /// The backend has gone.
     #[error("Backend disconnected")]
     Disconnected,
+    /// A restarted backend no longer offers features the guest acked.
+    #[error("Restarted backend offers features {after:#x}, the guest acked some of {before:#x}")]
+    FeaturesLost {
+        /// Features of the old backend.
+        before: u64,
+        /// Features of the new one.
+        after: u64,
+    },
 }
 
 fn request(request: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError {
@@ -176,6 +184,8 @@ pub struct VhostUserDevice {
     activated: bool,
     features_sent: bool,
     disconnected: bool,
+    acked_features: u64,
+    active_queues: Vec<QueueConfig>,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -191,90 +201,169 @@ impl std::fmt::Debug for VhostUserDevice {
     }
 }
 
+/// What start-up negotiation learned from a backend.
+struct Negotiated {
+    frontend: Frontend,
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    config: Vec<u8>,
+    backend_req: Option<FrontendReqHandler<ConfigChanged>>,
+}
+
+/// SET_OWNER, features, protocol features, queue count, config space and the
+/// backend-to-frontend channel: everything that needs no guest state.
+fn negotiate(
+    spec: &DeviceSpec,
+    mut frontend: Frontend,
+    config_changed: &Arc<ConfigChanged>,
+) -> Result<Negotiated, FrontendError> {
+    frontend.set_owner().map_err(request("SET_OWNER"))?;
+    let backend_features = frontend.get_features().map_err(request("GET_FEATURES"))?;
+    let mut protocol = VhostUserProtocolFeatures::empty();
+    if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(request("GET_PROTOCOL_FEATURES"))?;
+        protocol = offered & wanted_protocol_features();
+        frontend
+            .set_protocol_features(protocol)
+            .map_err(request("SET_PROTOCOL_FEATURES"))?;
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+    }
+    if protocol.contains(VhostUserProtocolFeatures::MQ) {
+        let offered = frontend.get_queue_num().map_err(request("GET_QUEUE_NUM"))?;
+        if offered < u64::from(spec.num_queues) {
+            return Err(FrontendError::QueueCount {
+                offered,
+                wanted: spec.num_queues,
+            });
+        }
+    }
+    let mut config = vec![0u8; spec.config_len];
+    if protocol.contains(VhostUserProtocolFeatures::CONFIG) && spec.config_len > 0 {
+        let (_, payload) = frontend
+            .get_config(
+                0,
+                spec.config_len as u32,
+                VhostUserConfigFlags::WRITABLE,
+                &config,
+            )
+            .map_err(request("GET_CONFIG"))?;
+        let n = payload.len().min(config.len());
+        config[..n].copy_from_slice(&payload[..n]);
+    }
+    let mut backend_req = None;
+    if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+        let mut handler = FrontendReqHandler::new(Arc::clone(config_changed))
+            .map_err(|e| request("SET_BACKEND_REQ_FD")(vhost::Error::VhostUserProtocol(e)))?;
+        handler.set_reply_ack_flag(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+        frontend
+            .set_backend_request_fd(&handler.get_tx_raw_fd())
+            .map_err(request("SET_BACKEND_REQ_FD"))?;
+        backend_req = Some(handler);
+    }
+    log::info!(
+        "{}: backend features {:#x}, protocol features {:#x}, {} queues of {}",
+        spec.label,
+        backend_features,
+        protocol.bits(),
+        spec.num_queues,
+        spec.queue_size
+    );
+    Ok(Negotiated {
+        frontend,
+        backend_features,
+        protocol,
+        config,
+        backend_req,
+    })
+}
+
 impl VhostUserDevice {
     /// Negotiates with a connected backend: SET_OWNER, features, protocol features, queue count
     /// and config space, which is cached for the guest's reads.
     pub fn new(
         spec: DeviceSpec,
-        mut frontend: Frontend,
+        frontend: Frontend,
         memory: GuestMemoryMmap,
     ) -> Result<Self, FrontendError> {
-        frontend.set_owner().map_err(request("SET_OWNER"))?;
-        let backend_features = frontend.get_features().map_err(request("GET_FEATURES"))?;
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(request("GET_PROTOCOL_FEATURES"))?;
-            protocol = offered & wanted_protocol_features();
-            frontend
-                .set_protocol_features(protocol)
-                .map_err(request("SET_PROTOCOL_FEATURES"))?;
-            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            }
-        }
-        if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            let offered = frontend.get_queue_num().map_err(request("GET_QUEUE_NUM"))?;
-            if offered < u64::from(spec.num_queues) {
-                return Err(FrontendError::QueueCount {
-                    offered,
-                    wanted: spec.num_queues,
-                });
-            }
-        }
-        let mut config = vec![0u8; spec.config_len];
-        if protocol.contains(VhostUserProtocolFeatures::CONFIG) && spec.config_len > 0 {
-            let (_, payload) = frontend
-                .get_config(
-                    0,
-                    spec.config_len as u32,
-                    VhostUserConfigFlags::WRITABLE,
-                    &config,
-                )
-                .map_err(request("GET_CONFIG"))?;
-            let n = payload.len().min(config.len());
-            config[..n].copy_from_slice(&payload[..n]);
-        }
         let config_changed = Arc::new(ConfigChanged::default());
-        let mut backend_req = None;
-        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
-            let mut handler = FrontendReqHandler::new(Arc::clone(&config_changed))
-                .map_err(|e| request("SET_BACKEND_REQ_FD")(vhost::Error::VhostUserProtocol(e)))?;
-            handler.set_reply_ack_flag(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
-            frontend
-                .set_backend_request_fd(&handler.get_tx_raw_fd())
-                .map_err(request("SET_BACKEND_REQ_FD"))?;
-            backend_req = Some(handler);
-        }
-        let n = usize::from(spec.num_queues);
+        let n = negotiate(&spec, frontend, &config_changed)?;
+        let queues = usize::from(spec.num_queues);
         let new_fd = || EventFd::new(EFD_NONBLOCK).map_err(FrontendError::EventFd);
-        let kicks = (0..n).map(|_| new_fd()).collect::<Result<Vec<_>, _>>()?;
-        let calls = (0..n).map(|_| new_fd()).collect::<Result<Vec<_>, _>>()?;
-        log::info!(
-            "{}: backend features {:#x}, protocol features {:#x}, {} queues of {}",
-            spec.label,
-            backend_features,
-            protocol.bits(),
-            spec.num_queues,
-            spec.queue_size
-        );
+        let kicks = (0..queues)
+            .map(|_| new_fd())
+            .collect::<Result<Vec<_>, _>>()?;
+        let calls = (0..queues)
+            .map(|_| new_fd())
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             spec,
-            frontend,
+            frontend: n.frontend,
             memory,
-            backend_features,
-            protocol,
-            config,
+            backend_features: n.backend_features,
+            protocol: n.protocol,
+            config: n.config,
             kicks,
             calls,
-            backend_req,
+            backend_req: n.backend_req,
             config_changed,
-            started: vec![false; n],
+            started: vec![false; queues],
             activated: false,
             features_sent: false,
             disconnected: false,
+            acked_features: 0,
+            active_queues: Vec::new(),
         })
+    }
+
+    /// Takes a new connection to a restarted backend and replays the state the old one had:
+    /// protocol features and config on connect, then, if the guest had activated the device,
+    /// features, memory table and every started vring with its base at the guest's used
+    /// index, and one kick per queue. Requests after that index are executed again, which is
+    /// what a backend that completes each queue in order needs.
+    pub fn reattach(&mut self, frontend: Frontend) -> Result<(), FrontendError> {
+        let n = negotiate(&self.spec, frontend, &self.config_changed)?;
+        let old_features = self.backend_features;
+        self.frontend = n.frontend;
+        self.backend_features = n.backend_features;
+        self.protocol = n.protocol;
+        self.backend_req = n.backend_req;
+        if n.config != self.config {
+            log::warn!(
+                "{}: the restarted backend reports a different config",
+                self.spec.label
+            );
+            self.config = n.config;
+        }
+        self.disconnected = false;
+        if !self.activated {
+            return Ok(());
+        }
+        let acked = self.acked_features;
+        if acked & !n.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            return Err(FrontendError::FeaturesLost {
+                before: old_features,
+                after: n.backend_features,
+            });
+        }
+        let queues = std::mem::take(&mut self.active_queues);
+        let result = self.start_all(acked, &queues, true);
+        self.active_queues = queues;
+        result
+    }
+
+    /// The guest's used index of `queue`: where a restarted backend resumes.
+    fn used_index(&self, queue: &QueueConfig) -> Result<u16, FrontendError> {
+        self.memory
+            .read_obj::<u16>(GuestAddress(queue.device + 2))
+            .map_err(|_| FrontendError::BadRing {
+                queue: queue.index,
+                what: "used ring",
+                addr: queue.device,
+            })
     }
 
     /// The label used in logs.
@@ -351,9 +440,9 @@ impl VhostUserDevice {
 
     /// The backend hung up: every later activation fails until the device is recreated.
     pub fn mark_disconnected(&mut self) {
+        // `activated` and the saved queues stay: they are what a reconnect replays.
         self.disconnected = true;
-        self.activated = false;
-        self.started.iter_mut().for_each(|s| *s = false);
+        self.backend_req = None;
     }
 
     /// True once the backend hung up.
@@ -400,7 +489,7 @@ impl VhostUserDevice {
         Ok(host as u64)
     }
 
-    fn start_queue(&mut self, q: &QueueConfig) -> Result<(), FrontendError> {
+    fn start_queue(&mut self, q: &QueueConfig, base: u16) -> Result<(), FrontendError> {
         let size = u64::from(q.size);
         let index = usize::from(q.index);
         let data = VringConfigData {
@@ -429,7 +518,7 @@ impl VhostUserDevice {
             .map_err(request("SET_VRING_NUM"))?;
         f.set_vring_addr(index, &data)
             .map_err(request("SET_VRING_ADDR"))?;
-        f.set_vring_base(index, 0)
+        f.set_vring_base(index, base)
             .map_err(request("SET_VRING_BASE"))?;
         f.set_vring_call(index, &self.calls[index])
             .map_err(request("SET_VRING_CALL"))?;
@@ -451,6 +540,20 @@ impl VhostUserDevice {
         if self.disconnected {
             return Err(FrontendError::Disconnected);
         }
+        self.start_all(acked, queues, false)?;
+        self.acked_features = acked;
+        self.active_queues = queues.iter().filter(|q| q.ready).copied().collect();
+        Ok(())
+    }
+
+    /// SET_FEATURES, SET_MEM_TABLE and every ready queue; `resume` takes each vring's base
+    /// from the guest's used index (a restarted backend) instead of 0 (a fresh activation).
+    fn start_all(
+        &mut self,
+        acked: u64,
+        queues: &[QueueConfig],
+        resume: bool,
+    ) -> Result<(), FrontendError> {
         let mut features = acked & self.backend_features;
         if self.protocol_features_acked() {
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -463,11 +566,14 @@ impl VhostUserDevice {
         self.frontend
             .set_mem_table(&table)
             .map_err(request("SET_MEM_TABLE"))?;
+        self.started.iter_mut().for_each(|s| *s = false);
         for q in queues.iter().filter(|q| q.ready) {
-            self.start_queue(q)?;
+            let base = if resume { self.used_index(q)? } else { 0 };
+            self.start_queue(q, base)?;
         }
         self.activated = true;
-        // Notifies may have arrived between DRIVER_OK and now; kick every started queue once.
+        // Notifies may have arrived between DRIVER_OK (or the crash) and now; kick every
+        // started queue once.
         for (kick, _) in self.kicks.iter().zip(&self.started).filter(|(_, s)| **s) {
             let _ = kick.write(1);
         }
@@ -475,8 +581,13 @@ impl VhostUserDevice {
     }
 
     fn try_reset(&mut self) -> Result<(), FrontendError> {
+        self.active_queues.clear();
         if self.disconnected {
-            return Err(FrontendError::Disconnected);
+            // Nothing to tell a backend that is gone; the next one starts from scratch.
+            self.started.iter_mut().for_each(|s| *s = false);
+            self.features_sent = false;
+            self.activated = false;
+            return Ok(());
         }
         for index in 0..self.started.len() {
             if !self.started[index] {

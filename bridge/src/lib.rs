@@ -26,9 +26,9 @@ pub mod supervisor;
 pub mod transport;
 
 use config::{BackendSpec, Config, ZoneConfig};
-use event_loop::{Bridge, BridgeDevice, LoopOptions};
+use event_loop::{Bridge, BridgeDevice, LoopOptions, Reconnect};
 use frontend::{DeviceSpec, VhostUserDevice};
-use supervisor::{SpawnedBackend, Supervisor};
+use supervisor::Supervisor;
 use transport::MmioTransport;
 
 /// Errors while building the bridge.
@@ -99,17 +99,17 @@ pub struct BridgeOptions {
     pub blk_program: PathBuf,
     /// How long to wait for an external backend's socket.
     pub connect_timeout: Duration,
+    /// How long to keep trying to restore a backend that hung up.
+    pub reconnect_timeout: Duration,
     /// Event-loop tuning.
     pub loop_options: LoopOptions,
 }
 
-/// The bridge plus the backend processes it started (stopped when dropped).
+/// The bridge; it owns the backend processes it started and stops them when dropped.
 #[derive(Debug)]
 pub struct Running {
     /// The event loop.
     pub bridge: Bridge,
-    /// Backends the bridge spawned.
-    pub backends: Vec<SpawnedBackend>,
 }
 
 /// Maps each zone's RAM, starts or connects every device's backend, negotiates, and builds
@@ -128,7 +128,6 @@ pub fn build(
             source,
         })?;
     let mut devices = Vec::new();
-    let mut backends = Vec::new();
     for zone in &config.zones {
         let memory = map_zone_ram(hsm.as_ref(), zone)?;
         for dev in &zone.devices {
@@ -143,9 +142,8 @@ pub fn build(
             let socket = match (&spawned, &dev.backend) {
                 (Some(s), _) => s.socket().to_path_buf(),
                 (None, BackendSpec::External { socket }) => socket.clone(),
-                (None, BackendSpec::SpawnBlk { .. }) => {
-                    unreachable!("spawn returns a backend for SpawnBlk")
-                }
+                // The supervisor spawns every other kind; nothing else reaches here.
+                (None, _) => continue,
             };
             let backend_err = |source| BridgeError::Backend {
                 zone: zone.id,
@@ -163,19 +161,27 @@ pub fn build(
             };
             let device =
                 VhostUserDevice::new(spec, frontend, memory.clone()).map_err(backend_err)?;
-            devices.push(BridgeDevice::new(
-                zone.id,
-                dev.addr,
-                dev.len,
-                dev.irq,
-                MmioTransport::with_label(device, label),
-            ));
-            backends.extend(spawned);
+            let reconnect = Reconnect {
+                supervisor: supervisor.clone(),
+                zone: zone.id,
+                device: dev.clone(),
+                timeout: options.reconnect_timeout,
+            };
+            devices.push(
+                BridgeDevice::new(
+                    zone.id,
+                    dev.addr,
+                    dev.len,
+                    dev.irq,
+                    MmioTransport::with_label(device, label),
+                )
+                .with_backend(spawned, Some(reconnect)),
+            );
         }
     }
     let bridge = Bridge::new(hsm, devices, options.loop_options, stop, hsm_control)
         .map_err(BridgeError::Loop)?;
-    Ok(Running { bridge, backends })
+    Ok(Running { bridge })
 }
 
 fn map_zone_ram(hsm: &dyn Hsm, zone: &ZoneConfig) -> Result<GuestMemoryMmap, BridgeError> {

@@ -44,6 +44,9 @@ struct Args {
     /// Seconds to wait for an external backend's socket to appear.
     #[arg(long, default_value_t = 10)]
     connect_timeout_s: u64,
+    /// Seconds to keep trying to restore a backend that died before failing its device.
+    #[arg(long, default_value_t = 30)]
+    reconnect_timeout_s: u64,
     /// Validate the config, print a summary and exit.
     #[arg(long)]
     check: bool,
@@ -112,6 +115,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .blk_backend
             .unwrap_or_else(|| Supervisor::default_program("vhost-user-blk")),
         connect_timeout: Duration::from_secs(args.connect_timeout_s),
+        reconnect_timeout: Duration::from_secs(args.reconnect_timeout_s),
         loop_options: LoopOptions {
             spin: Duration::from_micros(args.spin_us),
             guard_timeout: Duration::from_millis(args.guard_timeout_ms.max(1)),

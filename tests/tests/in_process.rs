@@ -40,12 +40,14 @@ fn bridge_library_serves_an_in_process_simulated_zone() {
         runtime_dir: dir.path().join("run"),
         blk_program: PathBuf::from("unused"),
         connect_timeout: Duration::from_secs(10),
+        reconnect_timeout: Duration::from_secs(10),
         loop_options: LoopOptions::default(),
     };
     let stop = EventFd::new(0).unwrap();
     // SAFETY: `stop` outlives the bridge, which only polls the fd.
     let stop_fd = unsafe { BorrowedFd::borrow_raw(stop.as_raw_fd()) };
-    let mut running = hvisor_bridge::build(&config, sim.hsm(), &options, Some(stop_fd), None).unwrap();
+    let mut running =
+        hvisor_bridge::build(&config, sim.hsm(), &options, Some(stop_fd), None).unwrap();
     std::thread::scope(|s| {
         let bridge = s.spawn(move || running.bridge.run().unwrap());
         {
@@ -53,8 +55,15 @@ fn bridge_library_serves_an_in_process_simulated_zone() {
             let ram = Ram(sim.ram(1));
             let irq = Irq::new(&sim, 1, 78);
             let mut alloc = GuestAllocator::new(RAM_BASE + 0x10_0000, 0x100_0000);
-            let mut blk =
-                BlkDriver::new(&vcpu, 0xa003c00, &ram, &irq, &mut alloc, &BlkOptions::default()).unwrap();
+            let mut blk = BlkDriver::new(
+                &vcpu,
+                0xa003c00,
+                &ram,
+                &irq,
+                &mut alloc,
+                &BlkOptions::default(),
+            )
+            .unwrap();
             let data: Vec<u8> = (0..65536u32).map(|i| (i * 7) as u8).collect();
             assert_eq!(blk.write(64, &data).unwrap(), BlkStatus::Ok);
             let mut back = vec![0u8; data.len()];
@@ -63,7 +72,13 @@ fn bridge_library_serves_an_in_process_simulated_zone() {
         }
         stop.write(1).unwrap();
         let stats = bridge.join().unwrap();
-        assert!(stats.requests > 40, "the bridge served the init sequence and I/O: {stats:?}");
-        assert!(stats.interrupts >= 1, "completions were injected: {stats:?}");
+        assert!(
+            stats.requests > 40,
+            "the bridge served the init sequence and I/O: {stats:?}"
+        );
+        assert!(
+            stats.interrupts >= 1,
+            "completions were injected: {stats:?}"
+        );
     });
 }
