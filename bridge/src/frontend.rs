@@ -107,6 +107,16 @@ pub enum FrontendError {
     /// The backend has gone.
     #[error("Backend disconnected")]
     Disconnected,
+    /// The backend refused the configured queue size.
+    #[error(
+        "Backend refuses queue size {size} for queue {queue}; lower `queue_size` in the config"
+    )]
+    QueueSizeRefused {
+        /// The queue index.
+        queue: usize,
+        /// The configured size.
+        size: u16,
+    },
     /// A restarted backend no longer offers features the guest acked.
     #[error("Restarted backend offers features {after:#x}, the guest acked some of {before:#x}")]
     FeaturesLost {
@@ -238,6 +248,17 @@ fn negotiate(
             return Err(FrontendError::QueueCount {
                 offered,
                 wanted: spec.num_queues,
+            });
+        }
+    }
+    // vhost-user has no message that reports a backend's largest queue; a backend that
+    // cannot take QueueNumMax refuses SET_VRING_NUM. Ask now, so a misconfigured size fails
+    // at start-up with a clear error instead of at the guest's DRIVER_OK.
+    for queue in 0..usize::from(spec.num_queues) {
+        if frontend.set_vring_num(queue, spec.queue_size).is_err() {
+            return Err(FrontendError::QueueSizeRefused {
+                queue,
+                size: spec.queue_size,
             });
         }
     }
