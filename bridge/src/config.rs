@@ -202,6 +202,16 @@ pub enum BackendSpec {
         /// The backend's listening socket.
         socket: PathBuf,
     },
+    /// Spawn our own `vhost-user-net` on a TAP interface (hvisor-tool's `tap` and `mac`).
+    SpawnNet {
+        /// The TAP interface, created if missing.
+        tap: String,
+        /// The guest's MAC address; the backend derives a stable one when absent.
+        mac: Option<[u8; 6]>,
+    },
+    /// Spawn our own `vhost-user-console` on a new pty, as hvisor-tool does for a console
+    /// entry with no other fields. The backend logs the pty's path.
+    SpawnConsole,
     /// Spawn our own `vhost-user-blk` on a private socket.
     SpawnBlk {
         /// The image file or block device.
@@ -879,6 +889,13 @@ impl Parser<'_> {
                     direct,
                 }
             }
+            (None, "net") => BackendSpec::SpawnNet {
+                tap: tap.clone().ok_or_else(|| {
+                    ctx.err("tap", "missing (or give `socket` for an external backend)")
+                })?,
+                mac,
+            },
+            (None, "console") => BackendSpec::SpawnConsole,
             (None, name) => {
                 return Err(ctx.err(
                     "socket",
@@ -1822,13 +1839,23 @@ mod tests {
             "img",
         ),
         (
-            "console without socket",
+            "net without socket nor tap",
             |c| {
-                *dev(c) = with_socket("console", 0xa003c00, 78);
+                *dev(c) = with_socket("net", 0xa003c00, 78);
                 remove(dev(c), "socket");
             },
             Some("1"),
-            Some("#0 (console)"),
+            Some("#0 (net)"),
+            "tap",
+        ),
+        (
+            "rng without socket",
+            |c| {
+                *dev(c) = with_socket("rng", 0xa003c00, 78);
+                remove(dev(c), "socket");
+            },
+            Some("1"),
+            Some("#0 (rng)"),
             "socket",
         ),
         (
@@ -2127,7 +2154,8 @@ mod tests {
         dir.touch("rootfs2.ext4");
         // The shape of hvisor-tool's documented example: hex strings, numeric irqs, a MAC as
         // strings, a disabled net device, a second zone whose RAM sits elsewhere in root
-        // memory. The consoles get a vhost-user socket, which our bridge needs.
+        // memory. The consoles get external vhost-user sockets here; without one the bridge
+        // spawns our console backend on a pty (checked at the end).
         let text = r#"{
           "zones": [
             {
@@ -2218,14 +2246,12 @@ mod tests {
         // The same address and irq as zone 1's console: zones are separate guests.
         assert_eq!((z2.devices[0].addr, z2.devices[0].irq), (0xa003800, 76));
 
-        // Exactly as hvisor-tool writes it, the console has no backend for us to reach.
+        // Exactly as hvisor-tool writes it, the console gets our backend on a pty.
         let without_socket = text.replace(r#""socket": "console1.sock", "#, "");
-        assert_error(
-            "console as hvisor-tool writes it",
-            Config::parse(&without_socket, &dir.0),
-            Some("1"),
-            Some("#1 (console)"),
-            "socket",
+        let config = Config::parse(&without_socket, &dir.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            config.zones[0].devices[1].backend,
+            BackendSpec::SpawnConsole
         );
     }
 

@@ -28,7 +28,7 @@ pub mod transport;
 use config::{BackendSpec, Config, ZoneConfig};
 use event_loop::{Bridge, BridgeDevice, LoopOptions, Reconnect};
 use frontend::{DeviceSpec, VhostUserDevice};
-use supervisor::Supervisor;
+use supervisor::{BackendPrograms, Supervisor};
 use transport::MmioTransport;
 
 /// Errors while building the bridge.
@@ -95,8 +95,8 @@ pub enum BridgeError {
 pub struct BridgeOptions {
     /// Where spawned backends' sockets go (made 0700).
     pub runtime_dir: PathBuf,
-    /// The `vhost-user-blk` program.
-    pub blk_program: PathBuf,
+    /// The in-repo backend programs the bridge starts.
+    pub programs: BackendPrograms,
     /// How long to wait for an external backend's socket.
     pub connect_timeout: Duration,
     /// How long to keep trying to restore a backend that hung up.
@@ -121,7 +121,7 @@ pub fn build(
     stop: Option<BorrowedFd<'_>>,
     hsm_control: Option<BorrowedFd<'_>>,
 ) -> Result<Running, BridgeError> {
-    let supervisor = Supervisor::new(options.runtime_dir.clone(), options.blk_program.clone())
+    let supervisor = Supervisor::new(options.runtime_dir.clone(), options.programs.clone())
         .map_err(|source| BridgeError::Spawn {
             zone: 0,
             device: "runtime dir".into(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use hvisor_bridge::config::Config;
 use hvisor_bridge::event_loop::LoopOptions;
-use hvisor_bridge::supervisor::Supervisor;
+use hvisor_bridge::supervisor::BackendPrograms;
 use hvisor_bridge::BridgeOptions;
 use hvisor_hsm::{DevHvisor, Hsm, ProviderHsm};
 
@@ -41,6 +41,13 @@ struct Args {
     /// The vhost-user-blk program for devices with "img" (default: beside this binary, else PATH).
     #[arg(long)]
     blk_backend: Option<PathBuf>,
+    /// The vhost-user-net program for devices with "tap" (default: beside this binary, else PATH).
+    #[arg(long)]
+    net_backend: Option<PathBuf>,
+    /// The vhost-user-console program for consoles without "socket" (default: beside this
+    /// binary, else PATH).
+    #[arg(long)]
+    console_backend: Option<PathBuf>,
     /// Seconds to wait for an external backend's socket to appear.
     #[arg(long, default_value_t = 10)]
     connect_timeout_s: u64,
@@ -111,9 +118,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     });
     let options = BridgeOptions {
         runtime_dir: runtime_dir.clone(),
-        blk_program: args
-            .blk_backend
-            .unwrap_or_else(|| Supervisor::default_program("vhost-user-blk")),
+        programs: {
+            let mut programs = BackendPrograms::beside_bridge();
+            programs.blk = args.blk_backend.unwrap_or(programs.blk);
+            programs.net = args.net_backend.unwrap_or(programs.net);
+            programs.console = args.console_backend.unwrap_or(programs.console);
+            programs
+        },
         connect_timeout: Duration::from_secs(args.connect_timeout_s),
         reconnect_timeout: Duration::from_secs(args.reconnect_timeout_s),
         loop_options: LoopOptions {

@@ -40,6 +40,7 @@ pub enum SupervisorError {
 pub struct SpawnedBackend {
     child: Child,
     socket: PathBuf,
+    program: String,
 }
 
 impl SpawnedBackend {
@@ -77,13 +78,35 @@ impl Drop for SpawnedBackend {
 #[derive(Debug, Clone)]
 pub struct Supervisor {
     runtime_dir: PathBuf,
-    blk_program: PathBuf,
+    programs: BackendPrograms,
     start_timeout: Duration,
+}
+
+/// The in-repo backend programs.
+#[derive(Debug, Clone)]
+pub struct BackendPrograms {
+    /// `vhost-user-blk`.
+    pub blk: PathBuf,
+    /// `vhost-user-net`.
+    pub net: PathBuf,
+    /// `vhost-user-console`.
+    pub console: PathBuf,
+}
+
+impl BackendPrograms {
+    /// Each program beside the bridge binary, else from `PATH`.
+    pub fn beside_bridge() -> Self {
+        Self {
+            blk: Supervisor::default_program("vhost-user-blk"),
+            net: Supervisor::default_program("vhost-user-net"),
+            console: Supervisor::default_program("vhost-user-console"),
+        }
+    }
 }
 
 impl Supervisor {
     /// Makes `runtime_dir` (mode 0700) and remembers the backend program paths.
-    pub fn new(runtime_dir: PathBuf, blk_program: PathBuf) -> Result<Self, SupervisorError> {
+    pub fn new(runtime_dir: PathBuf, programs: BackendPrograms) -> Result<Self, SupervisorError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -94,7 +117,7 @@ impl Supervisor {
             .map_err(|e| SupervisorError::RuntimeDir(runtime_dir.clone(), e))?;
         Ok(Self {
             runtime_dir,
-            blk_program,
+            programs,
             start_timeout: Duration::from_secs(10),
         })
     }
@@ -115,47 +138,73 @@ impl Supervisor {
         zone: u32,
         device: &DeviceConfig,
     ) -> Result<Option<SpawnedBackend>, SupervisorError> {
-        let BackendSpec::SpawnBlk {
-            image,
-            read_only,
-            serial,
-            direct,
-        } = &device.backend
-        else {
-            return Ok(None);
-        };
         let socket = self.runtime_dir.join(format!(
             "zone{zone}-{}-{:x}.sock",
             device.device_type.name, device.addr
         ));
+        let (program, args): (&Path, Vec<String>) = match &device.backend {
+            BackendSpec::External { .. } => return Ok(None),
+            BackendSpec::SpawnBlk {
+                image,
+                read_only,
+                serial,
+                direct,
+            } => {
+                let mut args = vec!["--image".to_string(), image.display().to_string()];
+                args.extend(["--num-queues".into(), device.num_queues.to_string()]);
+                args.extend(["--queue-size".into(), device.queue_size.to_string()]);
+                if *read_only {
+                    args.push("--read-only".into());
+                }
+                if *direct {
+                    args.push("--direct".into());
+                }
+                if let Some(serial) = serial {
+                    args.extend(["--serial".into(), serial.clone()]);
+                }
+                (&self.programs.blk, args)
+            }
+            BackendSpec::SpawnNet { tap, mac } => {
+                let mut args = vec!["--tap".to_string(), tap.clone()];
+                if let Some(m) = mac {
+                    let text = m
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":");
+                    args.extend(["--mac".into(), text]);
+                }
+                args.extend(["--queue-size".into(), device.queue_size.to_string()]);
+                (&self.programs.net, args)
+            }
+            BackendSpec::SpawnConsole => {
+                let link = socket.with_extension("pty");
+                let args = vec![
+                    "--pty".to_string(),
+                    "--pty-link".into(),
+                    link.display().to_string(),
+                ];
+                (&self.programs.console, args)
+            }
+        };
         let _ = std::fs::remove_file(&socket);
-        let mut cmd = Command::new(&self.blk_program);
+        let mut cmd = Command::new(program);
         cmd.arg("--socket-path")
             .arg(&socket)
-            .arg("--image")
-            .arg(image)
-            .arg("--num-queues")
-            .arg(device.num_queues.to_string())
-            .arg("--queue-size")
-            .arg(device.queue_size.to_string());
-        if *read_only {
-            cmd.arg("--read-only");
-        }
-        if *direct {
-            cmd.arg("--direct");
-        }
-        if let Some(serial) = serial {
-            cmd.arg("--serial").arg(serial);
-        }
-        cmd.stdin(Stdio::null());
+            .args(&args)
+            .stdin(Stdio::null());
         let child = cmd
             .spawn()
-            .map_err(|e| SupervisorError::Spawn(self.blk_program.clone(), e))?;
-        let mut backend = SpawnedBackend { child, socket };
+            .map_err(|e| SupervisorError::Spawn(program.to_path_buf(), e))?;
+        let mut backend = SpawnedBackend {
+            child,
+            socket,
+            program: program.display().to_string(),
+        };
         log::info!(
             "{}: started {} (pid {}) on {}",
             device.label(),
-            self.blk_program.display(),
+            backend.program,
             backend.pid(),
             backend.socket.display()
         );
@@ -169,7 +218,7 @@ impl Supervisor {
         while !backend.socket.exists() {
             if let Ok(Some(status)) = backend.child.try_wait() {
                 return Err(SupervisorError::EarlyExit {
-                    program: self.blk_program.display().to_string(),
+                    program: backend.program.clone(),
                     status,
                 });
             }

@@ -5,7 +5,6 @@
 mod common;
 
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -38,7 +37,7 @@ fn bridge_library_serves_an_in_process_simulated_zone() {
     let sim = SimHypervisor::new(sim_zones(&config)).unwrap();
     let options = BridgeOptions {
         runtime_dir: dir.path().join("run"),
-        blk_program: PathBuf::from("unused"),
+        programs: hvisor_bridge::supervisor::BackendPrograms::beside_bridge(),
         connect_timeout: Duration::from_secs(10),
         reconnect_timeout: Duration::from_secs(10),
         loop_options: LoopOptions::default(),
