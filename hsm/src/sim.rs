@@ -460,6 +460,35 @@ impl SimHypervisor {
         }
     }
 
+    /// Shuts `zone` down and starts it again, as `hvisor zone shutdown` then `zone start`
+    /// with the same config would: its RAM reads as zeros again (the pages go back to the
+    /// kernel) and its pending IRQs are dropped. The zone's physical memory stays where it
+    /// was, so a daemon's existing mappings stay valid, exactly as with `/dev/hvisor`.
+    pub fn restart_zone(&self, zone: u32) -> Result<(), HsmError> {
+        let z = self.shared.zone(zone).ok_or(HsmError::UnknownZone(zone))?;
+        for region in &z.regions {
+            let len = libc::off_t::try_from(region.spec.size)
+                .map_err(|_| HsmError::SimConfig("region too large".into()))?;
+            // SAFETY: fallocate on a memfd this simulator owns; it only releases pages.
+            let rc = unsafe {
+                libc::fallocate(
+                    region.fd.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    len,
+                )
+            };
+            if rc != 0 {
+                return Err(HsmError::Io {
+                    what: "zeroing zone RAM",
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
+        lock(&self.shared.irqs).pending.remove(&zone);
+        Ok(())
+    }
+
     /// Guest RAM of `zone`, addressed by guest-physical address.
     pub fn ram(self: &Arc<Self>, zone: u32) -> SimRam {
         SimRam {

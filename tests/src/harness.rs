@@ -2,6 +2,7 @@
 //! test process plays hvisor and the guest; the bridge and backends are separate processes,
 //! exactly as on a board.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -158,7 +159,7 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts `cmd` with stdin closed; its log goes to the test's stderr.
+    /// Starts `cmd` with stdin closed; its log goes to the test's stderr unless `cmd` redirects it.
     pub fn spawn(name: &str, cmd: &mut Command) -> Process {
         let child = cmd
             .stdin(Stdio::null())
@@ -238,6 +239,19 @@ impl SimBridge {
     /// Writes `config_json` into `dir`, starts the simulator from it and the bridge on it.
     /// `extra_args` go to the bridge (e.g. `--spin-us 0`).
     pub fn start(dir: Arc<TempDir>, config_json: &str, extra_args: &[&str]) -> SimBridge {
+        SimBridge::start_with(dir, config_json, extra_args, None)
+    }
+
+    /// [`SimBridge::start`] with the bridge's stderr (its log, and that of the backends it
+    /// spawns) sent to `stderr` instead of the test's. A captured log is written at the
+    /// bridge's default level (`RUST_LOG=info`) whatever the test's environment says, so a
+    /// test can count its lines.
+    pub fn start_with(
+        dir: Arc<TempDir>,
+        config_json: &str,
+        extra_args: &[&str],
+        stderr: Option<File>,
+    ) -> SimBridge {
         let config_path = dir.path().join("virtio_cfg.json");
         std::fs::write(&config_path, config_json).expect("write config");
         let config = Config::from_file(&config_path).unwrap_or_else(|e| panic!("test config: {e}"));
@@ -254,6 +268,9 @@ impl SimBridge {
             .arg("--blk-backend")
             .arg(bin_path("vhost-user-blk"))
             .args(extra_args);
+        if let Some(file) = stderr {
+            cmd.env("RUST_LOG", "info").stderr(file);
+        }
         let bridge = Process::spawn("hvisor-vhost-bridge", &mut cmd);
         SimBridge {
             sim,
