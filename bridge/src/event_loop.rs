@@ -171,6 +171,7 @@ pub struct Bridge {
     stats: LoopStats,
     stop_fd: Option<RawFd>,
     hsm_gone: bool,
+    reload_requested: bool,
     unknown_access: RateLimited,
     bad_request: RateLimited,
     reconnect_event: EventFd,
@@ -242,6 +243,7 @@ impl Bridge {
             stats: LoopStats::default(),
             stop_fd: stop.map(|s| s.as_raw_fd()),
             hsm_gone: false,
+            reload_requested: false,
             unknown_access: RateLimited::new(),
             bad_request: RateLimited::new(),
             reconnect_event,
@@ -254,6 +256,12 @@ impl Bridge {
     /// The devices, e.g. for tests that inspect transport state.
     pub fn devices(&self) -> &[BridgeDevice] {
         &self.devices
+    }
+
+    /// True when the last [`Bridge::run`] returned because of SIGHUP (the stop fd is a
+    /// signalfd): the caller re-reads its config and calls `run` again.
+    pub fn reload_requested(&self) -> bool {
+        self.reload_requested
     }
 
     /// Counters so far.
@@ -331,9 +339,8 @@ impl Bridge {
             match event.data() {
                 TOKEN_WAKEUP => self.hsm.ack_wakeup(),
                 TOKEN_STOP => {
-                    if let Some(fd) = self.stop_fd {
-                        drain_fd(fd);
-                    }
+                    let signal = self.stop_fd.and_then(read_stop_signal);
+                    self.reload_requested = signal == Some(libc::SIGHUP as u32);
                     stop = true;
                 }
                 TOKEN_RECONNECT => {
@@ -681,9 +688,13 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn drain_fd(fd: RawFd) {
+/// Clears the stop fd; for a signalfd, returns the signal number it carried.
+fn read_stop_signal(fd: RawFd) -> Option<u32> {
+    // Room for one `struct signalfd_siginfo` (128 bytes) or an eventfd counter (8 bytes).
     let mut buf = [0u8; 128];
-    // SAFETY: reading into a local buffer of the given length; the fd is non-blocking or
-    // readable (epoll said so), and errors are ignored.
-    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    // SAFETY: reading into a local buffer of the given length; the fd is readable (epoll
+    // said so), and a failed read returns -1, handled below.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    // signalfd_siginfo starts with ssi_signo (u32).
+    (n == 128).then(|| u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]))
 }

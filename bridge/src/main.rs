@@ -136,7 +136,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut running =
         hvisor_bridge::build(&config, hsm, &options, Some(signals.as_fd()), control_fd)?;
     log::info!("serving {} devices", running.bridge.devices().len());
-    let stats = running.bridge.run()?;
+    let stats = loop {
+        let stats = running.bridge.run()?;
+        if !running.bridge.reload_requested() {
+            break stats;
+        }
+        report_config_changes(&args.config, &config);
+    };
     log::info!(
         "stopping: {} requests, {} interrupts, {} sleeps, {} guard wakeups",
         stats.requests,
@@ -147,6 +153,48 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     drop(running);
     let _ = std::fs::remove_dir(&runtime_dir);
     Ok(())
+}
+
+/// SIGHUP: re-reads the config and says what would change. Devices are not hot-plugged:
+/// applying a change needs a bridge restart.
+fn report_config_changes(path: &std::path::Path, running: &Config) {
+    let new = match Config::from_file(path) {
+        Ok(new) => new,
+        Err(e) => {
+            log::warn!(
+                "SIGHUP: {} is invalid, keeping the running config: {e}",
+                path.display()
+            );
+            return;
+        }
+    };
+    let describe = |c: &Config| -> Vec<String> {
+        c.devices()
+            .map(|(z, d)| {
+                format!(
+                    "zone {} {} irq {} backend {:?}",
+                    z.id,
+                    d.label(),
+                    d.irq,
+                    d.backend
+                )
+            })
+            .collect()
+    };
+    let (old, new) = (describe(running), describe(&new));
+    let removed: Vec<_> = old.iter().filter(|d| !new.contains(d)).collect();
+    let added: Vec<_> = new.iter().filter(|d| !old.contains(d)).collect();
+    if removed.is_empty() && added.is_empty() {
+        log::info!("SIGHUP: {} unchanged", path.display());
+        return;
+    }
+    for d in removed {
+        log::info!("SIGHUP: would remove {d}");
+    }
+    for d in added {
+        log::info!("SIGHUP: would add {d}");
+    }
+    log::info!("SIGHUP: restart the bridge to apply these changes");
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and so in every thread it starts) and

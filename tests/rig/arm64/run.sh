@@ -1,0 +1,296 @@
+#!/bin/bash
+# Boots a stock Debian arm64 Linux guest at EL1 under the rig's EL2 stub (QEMU TCG) with its
+# virtio-mmio devices served through the bridge page by the (unchanged) hvisor-vhost bridge.
+#
+# usage: run.sh [--test blk|reset|console|net|probe|all] [--backend ours|qsd|echo|local|qemu]
+#               [--smp N] [--config FILE] [--verbose] [--keep]
+#   --test     guest tests (comma list allowed); probe = boot and probe only; all = every test
+#              the config has a device for (default: blk). net and console have their guest
+#              side in guest/init but no host side here yet.
+#   --backend  ours  = the bridge spawns our vhost-user-blk for "img" devices (default)
+#              qsd   = qemu-storage-daemon exports the image as a vhost-user-blk socket
+#              echo  = no bridge: the provider answers the ring itself (empty transports)
+#              local = no bridge, no ring: the stub answers the windows itself (empty transports)
+#              qemu  = baseline: QEMU's own virtio-blk-device on the same image, no stage-2 hole
+#   --smp N    guest CPUs (secondaries start through the stub's PSCI CPU_ON interception)
+# Environment: BRIDGE, PROVIDER (default: target/release/...), RIG_BUILD (build/cache dir),
+#   RIG_RUN_DIR (default: a new directory under /dev/shm), RIG_TIMEOUT (seconds, default 180),
+#   RIG_NO_CARGO=1 (do not run cargo build), RIG_BLK_MIB (pattern size, default 32),
+#   RIG_DOORBELL=0 (the stub polls for results while idle instead of sleeping on the doorbell).
+set -euo pipefail
+
+RIG_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$RIG_DIR/../../.." && pwd)
+BUILD=${RIG_BUILD:-$REPO/build/rig-arm64}
+BRIDGE=${BRIDGE:-$REPO/target/release/hvisor-vhost-bridge}
+PROVIDER=${PROVIDER:-$REPO/target/release/hvisor-rig-provider}
+TIMEOUT=${RIG_TIMEOUT:-180}
+BLK_MIB=${RIG_BLK_MIB:-32}
+
+TESTS=blk
+BACKEND=ours
+SMP=1
+CONFIG=$RIG_DIR/virtio_cfg.json
+VERBOSE=0
+KEEP=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --test) TESTS=$2; shift 2 ;;
+    --backend) BACKEND=$2; shift 2 ;;
+    --smp) SMP=$2; shift 2 ;;
+    --config) CONFIG=$(cd "$(dirname "$2")" && pwd)/$(basename "$2"); shift 2 ;;
+    --verbose) VERBOSE=1; shift ;;
+    --keep) KEEP=1; shift ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+case "$BACKEND" in ours | qsd | echo | local | qemu) ;; *) echo "run.sh: bad --backend $BACKEND" >&2; exit 2 ;; esac
+case "$SMP" in [1-8]) ;; *) echo "run.sh: --smp takes 1..8 (the stub's CPU slots)" >&2; exit 2 ;; esac
+
+log() { echo "[rig] $*" >&2; }
+fail() { echo "[rig] FAIL: $*" >&2; FAILED=1; }
+FAILED=0
+
+"$RIG_DIR/setup.sh"
+
+# ---- host binaries ---------------------------------------------------------------------------
+if [ "${RIG_NO_CARGO:-0}" != 1 ]; then
+    pkgs=(-p hvisor-vhost-tests --bin hvisor-rig-provider)
+    log "cargo build --release ${pkgs[*]}"
+    (cd "$REPO" && cargo build --release -q "${pkgs[@]}")
+    if [ "$BACKEND" = ours ] || [ "$BACKEND" = qsd ]; then
+        (cd "$REPO" && cargo build --release -q -p hvisor-bridge -p vhost-user-blk)
+    fi
+fi
+
+# ---- run directory: guest RAM on tmpfs, disk image, derived config -----------------------------
+# tmpfs keeps the guest RAM file out of the page-cache writeback path.
+SHM=/dev/shm
+[ -d "$SHM" ] && [ -w "$SHM" ] || SHM=$BUILD
+RUN=${RIG_RUN_DIR:-$(mktemp -d "$SHM/hvisor-rig.XXXXXX")}
+mkdir -p "$RUN"
+PIDS=()
+cleanup() {
+    local i pid
+    # Newest first: the bridge goes before its backend and before the provider.
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        pid=${PIDS[$i]}
+        kill -TERM "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "$KEEP" = 1 ]; then log "run directory kept: $RUN"; else rm -rf "$RUN"; fi
+}
+trap cleanup EXIT
+
+DISK=$RUN/disk.img
+truncate -s 64M "$DISK"
+# The one config, with this run's backend paths filled in (layout fields are copied as they are).
+python3 - "$CONFIG" "$RUN/virtio_cfg.json" "$BACKEND" "$DISK" "$RUN/qsd.sock" <<'EOF'
+import json, sys
+src, dst, backend, disk, qsd = sys.argv[1:]
+cfg = json.load(open(src))
+for zone in cfg["zones"]:
+    for dev in zone.get("devices", []):
+        if dev.get("type") == "blk":
+            dev.pop("img", None)
+            dev.pop("socket", None)
+            if backend == "qsd":
+                dev["socket"] = qsd
+            else:
+                dev["img"] = disk
+json.dump(cfg, open(dst, "w"), indent=2)
+EOF
+CFG=$RUN/virtio_cfg.json
+eval "$(python3 "$RIG_DIR/gen.py" env "$CFG")"
+
+if [ "$TESTS" = all ]; then
+    TESTS=""
+    for t in $RIG_DEVICE_TYPES; do
+        case "$t" in blk) TESTS="$TESTS,blk,reset" ;; *) TESTS="$TESTS,$t" ;; esac
+    done
+    TESTS=${TESTS#,}
+fi
+for t in $(echo "$TESTS" | tr ',' ' '); do
+    case "$t" in
+    blk | reset | probe) ;;
+    net | console)
+        # The guest side (guest/init) is ready; the host side needs a vhost-user net/console
+        # backend wired into the config, which this script does not provide yet.
+        log "--test $t: no host side in this script yet"; exit 2 ;;
+    *) log "unknown test $t"; exit 2 ;;
+    esac
+done
+[ "$TESTS" = probe ] && GUEST_TESTS=none || GUEST_TESTS=$TESTS
+BOOTARGS="console=ttyAMA0 panic=-1 rig.tests=$GUEST_TESTS rig.blk_mib=$BLK_MIB"
+
+# ---- device tree + stub, both derived from the config ----------------------------------------
+GEN=$RUN/gen
+mkdir -p "$GEN"
+MACHINE="virt,virtualization=on,gic-version=3"
+QEMU_COMMON=(-cpu cortex-a57 -smp "$SMP" -m "${RIG_RAM_MIB}M" -display none -monitor none -nic none -no-reboot)
+# Two serial ports, so the DT is dumped for the machine that boots: the second one is the
+# stub's doorbell (gen.py hides it from the guest).
+qemu-system-aarch64 -M "$MACHINE,dumpdtb=$GEN/virt.dtb" "${QEMU_COMMON[@]}" -serial null -serial null > /dev/null
+# With a bridge, FINISH_REQ rings the stub through the second UART (the provider writes a byte).
+DOORBELL=0
+if [ "$BACKEND" = ours ] || [ "$BACKEND" = qsd ]; then DOORBELL=${RIG_DOORBELL:-1}; fi
+KERNEL=$BUILD/cache/Image
+INITRD=$BUILD/initrd.cpio.gz
+KERNEL_SIZE=$(python3 -c 'import struct,sys; print(struct.unpack_from("<Q", open(sys.argv[1],"rb").read(24), 16)[0])' "$KERNEL")
+GEN_ARGS=(--virt-dtb "$GEN/virt.dtb" --out "$GEN" --bootargs "$BOOTARGS"
+    --initrd-size "$(stat -c %s "$INITRD")" --kernel-size "$KERNEL_SIZE")
+[ "$BACKEND" = local ] && GEN_ARGS+=(--local-empty)
+[ "$BACKEND" = qemu ] && GEN_ARGS+=(--baseline)
+[ "$DOORBELL" = 1 ] && GEN_ARGS+=(--doorbell)
+python3 "$RIG_DIR/gen.py" build "$CFG" "${GEN_ARGS[@]}"
+make -s -C "$RIG_DIR/stub" O="$GEN"
+
+# ---- host side: provider, backend, bridge -----------------------------------------------------
+wait_for() { # wait_for DESCRIPTION SECONDS TEST-COMMAND... ; fails early if a started process died
+    local what=$1 secs=$2 n=0 pid
+    shift 2
+    while ! "$@"; do
+        for pid in "${PIDS[@]}"; do
+            kill -0 "$pid" 2>/dev/null || { log "a host process (pid $pid) died while waiting for $what"; return 1; }
+        done
+        n=$((n + 1))
+        [ $n -le $((secs * 20)) ] || { log "timed out waiting for $what"; return 1; }
+        sleep 0.05
+    done
+}
+
+dump_logs() {
+    local f
+    for f in "$RUN"/*.log; do
+        [ -f "$f" ] || continue
+        case "$f" in */console.log) continue ;; esac
+        echo "----- $(basename "$f") (last 30 lines)" >&2
+        tail -n 30 "$f" >&2
+    done
+}
+
+RAM_FILE=$RUN/guest.ram
+if [ "$BACKEND" != local ] && [ "$BACKEND" != qemu ]; then
+    PROV_ARGS=(--ram "$RAM_FILE" --config "$CFG" --bridge-gpa "$RIG_BRIDGE_GPA" --ram-base "$RIG_RAM_BASE")
+    if [ "$BACKEND" = echo ]; then
+        PROV_ARGS+=(--echo-test)
+    else
+        PROV_ARGS+=(--socket "$RUN/hsm.sock" --ready-file "$RUN/bridge.ready" --doorbell "$RUN/doorbell.sock")
+    fi
+    "$PROVIDER" "${PROV_ARGS[@]}" > "$RUN/provider.log" 2>&1 &
+    PIDS+=($!)
+    wait_for "the guest RAM file" 10 test -f "$RAM_FILE" || { dump_logs; exit 1; }
+fi
+if [ "$BACKEND" = qsd ]; then
+    command -v qemu-storage-daemon > /dev/null || { log "qemu-storage-daemon not found (package qemu-utils)"; exit 1; }
+    qemu-storage-daemon \
+        --blockdev "driver=file,node-name=file0,filename=$DISK,cache.direct=off" \
+        --blockdev driver=raw,node-name=disk0,file=file0 \
+        --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$RUN/qsd.sock,writable=on" \
+        > "$RUN/qsd.log" 2>&1 &
+    PIDS+=($!)
+    wait_for "the qemu-storage-daemon socket" 10 test -S "$RUN/qsd.sock" || { dump_logs; exit 1; }
+fi
+if [ "$BACKEND" = ours ] || [ "$BACKEND" = qsd ]; then
+    [ -x "$BRIDGE" ] || { log "bridge binary $BRIDGE not found (set BRIDGE=...)"; exit 1; }
+    wait_for "the provider socket" 10 test -S "$RUN/hsm.sock" || { dump_logs; exit 1; }
+    RUST_LOG=${RUST_LOG:-info} "$BRIDGE" --config "$CFG" --hsm-socket "$RUN/hsm.sock" --runtime-dir "$RUN/bridge" \
+        > "$RUN/bridge.log" 2>&1 &
+    PIDS+=($!)
+    wait_for "the bridge to publish its devices" 30 test -f "$RUN/bridge.ready" || { dump_logs; exit 1; }
+fi
+
+# ---- the guest ----------------------------------------------------------------------------------
+QEMU=(qemu-system-aarch64 -M "$MACHINE,memory-backend=mem" "${QEMU_COMMON[@]}"
+    -object "memory-backend-file,id=mem,size=${RIG_RAM_MIB}M,mem-path=$RAM_FILE,share=on"
+    -serial stdio
+    -kernel "$GEN/stub.elf"
+    -device "loader,file=$KERNEL,addr=$RIG_KERNEL_ADDR,force-raw=on"
+    -device "loader,file=$INITRD,addr=$RIG_INITRD_ADDR,force-raw=on"
+    -device "loader,file=$GEN/rig.dtb,addr=$RIG_DTB_ADDR,force-raw=on")
+if [ "$DOORBELL" = 1 ]; then
+    wait_for "the doorbell socket" 10 test -S "$RUN/doorbell.sock" || { dump_logs; exit 1; }
+    QEMU+=(-chardev "socket,id=doorbell,path=$RUN/doorbell.sock" -serial chardev:doorbell)
+else
+    QEMU+=(-serial null)
+fi
+if [ "$BACKEND" = qemu ]; then
+    QEMU+=(-global virtio-mmio.force-legacy=false -drive "if=none,file=$DISK,format=raw,id=hd0,cache=writeback"
+        -device virtio-blk-device,drive=hd0)
+fi
+log "booting: tests=$TESTS backend=$BACKEND smp=$SMP ram=${RIG_RAM_MIB}M devices=[$RIG_DEVICE_TYPES] run=$RUN"
+T0=$(date +%s.%N)
+set +e
+if [ "$VERBOSE" = 1 ]; then
+    timeout "$TIMEOUT" "${QEMU[@]}" < /dev/null 2>&1 | tee "$RUN/console.log"
+    QRC=${PIPESTATUS[0]}
+else
+    timeout "$TIMEOUT" "${QEMU[@]}" < /dev/null > "$RUN/console.log" 2>&1
+    QRC=$?
+fi
+set -e
+T1=$(date +%s.%N)
+BOOT_S=$(echo "$T0 $T1" | awk '{printf "%.2f", $2 - $1}')
+tr -d '\r' < "$RUN/console.log" > "$RUN/console.txt"
+
+# ---- verdict --------------------------------------------------------------------------------------
+marker() { sed -n "s/^RIG: $1//p" "$RUN/console.txt" | head -n1; }
+echo "===== guest view ($BOOT_S s boot to power-off, qemu rc $QRC)"
+grep -a '^\[stub\]' "$RUN/console.txt" || true
+grep -a '^RIG: ' "$RUN/console.txt" | grep -v '^RIG: dmesg-virtio' || true
+marker 'dmesg-virtio: ' | tr '|' '\n' | sed '/^$/d; s/^/  dmesg: /'
+echo "====="
+
+[ "$QRC" = 0 ] || fail "qemu exited with $QRC (124 = timeout after ${TIMEOUT}s)"
+grep -q '^RIG: done' "$RUN/console.txt" || fail "the guest did not finish its tests"
+grep -q '^\[stub\] guest PSCI SYSTEM_OFF' "$RUN/console.txt" || fail "no stub exit statistics"
+grep -q '^\[stub\] FATAL' "$RUN/console.txt" && fail "the stub hit a fatal trap"
+STUB_READS=$(sed -n 's/^\[stub\] guest PSCI SYSTEM_OFF:.* reads=\([0-9]*\).*/\1/p' "$RUN/console.txt")
+STUB_WRITES=$(sed -n 's/^\[stub\] guest PSCI SYSTEM_OFF:.* writes=\([0-9]*\).*/\1/p' "$RUN/console.txt")
+NDEV=$(echo "$RIG_DEVICE_TYPES" | wc -w)
+
+case "$BACKEND" in
+local | echo)
+    # Every window must have been probed (magic, version, device id) and skipped as empty.
+    [ "${STUB_READS:-0}" -ge $((3 * NDEV)) ] || fail "the stub saw ${STUB_READS:-0} reads, expected >= $((3 * NDEV))"
+    grep -q '^RIG: device ' "$RUN/console.txt" && fail "the guest found a virtio device behind an empty window"
+    if [ "$BACKEND" = echo ]; then
+        ECHOED=$(grep -c 'echo: cpu' "$RUN/provider.log" || true)
+        [ "$ECHOED" = "$((STUB_READS + STUB_WRITES))" ] \
+            || fail "the provider answered $ECHOED requests, the stub forwarded $((STUB_READS + STUB_WRITES))"
+    fi
+    ;;
+*)
+    for t in $(echo "$TESTS" | tr ',' ' '); do
+        [ "$t" = probe ] && continue
+        grep -q "^RIG: $t PASS" "$RUN/console.txt" || fail "guest test $t did not pass"
+    done
+    if echo ",$TESTS," | grep -q ',blk,'; then
+        WANT=$(marker 'blk written_md5=' | cut -d' ' -f1)
+        HOST=$(head -c "$((BLK_MIB * 1024 * 1024))" "$DISK" | md5sum | cut -d' ' -f1)
+        echo "host image md5 of the first $BLK_MIB MiB: $HOST (guest wrote $WANT)"
+        [ -n "$WANT" ] && [ "$WANT" = "$HOST" ] || fail "the host image does not hold what the guest wrote"
+    fi
+    if [ "$SMP" -gt 1 ] && echo ",$TESTS," | grep -q ',blk,'; then
+        # The pinned read on the last CPU must have gone through that CPU's cfg slot.
+        LAST_CPU_ACCESSES=$(sed -n 's/^\[stub\] guest PSCI SYSTEM_OFF:.* per_cpu_accesses=\([0-9/]*\).*/\1/p' "$RUN/console.txt" \
+            | cut -d/ -f"$SMP")
+        [ "${LAST_CPU_ACCESSES:-0}" -gt 0 ] || fail "CPU $((SMP - 1)) made no virtio register access"
+    fi
+    for t in $(echo "$RIG_DEVICE_TYPES"); do
+        case "$t" in blk) id=0x0002 ;; net) id=0x0001 ;; console) id=0x0003 ;; esac
+        grep -q "^RIG: device virtio[0-9]* id=$id driver=virtio_" "$RUN/console.txt" \
+            || fail "the guest has no bound $t device"
+    done
+    ;;
+esac
+
+if [ "$FAILED" != 0 ]; then
+    dump_logs
+    echo "----- guest console (last 40 lines)" >&2
+    tail -n 40 "$RUN/console.txt" >&2
+    echo "arm64 rig: FAILED (tests=$TESTS backend=$BACKEND)"
+    exit 1
+fi
+echo "arm64 rig: PASSED (tests=$TESTS backend=$BACKEND smp=$SMP, ${BOOT_S}s)"
