@@ -1,1 +1,590 @@
-fn main() {}
+//! vhost-user-console: serves a virtio console to vhost-user frontends, with a pty, a UNIX
+//! socket, a file or its own standard streams as the host side.
+
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread;
+
+use clap::{ArgGroup, Parser};
+use log::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_console::console::{
+    ConsoleDevice, ConsoleHost, FileHost, Port, PtyHost, SocketHost, StdioHost,
+    DEFAULT_SOCKET_BUFFER, MAX_PORT_NAME,
+};
+use vhost_user_console::vhu_console::{self, VhostUserConsoleBackend, MAX_PORTS, MAX_QUEUE_SIZE};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{block_signal, create_sigset};
+
+/// Signals handled by the signal thread; blocked everywhere else.
+const HANDLED_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+#[derive(Parser, Debug)]
+#[command(author, version, about = "vhost-user console device backend")]
+#[command(group(ArgGroup::new("mode").required(true).args(["pty", "socket", "file", "stdio"])))]
+struct Args {
+    /// Unix socket to listen on for vhost-user frontends.
+    #[arg(short = 's', long)]
+    socket_path: PathBuf,
+    /// Serve the console on a new pty; its path is printed as `pty: /dev/pts/N`.
+    #[arg(long)]
+    pty: bool,
+    /// Keep a symbolic link to the pty here (ports after the first get `.N` appended).
+    #[arg(long, value_name = "PATH")]
+    pty_link: Option<PathBuf>,
+    /// Serve the console on a UNIX stream socket for `socat` or `screen` to attach to
+    /// (ports after the first get `.N` appended).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Bytes of guest output kept while no client is attached to --socket [default: 1 MiB].
+    #[arg(long, value_name = "BYTES")]
+    socket_buffer: Option<usize>,
+    /// Append guest output to this file; there is no input (ports after the first get `.N`
+    /// appended).
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// Use this program's standard input and output (one port only).
+    #[arg(long)]
+    stdio: bool,
+    /// Number of ports; more than one enables VIRTIO_CONSOLE_F_MULTIPORT.
+    #[arg(long, default_value_t = 1)]
+    ports: usize,
+    /// Name of the next port, as the guest sees it in /sys/class/virtio-ports/*/name
+    /// (repeat for several ports; unnamed ports are `portN`).
+    #[arg(long = "port-name", value_name = "NAME")]
+    port_names: Vec<String>,
+    /// Largest virtqueue size the frontend may configure (a power of two).
+    #[arg(long, default_value_t = 128)]
+    queue_size: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("Queue size {0} is not a power of two between 2 and {MAX_QUEUE_SIZE}")]
+    InvalidQueueSize(u16),
+    #[error("Number of ports {0} is not between 1 and {MAX_PORTS}")]
+    InvalidPorts(usize),
+    #[error("{0} port names given for {1} ports")]
+    TooManyNames(usize, usize),
+    #[error("Port name {0:?} is empty or longer than {MAX_PORT_NAME} bytes")]
+    InvalidName(String),
+    #[error("--stdio serves one port")]
+    StdioPorts,
+    #[error("{0} needs {1}")]
+    OptionWithoutMode(&'static str, &'static str),
+    #[error("--socket-buffer must be at least 1 byte")]
+    EmptySocketBuffer,
+    #[error("Cannot set up the console of port {port}")]
+    Host {
+        port: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Socket {} is in use by a running backend", .0.display())]
+    SocketInUse(PathBuf),
+    #[error("{} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("Cannot listen on {}", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    #[error("Cannot set up signal handling")]
+    Signals(#[source] io::Error),
+    #[error("Cannot wait for a frontend")]
+    Accept(#[source] io::Error),
+    #[error("Cannot create the backend")]
+    Backend(#[source] vhu_console::Error),
+    #[error("Cannot create the console device")]
+    Device(#[source] io::Error),
+    #[error("Cannot watch the console hosts")]
+    RegisterHosts(#[source] io::Error),
+    #[error("Vhost-user daemon failed: {0}")]
+    Daemon(vhost_user_backend::Error),
+}
+
+/// Where port 0's console lives; other ports derive theirs from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mode {
+    Pty { link: Option<PathBuf> },
+    Socket { path: PathBuf, buffer: usize },
+    File(PathBuf),
+    Stdio,
+}
+
+/// Validated settings.
+#[derive(Debug)]
+struct Config {
+    socket_path: PathBuf,
+    mode: Mode,
+    names: Vec<String>,
+    queue_size: u16,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = Error;
+
+    fn try_from(args: Args) -> Result<Self, Error> {
+        if !args.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&args.queue_size) {
+            return Err(Error::InvalidQueueSize(args.queue_size));
+        }
+        if !(1..=MAX_PORTS).contains(&args.ports) {
+            return Err(Error::InvalidPorts(args.ports));
+        }
+        if args.port_names.len() > args.ports {
+            return Err(Error::TooManyNames(args.port_names.len(), args.ports));
+        }
+        if let Some(bad) = args
+            .port_names
+            .iter()
+            .find(|name| name.is_empty() || name.len() > MAX_PORT_NAME)
+        {
+            return Err(Error::InvalidName(bad.clone()));
+        }
+        if args.pty_link.is_some() && !args.pty {
+            return Err(Error::OptionWithoutMode("--pty-link", "--pty"));
+        }
+        if args.socket_buffer.is_some() && args.socket.is_none() {
+            return Err(Error::OptionWithoutMode("--socket-buffer", "--socket"));
+        }
+        let mode = if args.pty {
+            Mode::Pty {
+                link: args.pty_link,
+            }
+        } else if let Some(path) = args.socket {
+            let buffer = args.socket_buffer.unwrap_or(DEFAULT_SOCKET_BUFFER);
+            if buffer == 0 {
+                return Err(Error::EmptySocketBuffer);
+            }
+            Mode::Socket { path, buffer }
+        } else if let Some(path) = args.file {
+            Mode::File(path)
+        } else {
+            if args.ports != 1 {
+                return Err(Error::StdioPorts);
+            }
+            Mode::Stdio
+        };
+        let names = (0..args.ports)
+            .map(|port| {
+                args.port_names
+                    .get(port)
+                    .cloned()
+                    .unwrap_or_else(|| format!("port{port}"))
+            })
+            .collect();
+        Ok(Config {
+            socket_path: args.socket_path,
+            mode,
+            names,
+            queue_size: args.queue_size,
+        })
+    }
+}
+
+/// `path` for port 0, `path.N` for port N.
+fn port_path(path: &Path, port: usize) -> PathBuf {
+    if port == 0 {
+        return path.to_path_buf();
+    }
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{port}"));
+    PathBuf::from(name)
+}
+
+/// Opens the host side of every port. A pty's path goes to stdout, where a supervisor (or
+/// the user) picks it up.
+fn open_hosts(config: &Config) -> Result<Vec<Port>, Error> {
+    let mut ports = Vec::new();
+    for (index, name) in config.names.iter().enumerate() {
+        let host_error = |source| Error::Host {
+            port: index,
+            source,
+        };
+        let host: Box<dyn ConsoleHost> = match &config.mode {
+            Mode::Pty { link } => {
+                let link = link.as_deref().map(|link| port_path(link, index));
+                let pty = PtyHost::open(link.as_deref()).map_err(host_error)?;
+                let label = if index == 0 {
+                    "pty".to_string()
+                } else {
+                    format!("pty{index}")
+                };
+                let mut stdout = io::stdout().lock();
+                let _ = writeln!(stdout, "{label}: {}", pty.path().display());
+                let _ = stdout.flush();
+                info!("Port {index} ({name}) is {}", pty.path().display());
+                Box::new(pty)
+            }
+            Mode::Socket { path, buffer } => {
+                let path = port_path(path, index);
+                let socket = SocketHost::bind(&path, *buffer).map_err(host_error)?;
+                info!("Port {index} ({name}) listens on {}", path.display());
+                Box::new(socket)
+            }
+            Mode::File(path) => {
+                let path = port_path(path, index);
+                let file = FileHost::open(&path).map_err(host_error)?;
+                info!("Port {index} ({name}) appends to {}", path.display());
+                Box::new(file)
+            }
+            Mode::Stdio => Box::new(StdioHost::new().map_err(host_error)?),
+        };
+        ports.push(Port::new(name.clone(), host));
+    }
+    Ok(ports)
+}
+
+/// Shutdown state shared by the serve loop and the signal thread.
+struct Shutdown {
+    requested: AtomicBool,
+    /// Wakes the serve loop while it waits for a frontend.
+    wake: EventFd,
+    /// The live connection, closed to end it early.
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl Shutdown {
+    fn new() -> io::Result<Self> {
+        Ok(Shutdown {
+            requested: AtomicBool::new(false),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            connection: Mutex::new(None),
+        })
+    }
+
+    fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+        if let Err(e) = self.wake.write(1) {
+            error!("Cannot wake the serve loop: {e}");
+        }
+        if let Some(connection) = self.connection().as_ref() {
+            connection.shutdown();
+        }
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Records the live connection; closes it at once if shutdown was already requested.
+    fn track(&self, handle: Option<ShutdownHandle>) {
+        let mut connection = self.connection();
+        *connection = handle;
+        if self.requested() {
+            if let Some(handle) = connection.as_ref() {
+                handle.shutdown();
+            }
+        }
+    }
+
+    fn connection(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Creates the vhost-user socket with mode 0600. A stale socket is replaced; a live one, or
+/// a file that is not a socket, is left alone.
+fn listen(path: &Path) -> Result<Listener, Error> {
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        if !metadata.file_type().is_socket() {
+            return Err(Error::NotASocket(path.to_owned()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::SocketInUse(path.to_owned()));
+        }
+    }
+    // SAFETY: umask only swaps the process file-mode mask. No other thread exists yet, so
+    // nothing else creates files while the restrictive mask is in place.
+    let previous = unsafe { libc::umask(0o177) };
+    let listener = Listener::new(path, true);
+    // SAFETY: as above; restores the previous mask.
+    unsafe { libc::umask(previous) };
+    listener.map_err(|source| Error::Listen {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Blocks the handled signals in this thread and every thread spawned after it, so that
+/// only the signal thread's sigwait sees them.
+fn block_handled_signals() -> io::Result<()> {
+    for signal in HANDLED_SIGNALS {
+        match block_signal(signal) {
+            Ok(()) | Err(vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) => {}
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// SIGTERM, SIGINT and SIGHUP request a clean shutdown.
+fn spawn_signal_thread(shutdown: Arc<Shutdown>) -> io::Result<()> {
+    let set = create_sigset(&HANDLED_SIGNALS).map_err(io::Error::from)?;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut signal: libc::c_int = 0;
+            // SAFETY: `set` is an initialised signal set and `signal` a writable int.
+            let ret = unsafe { libc::sigwait(&set, &mut signal) };
+            if ret != 0 {
+                error!("sigwait failed: {}", io::Error::from_raw_os_error(ret));
+                continue;
+            }
+            info!("Signal {signal}: shutting down");
+            shutdown.request();
+            return;
+        })?;
+    Ok(())
+}
+
+/// Waits until a frontend connects (true) or shutdown is requested (false).
+fn wait_for_frontend(listener: &Listener, shutdown: &Shutdown) -> io::Result<bool> {
+    const LISTENER: u64 = 0;
+    const WAKE: u64 = 1;
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        listener.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, LISTENER),
+    )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        shutdown.wake.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, WAKE),
+    )?;
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        if shutdown.requested() {
+            return Ok(false);
+        }
+        match epoll.wait(-1, &mut events) {
+            Ok(count) => {
+                if events[..count].iter().any(|event| event.data() == LISTENER) {
+                    return Ok(!shutdown.requested());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn serve(config: Config) -> Result<(), Error> {
+    block_handled_signals().map_err(Error::Signals)?;
+    // Before any thread exists: the sockets are created under a restrictive umask.
+    let ports = open_hosts(&config)?;
+    let mut listener = listen(&config.socket_path)?;
+    let device = ConsoleDevice::new(ports).map_err(Error::Device)?;
+    let backend = Arc::new(RwLock::new(
+        VhostUserConsoleBackend::new(device, config.queue_size).map_err(Error::Backend)?,
+    ));
+    let shutdown = Arc::new(Shutdown::new().map_err(Error::Signals)?);
+    spawn_signal_thread(shutdown.clone()).map_err(Error::Signals)?;
+    info!(
+        "Serving {} port(s) on {}",
+        config.names.len(),
+        config.socket_path.display()
+    );
+
+    while wait_for_frontend(&listener, &shutdown).map_err(Error::Accept)? {
+        let mut daemon = VhostUserDaemon::new(
+            "vhost-user-console".into(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(Error::Daemon)?;
+        let (host_fd, host_event) = {
+            let backend = backend.read().unwrap_or_else(|p| p.into_inner());
+            (backend.host_event_fd(), backend.host_event())
+        };
+        for handler in daemon.get_epoll_handlers() {
+            handler
+                .register_listener(host_fd, EventSet::IN, u64::from(host_event))
+                .map_err(Error::RegisterHosts)?;
+        }
+        daemon.start(&mut listener).map_err(Error::Daemon)?;
+        info!("Frontend connected");
+        shutdown.track(daemon.shutdown_handle());
+        let result = daemon.wait();
+        shutdown.track(None);
+        // Dropping the daemon stops its worker before the backend forgets the connection.
+        drop(daemon);
+        backend
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .disconnected();
+        match result {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("Frontend disconnected"),
+            Err(e) => warn!("Connection ended: {e}"),
+        }
+    }
+
+    info!("Shut down");
+    // Dropping the listener and the hosts removes the sockets and the pty links, and
+    // restores the terminal.
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let result = Config::try_from(Args::parse()).and_then(serve);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            error!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, Error> {
+        let mut argv = vec!["vhost-user-console", "-s", "/run/console.sock"];
+        argv.extend_from_slice(args);
+        Config::try_from(
+            Args::try_parse_from(argv).map_err(|e| Error::Device(io::Error::other(e)))?,
+        )
+    }
+
+    #[test]
+    fn defaults_and_modes() {
+        let config = parse(&["--pty"]).unwrap();
+        assert_eq!(config.socket_path, PathBuf::from("/run/console.sock"));
+        assert_eq!(config.mode, Mode::Pty { link: None });
+        assert_eq!(config.names, ["port0"]);
+        assert_eq!(config.queue_size, 128);
+        assert_eq!(
+            parse(&["--pty", "--pty-link", "/run/con"]).unwrap().mode,
+            Mode::Pty {
+                link: Some("/run/con".into())
+            }
+        );
+        assert_eq!(
+            parse(&["--socket", "/run/c.sock"]).unwrap().mode,
+            Mode::Socket {
+                path: "/run/c.sock".into(),
+                buffer: DEFAULT_SOCKET_BUFFER
+            }
+        );
+        assert_eq!(
+            parse(&["--socket", "c", "--socket-buffer", "4096"])
+                .unwrap()
+                .mode,
+            Mode::Socket {
+                path: "c".into(),
+                buffer: 4096
+            }
+        );
+        assert_eq!(
+            parse(&["--file", "out.log"]).unwrap().mode,
+            Mode::File("out.log".into())
+        );
+        assert_eq!(parse(&["--stdio"]).unwrap().mode, Mode::Stdio);
+    }
+
+    #[test]
+    fn exactly_one_mode() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--pty", "--stdio"]).is_err());
+        assert!(parse(&["--socket", "a", "--file", "b"]).is_err());
+        assert!(matches!(
+            parse(&["--file", "b", "--pty-link", "x"]),
+            Err(Error::OptionWithoutMode("--pty-link", "--pty"))
+        ));
+        assert!(matches!(
+            parse(&["--pty", "--socket-buffer", "10"]),
+            Err(Error::OptionWithoutMode("--socket-buffer", "--socket"))
+        ));
+    }
+
+    #[test]
+    fn ports_and_names() {
+        let config = parse(&[
+            "--socket",
+            "s",
+            "--ports",
+            "3",
+            "--port-name",
+            "org.example.log",
+        ])
+        .unwrap();
+        assert_eq!(config.names, ["org.example.log", "port1", "port2"]);
+        assert!(matches!(
+            parse(&["--pty", "--ports", "0"]),
+            Err(Error::InvalidPorts(0))
+        ));
+        assert!(matches!(
+            parse(&["--pty", "--ports", "32"]),
+            Err(Error::InvalidPorts(32))
+        ));
+        assert!(matches!(
+            parse(&["--pty", "--port-name", "a", "--port-name", "b"]),
+            Err(Error::TooManyNames(2, 1))
+        ));
+        assert!(matches!(
+            parse(&["--pty", "--port-name", ""]),
+            Err(Error::InvalidName(_))
+        ));
+        assert!(matches!(
+            parse(&["--stdio", "--ports", "2"]),
+            Err(Error::StdioPorts)
+        ));
+        assert!(matches!(
+            parse(&["--socket", "s", "--socket-buffer", "0"]),
+            Err(Error::EmptySocketBuffer)
+        ));
+    }
+
+    #[test]
+    fn queue_size_is_validated() {
+        assert_eq!(
+            parse(&["--pty", "--queue-size", "1024"])
+                .unwrap()
+                .queue_size,
+            1024
+        );
+        for bad in ["100", "0", "1"] {
+            assert!(matches!(
+                parse(&["--pty", "--queue-size", bad]),
+                Err(Error::InvalidQueueSize(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn later_ports_get_numbered_paths() {
+        assert_eq!(
+            port_path(Path::new("/run/c.sock"), 0),
+            Path::new("/run/c.sock")
+        );
+        assert_eq!(
+            port_path(Path::new("/run/c.sock"), 2),
+            Path::new("/run/c.sock.2")
+        );
+    }
+}
