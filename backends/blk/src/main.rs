@@ -2,21 +2,19 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use clap::Parser;
-use log::{error, info, warn};
-use vhost::vhost_user::Listener;
+use log::{debug, error, info, warn};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vhost_user_blk::blk::{BlockDevice, BlockStorage, SERIAL_LEN};
 use vhost_user_blk::file_storage::{FileStorage, OpenError, StorageOptions};
 use vhost_user_blk::vhu_blk::{self, QueueConfig, VhostUserBlkBackend, MAX_QUEUES, MAX_QUEUE_SIZE};
+use vhost_user_frontdoor::{ConfigNotifier, Delivery, FrontDoor};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -67,20 +65,14 @@ enum Error {
     SerialTooLong(String),
     #[error("Cannot open the image")]
     Image(#[source] OpenError),
-    #[error("Socket {} is in use by a running backend", .0.display())]
-    SocketInUse(PathBuf),
-    #[error("{} exists and is not a socket", .0.display())]
-    NotASocket(PathBuf),
-    #[error("Cannot listen on {}", path.display())]
-    Listen {
-        path: PathBuf,
-        #[source]
-        source: vhost::vhost_user::Error,
-    },
+    #[error("Cannot open the vhost-user socket")]
+    Listen(#[source] vhost_user_frontdoor::Error),
     #[error("Cannot set up signal handling")]
     Signals(#[source] io::Error),
     #[error("Cannot wait for a frontend")]
     Accept(#[source] io::Error),
+    #[error("Cannot connect the frontend to the backend")]
+    Connect(#[source] vhost_user_frontdoor::Error),
     #[error("Cannot create the backend")]
     Backend(#[source] vhu_blk::Error),
     #[error("Vhost-user daemon failed: {0}")]
@@ -129,77 +121,85 @@ impl TryFrom<Args> for Config {
     }
 }
 
-/// Shutdown state shared by the serve loop and the signal thread.
-struct Shutdown {
-    requested: AtomicBool,
-    /// Wakes the serve loop while it waits for a frontend.
-    wake: EventFd,
-    /// The live connection, closed to end it early.
-    connection: Mutex<Option<ShutdownHandle>>,
+/// The connected frontend: how to end the connection and how to tell the frontend about
+/// configuration changes.
+struct Connection {
+    shutdown: Option<ShutdownHandle>,
+    notifier: ConfigNotifier,
 }
 
-impl Shutdown {
+/// State shared by the serve loop and the signal thread.
+struct ServeState {
+    shutdown_requested: AtomicBool,
+    /// Wakes the serve loop while it waits for a frontend.
+    wake: EventFd,
+    /// The live connection, if any.
+    connection: Mutex<Option<Connection>>,
+}
+
+impl ServeState {
     fn new() -> io::Result<Self> {
-        Ok(Shutdown {
-            requested: AtomicBool::new(false),
+        Ok(ServeState {
+            shutdown_requested: AtomicBool::new(false),
             wake: EventFd::new(EFD_NONBLOCK)?,
             connection: Mutex::new(None),
         })
     }
 
-    fn request(&self) {
-        self.requested.store(true, Ordering::Release);
+    fn request_shutdown(&self) {
+        self.shutdown_requested.store(true, Ordering::Release);
         if let Err(e) = self.wake.write(1) {
             error!("Cannot wake the serve loop: {e}");
         }
-        if let Some(connection) = self.connection().as_ref() {
-            connection.shutdown();
+        if let Some(handle) = self.connection().as_ref().and_then(|c| c.shutdown.as_ref()) {
+            handle.shutdown();
         }
     }
 
-    fn requested(&self) -> bool {
-        self.requested.load(Ordering::Acquire)
+    fn shutdown_requested(&self) -> bool {
+        self.shutdown_requested.load(Ordering::Acquire)
     }
 
     /// Records the live connection; closes it at once if shutdown was already requested.
-    fn track(&self, handle: Option<ShutdownHandle>) {
-        let mut connection = self.connection();
-        *connection = handle;
-        if self.requested() {
-            if let Some(handle) = connection.as_ref() {
+    fn track(&self, connection: Option<Connection>) {
+        let mut current = self.connection();
+        *current = connection;
+        if self.shutdown_requested() {
+            if let Some(handle) = current.as_ref().and_then(|c| c.shutdown.as_ref()) {
                 handle.shutdown();
             }
         }
     }
 
-    fn connection(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+    /// Pushes a configuration change to the connected frontend, if it set up a backend
+    /// channel; otherwise the driver sees the change on its next configuration read.
+    fn announce_config_change(&self) {
+        // Not under the lock: the frontend may take a while to acknowledge.
+        let notifier = self.connection().as_ref().map(|c| c.notifier.clone());
+        let Some(notifier) = notifier else {
+            debug!("No frontend connected to notify");
+            return;
+        };
+        match notifier.config_changed() {
+            Ok(Delivery::Acknowledged) => {
+                info!("The frontend acknowledged the configuration change")
+            }
+            Ok(Delivery::Sent) => info!("Configuration change sent to the frontend"),
+            Ok(Delivery::NoChannel) => info!(
+                "The frontend has no backend channel; it sees the change on its next configuration read"
+            ),
+            Err(e) => warn!(
+                "Cannot notify the frontend of the configuration change: {}",
+                error_chain(&e)
+            ),
+        }
+    }
+
+    fn connection(&self) -> std::sync::MutexGuard<'_, Option<Connection>> {
         self.connection
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-}
-
-/// Creates the socket with mode 0600. A stale socket is replaced; a live one, or a file that
-/// is not a socket, is left alone.
-fn listen(path: &Path) -> Result<Listener, Error> {
-    if let Ok(metadata) = std::fs::symlink_metadata(path) {
-        if !metadata.file_type().is_socket() {
-            return Err(Error::NotASocket(path.to_owned()));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::SocketInUse(path.to_owned()));
-        }
-    }
-    // SAFETY: umask only swaps the process file-mode mask. No other thread exists yet, so
-    // nothing else creates files while the restrictive mask is in place.
-    let previous = unsafe { libc::umask(0o177) };
-    let listener = Listener::new(path, true);
-    // SAFETY: as above; restores the previous mask.
-    unsafe { libc::umask(previous) };
-    listener.map_err(|source| Error::Listen {
-        path: path.to_owned(),
-        source,
-    })
 }
 
 /// Blocks the handled signals in this thread and every thread spawned after it, so that
@@ -214,8 +214,9 @@ fn block_handled_signals() -> io::Result<()> {
     Ok(())
 }
 
-/// SIGTERM/SIGINT request a clean shutdown; SIGHUP re-reads the image size.
-fn spawn_signal_thread(shutdown: Arc<Shutdown>, storage: Arc<FileStorage>) -> io::Result<()> {
+/// SIGTERM/SIGINT request a clean shutdown; SIGHUP re-reads the image size and tells the
+/// frontend.
+fn spawn_signal_thread(state: Arc<ServeState>, storage: Arc<FileStorage>) -> io::Result<()> {
     let set = create_sigset(&HANDLED_SIGNALS).map_err(io::Error::from)?;
     thread::Builder::new()
         .name("signals".into())
@@ -229,44 +230,45 @@ fn spawn_signal_thread(shutdown: Arc<Shutdown>, storage: Arc<FileStorage>) -> io
             }
             if signal == libc::SIGHUP {
                 match storage.refresh_capacity() {
-                    // There is no config-change message to send (no BACKEND_REQ), so the
-                    // driver sees the new size when it next reads the configuration space.
-                    Ok(capacity) => info!("Image capacity is now {capacity} bytes"),
+                    Ok(capacity) => {
+                        info!("Image capacity is now {capacity} bytes");
+                        state.announce_config_change();
+                    }
                     Err(e) => error!("Cannot re-read the image size: {e}"),
                 }
                 continue;
             }
             info!("Signal {signal}: shutting down");
-            shutdown.request();
+            state.request_shutdown();
             return;
         })?;
     Ok(())
 }
 
 /// Waits until a frontend connects (true) or shutdown is requested (false).
-fn wait_for_frontend(listener: &Listener, shutdown: &Shutdown) -> io::Result<bool> {
+fn wait_for_frontend(door: &FrontDoor, state: &ServeState) -> io::Result<bool> {
     const LISTENER: u64 = 0;
     const WAKE: u64 = 1;
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
-        listener.as_raw_fd(),
+        door.as_raw_fd(),
         EpollEvent::new(EventSet::IN, LISTENER),
     )?;
     epoll.ctl(
         ControlOperation::Add,
-        shutdown.wake.as_raw_fd(),
+        state.wake.as_raw_fd(),
         EpollEvent::new(EventSet::IN, WAKE),
     )?;
     let mut events = [EpollEvent::default(); 2];
     loop {
-        if shutdown.requested() {
+        if state.shutdown_requested() {
             return Ok(false);
         }
         match epoll.wait(-1, &mut events) {
             Ok(count) => {
                 if events[..count].iter().any(|event| event.data() == LISTENER) {
-                    return Ok(!shutdown.requested());
+                    return Ok(!state.shutdown_requested());
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -279,9 +281,11 @@ fn serve(config: Config) -> Result<(), Error> {
     block_handled_signals().map_err(Error::Signals)?;
     let storage =
         Arc::new(FileStorage::open(&config.image, &config.storage).map_err(Error::Image)?);
-    let mut listener = listen(&config.socket_path)?;
-    let shutdown = Arc::new(Shutdown::new().map_err(Error::Signals)?);
-    spawn_signal_thread(shutdown.clone(), storage.clone()).map_err(Error::Signals)?;
+    // Frontends connect to the front door, which relays to a fresh daemon per connection,
+    // tolerating padded memory tables and carrying configuration-change notifications.
+    let door = FrontDoor::bind(&config.socket_path).map_err(Error::Listen)?;
+    let state = Arc::new(ServeState::new().map_err(Error::Signals)?);
+    spawn_signal_thread(state.clone(), storage.clone()).map_err(Error::Signals)?;
     info!(
         "Serving {} ({} bytes{}) on {}",
         config.image.display(),
@@ -294,7 +298,7 @@ fn serve(config: Config) -> Result<(), Error> {
         config.socket_path.display()
     );
 
-    while wait_for_frontend(&listener, &shutdown).map_err(Error::Accept)? {
+    while wait_for_frontend(&door, &state).map_err(Error::Accept)? {
         let device = BlockDevice::new(
             storage.clone(),
             config.storage.read_only,
@@ -307,11 +311,18 @@ fn serve(config: Config) -> Result<(), Error> {
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(Error::Daemon)?;
-        daemon.start(&mut listener).map_err(Error::Daemon)?;
+        let session = door.accept_into(&mut daemon).map_err(Error::Connect)?;
         info!("Frontend connected");
-        shutdown.track(daemon.shutdown_handle());
+        state.track(Some(Connection {
+            shutdown: daemon.shutdown_handle(),
+            notifier: session.notifier(),
+        }));
         let result = daemon.wait();
-        shutdown.track(None);
+        // The front door has logged a malformed message; the daemon's view follows.
+        if let Err(e) = session.wait() {
+            debug!("Front door: {}", error_chain(&e));
+        }
+        state.track(None);
         // Dropping the daemon stops its queue threads once their current requests are done.
         drop(daemon);
         match result {
@@ -325,8 +336,19 @@ fn serve(config: Config) -> Result<(), Error> {
 
     storage.flush().map_err(Error::Flush)?;
     info!("Shut down");
-    // Dropping the listener removes the socket.
+    // Dropping the front door removes the socket.
     Ok(())
+}
+
+/// "error: cause: cause" for one log line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
 }
 
 fn main() -> ExitCode {
@@ -335,13 +357,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            error!("{message}");
+            error!("{}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

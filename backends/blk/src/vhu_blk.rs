@@ -241,9 +241,12 @@ impl VhostUserBackend for VhostUserBlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // BACKEND_REQ: the front door in front of the daemon keeps the backend channel and
+        // pushes configuration changes (a resized image) on it.
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn reset_device(&self) {
@@ -402,12 +405,13 @@ mod tests {
             0
         );
         let protocol = writable.protocol_features();
-        assert!(protocol.contains(
+        assert_eq!(
+            protocol,
             VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
-        ));
-        assert!(!protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ));
+                | VhostUserProtocolFeatures::BACKEND_REQ
+        );
 
         let (_, read_only) = backend_with(true, 1);
         let features = read_only.features();

@@ -1,0 +1,248 @@
+//! A tolerant front door for vhost-user backends built on `vhost-user-backend` (VUB).
+//!
+//! [`FrontDoor`] owns the public UNIX socket that frontends connect to. For each frontend it
+//! starts the VUB daemon on a private socket and relays messages between the two, so that the
+//! backend can:
+//!
+//! * accept frontends that pad SET_MEM_TABLE (user-mode Linux sends two region slots with
+//!   `num_regions` 1, which the `vhost` crate rejects): the padding is cut off on the way in;
+//! * push backend requests to the frontend, such as a configuration change after a resize
+//!   ([`ConfigNotifier::config_changed`]), which VUB has no way to send.
+//!
+//! Every other message passes through unchanged, with its file descriptors. See the README
+//! for the design.
+
+mod message;
+mod notifier;
+mod session;
+
+use std::ffi::OsString;
+use std::fs::{self, Permissions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use log::debug;
+use vhost_user_backend::bitmap::BitmapReplace;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+use vm_memory::mmap::NewBitmap;
+use vmm_sys_util::tempdir::TempDir;
+
+pub use message::MessageError;
+pub use notifier::{ConfigNotifier, Delivery};
+pub use session::Session;
+
+/// Mode of the public socket: only the backend's user may connect.
+const SOCKET_MODE: u32 = 0o600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("Socket {} is in use by a running backend", .0.display())]
+    SocketInUse(PathBuf),
+    #[error("Socket path {} must be a UTF-8 path naming a file", .0.display())]
+    InvalidPath(PathBuf),
+    #[error("Cannot create the socket {}", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot accept a connection")]
+    Accept(#[source] io::Error),
+    #[error("Cannot create the daemon's private socket")]
+    PrivateSocket(#[source] io::Error),
+    #[error("Cannot start the vhost-user daemon: {0}")]
+    StartDaemon(vhost_user_backend::Error),
+    #[error("The vhost-user daemon did not connect to the front door")]
+    DaemonMissing,
+    #[error("Cannot set up the session relay")]
+    SessionSetup(#[source] io::Error),
+    #[error("Cannot read a message from the {peer}")]
+    Receive {
+        peer: Peer,
+        #[source]
+        source: MessageError,
+    },
+    #[error("Cannot forward a message to the {peer}")]
+    Forward {
+        peer: Peer,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot create the backend channel relay")]
+    Relay(#[source] io::Error),
+    #[error("Cannot use the backend channel")]
+    BackendChannel(#[source] MessageError),
+    #[error("The frontend closed the backend channel")]
+    BackendChannelClosed,
+    #[error("Unexpected reply on the backend channel: {0}")]
+    UnexpectedReply(String),
+    #[error("The frontend answered the configuration change with error {0:#x}")]
+    Refused(u64),
+}
+
+/// The two ends of a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Frontend,
+    Daemon,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Peer::Frontend => "frontend",
+            Peer::Daemon => "vhost-user daemon",
+        })
+    }
+}
+
+/// The public socket frontends connect to.
+///
+/// Dropping it removes the socket.
+#[derive(Debug)]
+pub struct FrontDoor {
+    public: UnixListener,
+    public_path: PathBuf,
+    /// Device and inode of the public socket, so that drop removes only our own socket.
+    public_id: (u64, u64),
+    /// `DIR/.NAME.`: private directories for sockets not meant for frontends start with it.
+    private_prefix: PathBuf,
+}
+
+impl FrontDoor {
+    /// Creates the public socket at `path` with mode 0600, replacing a stale socket. A socket
+    /// that a live process serves, or a file that is not a socket, is left alone.
+    ///
+    /// The socket is bound in a private directory (`.NAME.XXXXXX` beside it, mode 0700), given
+    /// its mode and renamed into place, so it never exists with a looser mode.
+    pub fn bind(path: &Path) -> Result<FrontDoor, Error> {
+        if let Ok(metadata) = fs::symlink_metadata(path) {
+            if !metadata.file_type().is_socket() {
+                return Err(Error::NotASocket(path.to_owned()));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::SocketInUse(path.to_owned()));
+            }
+        }
+        let invalid = || Error::InvalidPath(path.to_owned());
+        let name = path.file_name().ok_or_else(invalid)?;
+        // The daemon gets its socket path as a string, and the directory template must be a
+        // C string.
+        if path.to_str().is_none() || path.as_os_str().as_bytes().contains(&0) {
+            return Err(invalid());
+        }
+        let parent = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let mut hidden_name = OsString::from(".");
+        hidden_name.push(name);
+        hidden_name.push(".");
+        let private_prefix = parent.join(hidden_name);
+
+        let listen_error = |source: io::Error| Error::Listen {
+            path: path.to_owned(),
+            source,
+        };
+        let staging = private_dir(&private_prefix).map_err(listen_error)?;
+        let staged = staging.as_path().join("public");
+        let public = UnixListener::bind(&staged).map_err(listen_error)?;
+        fs::set_permissions(&staged, Permissions::from_mode(SOCKET_MODE)).map_err(listen_error)?;
+        fs::rename(&staged, path).map_err(listen_error)?;
+        let metadata = fs::symlink_metadata(path).map_err(listen_error)?;
+        Ok(FrontDoor {
+            public,
+            public_path: path.to_owned(),
+            public_id: (metadata.dev(), metadata.ino()),
+            private_prefix,
+        })
+    }
+
+    /// The public socket's path.
+    pub fn path(&self) -> &Path {
+        &self.public_path
+    }
+
+    /// Waits for a frontend on the public socket, has `daemon` connect to a private socket
+    /// and relays between the two until either side hangs up (see [`Session::wait`]).
+    ///
+    /// Use [`AsRawFd`] on the front door to wait for a frontend with a timeout or alongside
+    /// other events before calling this.
+    pub fn accept_into<T>(&self, daemon: &mut VhostUserDaemon<T>) -> Result<Session, Error>
+    where
+        T: VhostUserBackend + Clone + 'static,
+        T::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+        T::Vring: Clone + Send + Sync,
+    {
+        let frontend = loop {
+            match self.public.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::Accept(e)),
+            }
+        };
+        let daemon_stream = self.connect_daemon(daemon)?;
+        Session::start(frontend, daemon_stream)
+    }
+
+    /// Has the daemon connect to a private socket that exists only for this: a new directory
+    /// (mode 0700) that is removed as soon as the connection is made, so that nothing is left
+    /// behind even if the process is killed later.
+    fn connect_daemon<T>(&self, daemon: &mut VhostUserDaemon<T>) -> Result<UnixStream, Error>
+    where
+        T: VhostUserBackend + Clone + 'static,
+        T::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+        T::Vring: Clone + Send + Sync,
+    {
+        let dir = private_dir(&self.private_prefix).map_err(Error::PrivateSocket)?;
+        let path = dir.as_path().join("daemon");
+        // Checked in bind: the prefix is UTF-8, and so is what mkdtemp and we appended.
+        let path_str = path
+            .to_str()
+            .ok_or_else(|| Error::InvalidPath(path.clone()))?;
+        let listener = UnixListener::bind(&path).map_err(Error::PrivateSocket)?;
+        // start_client returns once connected, so the connection is already queued; a
+        // non-blocking accept cannot wait for anyone else.
+        listener
+            .set_nonblocking(true)
+            .map_err(Error::PrivateSocket)?;
+        daemon.start_client(path_str).map_err(Error::StartDaemon)?;
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(Error::DaemonMissing),
+            Err(e) => return Err(Error::Accept(e)),
+        };
+        stream.set_nonblocking(false).map_err(Error::Accept)?;
+        debug!("Vhost-user daemon connected through {}", path.display());
+        Ok(stream)
+    }
+}
+
+/// A new directory `PREFIXxxxxxx` with mode 0700, removed when dropped.
+fn private_dir(prefix: &Path) -> io::Result<TempDir> {
+    TempDir::new_with_prefix(prefix).map_err(|e| io::Error::from_raw_os_error(e.errno()))
+}
+
+impl AsRawFd for FrontDoor {
+    /// The public listening socket: readable when a frontend is waiting.
+    fn as_raw_fd(&self) -> RawFd {
+        self.public.as_raw_fd()
+    }
+}
+
+impl Drop for FrontDoor {
+    fn drop(&mut self) {
+        // Only remove the socket if it is still ours (not replaced by another backend).
+        if let Ok(metadata) = fs::symlink_metadata(&self.public_path) {
+            if (metadata.dev(), metadata.ino()) == self.public_id {
+                let _ = fs::remove_file(&self.public_path);
+            }
+        }
+    }
+}
