@@ -51,14 +51,14 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Text from the config file (key names, paths, values) shown with control characters
-/// escaped, so an error always stays on one line.
+/// Text from the config file (key names, paths, values) shown with control characters and
+/// the Unicode line and paragraph separators escaped, so an error always stays on one line.
 struct OneLine<'a>(&'a str);
 
 impl fmt::Display for OneLine<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for c in self.0.chars() {
-            if c.is_control() {
+            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
                 write!(f, "{}", c.escape_default())?;
             } else {
                 write!(f, "{c}")?;

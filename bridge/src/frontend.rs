@@ -30,6 +30,11 @@ const PASSTHROUGH_FEATURES: u64 = 0x00ff_ffff // device-specific bits 0..=23
     | 1 << 32 // VIRTIO_F_VERSION_1
     | 1 << 35; // VIRTIO_F_IN_ORDER
 
+const VIRTIO_ID_NET: u32 = 1;
+/// VIRTIO_NET_F_CTRL_VQ (17) and the features that need the control queue: CTRL_RX (18),
+/// CTRL_VLAN (19), CTRL_RX_EXTRA (20), GUEST_ANNOUNCE (21), MQ (22), CTRL_MAC_ADDR (23).
+const NET_CTRL_VQ_FEATURES: u64 = 0x7f << 17;
+
 /// Protocol features the bridge can use.
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
@@ -593,6 +598,14 @@ impl VhostUserDevice {
             self.start_queue(q, base)?;
         }
         self.activated = true;
+        // Without REPLY_ACK nothing says the backend has applied SET_VRING_ENABLE yet, and
+        // backends on vhost-user-backend before 0.24 drop a kick that finds the vring
+        // disabled. A request with a reply orders the kicks after every message above.
+        if !self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            self.frontend
+                .get_features()
+                .map_err(request("GET_FEATURES"))?;
+        }
         // Notifies may have arrived between DRIVER_OK (or the crash) and now; kick every
         // started queue once.
         for (kick, _) in self.kicks.iter().zip(&self.started).filter(|(_, s)| **s) {
@@ -645,7 +658,13 @@ impl VirtioBackend for VhostUserDevice {
     }
 
     fn device_features(&self) -> u64 {
-        self.backend_features & PASSTHROUGH_FEATURES
+        let mut features = self.backend_features & PASSTHROUGH_FEATURES;
+        if self.spec.device_id == VIRTIO_ID_NET && self.spec.num_queues < 3 {
+            // The control queue is queue 2N; with only an rx/tx pair configured the guest
+            // would find it missing and fail to probe, so hide it and what depends on it.
+            features &= !NET_CTRL_VQ_FEATURES;
+        }
+        features
     }
 
     fn num_queues(&self) -> u16 {

@@ -30,7 +30,7 @@ use virtio_bindings::virtio_mmio::{
 };
 
 /// Executions in the bounded CI pass: about 15 s in a release build on the CI machine.
-const CI_EXECUTIONS: u64 = 400_000;
+const CI_EXECUTIONS: u64 = 2_500_000;
 
 const ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
 const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
@@ -122,9 +122,7 @@ impl FuzzBackend {
             }
         }
         const MAX_SIZES: [u16; 10] = [0, 1, 2, 3, 16, 100, 256, 1024, 32768, 65535];
-        let queue_max = (0..rng.below(5))
-            .map(|_| *rng.pick(&MAX_SIZES))
-            .collect();
+        let queue_max = (0..rng.below(5)).map(|_| *rng.pick(&MAX_SIZES)).collect();
         const CONFIG_LENS: [usize; 8] = [0, 1, 3, 8, 20, 60, 136, 256];
         let config = (0..*rng.pick(&CONFIG_LENS))
             .map(|_| rng.next_u32() as u8)
@@ -240,7 +238,10 @@ impl VirtioBackend for FuzzBackend {
         let started = active
             .get(usize::from(queue))
             .unwrap_or_else(|| panic!("notify of nonexistent queue {queue}"));
-        assert!(started.ready, "notify of queue {queue}, not ready at activation");
+        assert!(
+            started.ready,
+            "notify of queue {queue}, not ready at activation"
+        );
         self.notifies += 1;
     }
 }
@@ -346,7 +347,11 @@ fn next_op(rng: &mut Rng, t: &MmioTransport<FuzzBackend>) -> Op {
         // Feature negotiation: select a half, ack offered bits and sometimes others.
         5 => write32(
             VIRTIO_MMIO_DRIVER_FEATURES_SEL,
-            if rng.one_in(8) { rng.next_u32() } else { rng.below(2) as u32 },
+            if rng.one_in(8) {
+                rng.next_u32()
+            } else {
+                rng.below(2) as u32
+            },
         ),
         6 => {
             let offered = backend.features;
@@ -362,12 +367,20 @@ fn next_op(rng: &mut Rng, t: &MmioTransport<FuzzBackend>) -> Op {
         }
         7 => write32(
             VIRTIO_MMIO_DEVICE_FEATURES_SEL,
-            if rng.one_in(8) { rng.next_u32() } else { rng.below(2) as u32 },
+            if rng.one_in(8) {
+                rng.next_u32()
+            } else {
+                rng.below(2) as u32
+            },
         ),
         // Queue programming.
         8 => write32(
             VIRTIO_MMIO_QUEUE_SEL,
-            if rng.one_in(8) { rng.next_u32() } else { rng.below(queues + 1) as u32 },
+            if rng.one_in(8) {
+                rng.next_u32()
+            } else {
+                rng.below(queues + 1) as u32
+            },
         ),
         9 => {
             let max = backend
@@ -398,7 +411,11 @@ fn next_op(rng: &mut Rng, t: &MmioTransport<FuzzBackend>) -> Op {
         }
         11 => write32(
             VIRTIO_MMIO_QUEUE_READY,
-            if rng.one_in(8) { rng.next_u32() } else { rng.below(2) as u32 },
+            if rng.one_in(8) {
+                rng.next_u32()
+            } else {
+                rng.below(2) as u32
+            },
         ),
         12 => {
             let queue = rng.below(queues + 1) as u32;
@@ -411,7 +428,11 @@ fn next_op(rng: &mut Rng, t: &MmioTransport<FuzzBackend>) -> Op {
         }
         13 => write32(
             VIRTIO_MMIO_INTERRUPT_ACK,
-            if rng.coin() { t.interrupt_status() } else { rng.next_u32() },
+            if rng.coin() {
+                t.interrupt_status()
+            } else {
+                rng.next_u32()
+            },
         ),
         // Config space, within and past its end.
         14 => {
@@ -510,7 +531,11 @@ fn check_invariants(t: &MmioTransport<FuzzBackend>) {
     let status = t.status();
     let acked = t.acked_features();
     let backend = t.backend();
-    assert_eq!(status & !KNOWN_STATUS, 0, "unknown status bits in {status:#x}");
+    assert_eq!(
+        status & !KNOWN_STATUS,
+        0,
+        "unknown status bits in {status:#x}"
+    );
     for pair in INIT_SEQUENCE.windows(2) {
         if status & pair[1] != 0 {
             assert_ne!(status & pair[0], 0, "status {status:#x} skipped a step");
@@ -536,7 +561,11 @@ fn check_invariants(t: &MmioTransport<FuzzBackend>) {
         assert_ne!(status & DRIVER_OK, 0, "activated without DRIVER_OK");
     }
     let interrupts = t.interrupt_status();
-    assert_eq!(interrupts & !INTERRUPT_BITS, 0, "InterruptStatus {interrupts:#x}");
+    assert_eq!(
+        interrupts & !INTERRUPT_BITS,
+        0,
+        "InterruptStatus {interrupts:#x}"
+    );
     if interrupts != 0 {
         assert_ne!(status & DRIVER_OK, 0, "interrupt pending before DRIVER_OK");
     }
@@ -546,9 +575,7 @@ fn check_invariants(t: &MmioTransport<FuzzBackend>) {
 fn expected_config(config: &[u8], offset: u64, size: u8) -> u64 {
     let mut bytes = [0u8; 8];
     for (i, byte) in bytes.iter_mut().take(usize::from(size)).enumerate() {
-        let at = usize::try_from(offset)
-            .ok()
-            .and_then(|o| o.checked_add(i));
+        let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
         *byte = at.and_then(|at| config.get(at)).copied().unwrap_or(0);
     }
     u64::from_le_bytes(bytes)
@@ -566,7 +593,11 @@ fn apply(t: &mut MmioTransport<FuzzBackend>, view: &mut DriverView, op: Op) {
     match op {
         Op::Read { offset, size } => {
             let value = t.read(offset, size);
-            assert_eq!(value & !width_mask(size), 0, "read {value:#x} wider than {size}");
+            assert_eq!(
+                value & !width_mask(size),
+                0,
+                "read {value:#x} wider than {size}"
+            );
             if offset >= CONFIG_SPACE {
                 let expected = expected_config(&t.backend().config, offset - CONFIG_SPACE, size);
                 assert_eq!(value, expected & width_mask(size), "config read");
@@ -588,7 +619,11 @@ fn apply(t: &mut MmioTransport<FuzzBackend>, view: &mut DriverView, op: Op) {
             if offset >= CONFIG_SPACE {
                 check_config_write(t, &before_config, offset - CONFIG_SPACE, size, value);
             } else {
-                assert_eq!(t.backend().config, before_config, "register write changed config");
+                assert_eq!(
+                    t.backend().config,
+                    before_config,
+                    "register write changed config"
+                );
                 if size == 4 && offset == register(VIRTIO_MMIO_DEVICE_FEATURES_SEL) {
                     view.device_features_sel = value as u32;
                 }
@@ -606,14 +641,16 @@ fn apply(t: &mut MmioTransport<FuzzBackend>, view: &mut DriverView, op: Op) {
             let status_write = size == 4 && offset == register(VIRTIO_MMIO_STATUS);
             if t.backend().activations != before_activations {
                 assert!(
-                    status_write
-                        && before_status & DRIVER_OK == 0
-                        && value as u32 & DRIVER_OK != 0,
+                    status_write && before_status & DRIVER_OK == 0 && value as u32 & DRIVER_OK != 0,
                     "activation outside a DRIVER_OK write"
                 );
             }
             if before_status & FEATURES_OK != 0 && !(status_write && value as u32 == 0) {
-                assert_eq!(t.acked_features(), before_acked, "features changed after FEATURES_OK");
+                assert_eq!(
+                    t.acked_features(),
+                    before_acked,
+                    "features changed after FEATURES_OK"
+                );
             }
         }
         Op::UsedBuffer | Op::ConfigChange => {
@@ -645,7 +682,11 @@ fn apply(t: &mut MmioTransport<FuzzBackend>, view: &mut DriverView, op: Op) {
         );
     }
     if !matches!(op, Op::Write { .. }) {
-        assert_eq!(t.backend().activations, before_activations, "activation outside a write");
+        assert_eq!(
+            t.backend().activations,
+            before_activations,
+            "activation outside a write"
+        );
     }
     check_invariants(t);
 }
@@ -670,7 +711,11 @@ fn check_register_read(
                 1 => (offered >> 32) as u32,
                 _ => 0,
             };
-            assert_eq!(value, expected, "DeviceFeatures (sel {})", view.device_features_sel);
+            assert_eq!(
+                value, expected,
+                "DeviceFeatures (sel {})",
+                view.device_features_sel
+            );
         }
         VIRTIO_MMIO_QUEUE_NUM_MAX => {
             let max = usize::try_from(view.queue_sel)
@@ -678,7 +723,12 @@ fn check_register_read(
                 .and_then(|queue| t.backend().queue_max.get(queue))
                 .copied()
                 .unwrap_or(0);
-            assert_eq!(value, u32::from(max), "QueueNumMax of queue {}", view.queue_sel);
+            assert_eq!(
+                value,
+                u32::from(max),
+                "QueueNumMax of queue {}",
+                view.queue_sel
+            );
         }
         VIRTIO_MMIO_QUEUE_READY => assert!(value <= 1, "QueueReady reads {value}"),
         _ => {}
@@ -697,7 +747,11 @@ fn check_config_write(
     for (at, (&old, &new)) in before.iter().zip(after.iter()).enumerate() {
         let relative = (at as u64).wrapping_sub(offset);
         if legal && relative < u64::from(size) && !t.backend().refuse_config_write {
-            assert_eq!(new, value.to_le_bytes()[relative as usize], "config byte {at}");
+            assert_eq!(
+                new,
+                value.to_le_bytes()[relative as usize],
+                "config byte {at}"
+            );
         } else {
             assert_eq!(new, old, "config byte {at} outside the write changed");
         }
@@ -754,13 +808,12 @@ fn execute(rng: &mut Rng, reached: &mut Reached) {
 #[test]
 fn transport_survives_arbitrary_register_traffic() {
     let mut reached = Reached::default();
-    let stats = fuzz_support::run("transport", CI_EXECUTIONS, |rng, _seed| {
-        execute(rng, &mut reached)
-    });
+    let executions =
+        fuzz_support::run("transport", CI_EXECUTIONS, |rng| execute(rng, &mut reached));
     println!("transport: reached {reached:?}");
     // About half of the executions activate; demand a tenth, and some of every other state.
-    assert!(reached.activations >= stats.executions / 10, "{reached:?}");
-    if stats.executions >= 1000 {
+    assert!(reached.activations >= executions / 10, "{reached:?}");
+    if executions >= 1000 {
         assert!(
             reached.refused_activations > 0 && reached.notifies > 0 && reached.needs_reset > 0,
             "{reached:?}"

@@ -8,8 +8,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -126,6 +127,41 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Who emulates a trapped access. A thread may sleep on the simulator's locks and log; a
+/// signal handler that emulates a faulting load or store (the trap harness) must not: it could
+/// interrupt a logger holding its lock, and a futex sleep there is not async-signal-safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Thread,
+    SignalHandler,
+}
+
+/// Spins before each `sched_yield` while a signal handler waits for a simulator lock.
+const SPINS_PER_YIELD: u32 = 1024;
+
+/// Takes `mutex` the way `caller` may: blocking for a thread, spinning on `try_lock` (what
+/// hvisor's spin locks do) for a signal handler. Neither allocates.
+fn acquire<T>(mutex: &Mutex<T>, caller: Caller) -> MutexGuard<'_, T> {
+    if caller == Caller::Thread {
+        return lock(mutex);
+    }
+    let mut spins: u32 = 0;
+    loop {
+        match mutex.try_lock() {
+            Ok(guard) => return guard,
+            Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                spins = spins.wrapping_add(1);
+                if spins.is_multiple_of(SPINS_PER_YIELD) {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+}
+
 fn borrow_eventfd(evt: &EventFd) -> BorrowedFd<'_> {
     // SAFETY: the eventfd is owned by `evt`, which outlives the borrow.
     unsafe { BorrowedFd::borrow_raw(evt.as_raw_fd()) }
@@ -194,11 +230,11 @@ impl Shared {
     }
 
     /// hvisor's `push_req`: retry a full ring with exponential backoff outside the lock.
-    fn push(&self, req: &DeviceReq) {
+    fn push(&self, req: &DeviceReq, caller: Caller) {
         let mut backoff = 1;
         loop {
             let pushed = {
-                let _producer = lock(&self.producer);
+                let _producer = acquire(&self.producer, caller);
                 self.page.push_request(req)
             };
             if pushed {
@@ -218,8 +254,12 @@ impl Shared {
         }
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         if self.page.need_wakeup() {
-            if let Err(e) = self.wakeup.write(1) {
-                log::warn!("sim: cannot write the wakeup eventfd: {e}");
+            match self.wakeup.write(1) {
+                // A signal handler may not log; the bridge's guard timeout covers a lost wakeup.
+                Err(e) if caller == Caller::Thread => {
+                    log::warn!("sim: cannot write the wakeup eventfd: {e}")
+                }
+                _ => {}
             }
             self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
         }
@@ -696,14 +736,14 @@ impl SimVcpu {
     /// A trapped read of `size` bytes. Returns the bridge's reply unmasked, as hvisor does on
     /// aarch64; 0 outside every virtio window.
     pub fn read(&self, addr: u64, size: u8) -> u64 {
-        self.access(addr, size, None, None)
+        self.access(addr, size, None, None, Caller::Thread)
             .expect("no deadline, so no timeout")
     }
 
     /// A trapped write. Returns at once for QueueNotify at window offset 0x50, otherwise
     /// after the bridge replied.
     pub fn write(&self, addr: u64, size: u8, value: u64) {
-        self.access(addr, size, Some(value), None)
+        self.access(addr, size, Some(value), None, Caller::Thread)
             .expect("no deadline, so no timeout");
     }
 
@@ -711,7 +751,13 @@ impl SimVcpu {
     ///
     /// After a timeout the late reply may still arrive and complete the next access early.
     pub fn read_within(&self, addr: u64, size: u8, timeout: Duration) -> Result<u64, HsmError> {
-        self.access(addr, size, None, Some(Instant::now() + timeout))
+        self.access(
+            addr,
+            size,
+            None,
+            Some(Instant::now() + timeout),
+            Caller::Thread,
+        )
     }
 
     /// [`SimVcpu::write`] that gives up after `timeout`.
@@ -722,8 +768,33 @@ impl SimVcpu {
         value: u64,
         timeout: Duration,
     ) -> Result<(), HsmError> {
-        self.access(addr, size, Some(value), Some(Instant::now() + timeout))
-            .map(drop)
+        self.access(
+            addr,
+            size,
+            Some(value),
+            Some(Instant::now() + timeout),
+            Caller::Thread,
+        )
+        .map(drop)
+    }
+
+    /// One trapped access (`write` is `Some(value)` for a store), for a `SIGSEGV` handler that
+    /// emulates a faulting load or store. Same semantics as [`SimVcpu::read_within`] and
+    /// [`SimVcpu::write_within`] (a write at window offset 0x50 is asynchronous), but it
+    /// neither allocates, logs nor sleeps on a lock: it spins on the simulator's locks and on
+    /// the reply slot, and makes no system calls but `sched_yield`, `clock_gettime` and the
+    /// wakeup eventfd's `write`.
+    ///
+    /// The handler must not have interrupted this simulator's own code on the same thread (a
+    /// fault raised by guest code never does), or the spin on its locks would never end.
+    pub fn access_raw(
+        &self,
+        addr: u64,
+        size: u8,
+        write: Option<u64>,
+        deadline: Option<Instant>,
+    ) -> Result<u64, HsmError> {
+        self.access(addr, size, write, deadline, Caller::SignalHandler)
     }
 
     /// The vCPU's physical CPU id.
@@ -738,6 +809,7 @@ impl SimVcpu {
         size: u8,
         write: Option<u64>,
         deadline: Option<Instant>,
+        caller: Caller,
     ) -> Result<u64, HsmError> {
         let shared = &self.sim.shared;
         let window_base = shared.zone(self.zone).and_then(|zone| {
@@ -756,18 +828,21 @@ impl SimVcpu {
         // Relative to the window, not the device: in a shared window only the first device's
         // notify is asynchronous.
         let need_interrupt = write.is_some() && addr - base == QUEUE_NOTIFY_OFFSET;
-        let _cpu = lock(&shared.cpu_locks[self.cpu as usize]);
+        let _cpu = acquire(&shared.cpu_locks[self.cpu as usize], caller);
         let old_flag = shared.page.cfg_flag(self.cpu);
-        shared.push(&DeviceReq {
-            src_cpu: self.cpu,
-            address: addr,
-            size: size.into(),
-            value: write.unwrap_or(0),
-            src_zone: self.zone,
-            is_write: write.is_some().into(),
-            need_interrupt: need_interrupt.into(),
-            padding: 0,
-        });
+        shared.push(
+            &DeviceReq {
+                src_cpu: self.cpu,
+                address: addr,
+                size: size.into(),
+                value: write.unwrap_or(0),
+                src_zone: self.zone,
+                is_write: write.is_some().into(),
+                need_interrupt: need_interrupt.into(),
+                padding: 0,
+            },
+            caller,
+        );
         if need_interrupt {
             shared
                 .counters
@@ -815,6 +890,20 @@ impl SimRam {
         let offset = (gpa - region.spec.zonex_ipa) as usize;
         // SAFETY: offset + len <= region size == mapping length (checked above).
         Ok(unsafe { region.map.as_ptr().add(offset) })
+    }
+
+    /// The host address of guest RAM `gpa..gpa+len`, which must lie inside one region: for a
+    /// guest driver that works on its RAM in place (DMA buffers of the trap harness). The
+    /// memory is shared with the bridge and its backends; the pointer stays valid while this
+    /// `SimRam` or its simulator lives.
+    pub fn host_ptr(&self, gpa: u64, len: usize) -> Result<NonNull<u8>, HsmError> {
+        let ptr = self.locate(gpa, len)?;
+        // A mapping is never at address 0; the error is unreachable but costs nothing.
+        NonNull::new(ptr).ok_or(HsmError::GuestAddress {
+            zone: self.zone,
+            gpa,
+            len: len as u64,
+        })
     }
 
     /// Copies guest memory at `gpa` into `buf`.
@@ -992,6 +1081,51 @@ mod tests {
         vcpu.read(WINDOW + QUEUE_NOTIFY_OFFSET, 4);
         assert_eq!(responder.next().need_interrupt, 0);
         assert_eq!(hsm.bridge().cfg_flag(0), 1);
+    }
+
+    #[test]
+    fn raw_access_is_trapped_like_the_others() {
+        let sim = shared_window_sim();
+        let hsm = sim.hsm();
+        let vcpu = sim.vcpu(1, 2);
+        vcpu.access_raw(WINDOW + QUEUE_NOTIFY_OFFSET, 4, Some(3), None)
+            .unwrap();
+        let req = hsm.bridge().pop_request().unwrap();
+        assert_eq!((req.value, req.need_interrupt), (3, 1), "async notify");
+
+        let deadline = || Some(Instant::now() + Duration::from_millis(20));
+        assert!(matches!(
+            vcpu.access_raw(WINDOW + 0x70, 4, None, deadline()),
+            Err(HsmError::SyncTimeout(2))
+        ));
+        hsm.bridge().pop_request().unwrap();
+
+        let responder = Responder::start(hsm.clone());
+        let got = vcpu.access_raw(WINDOW + 0x8, 2, None, None).unwrap();
+        assert_eq!(got, (WINDOW + 0x8) ^ 0xffff);
+        let req = responder.next();
+        assert_eq!((req.size, req.is_write, req.need_interrupt), (2, 0, 0));
+        // The timed-out read was taken off the ring unanswered: one reply in all.
+        assert_eq!(hsm.bridge().cfg_flag(2), 1);
+    }
+
+    #[test]
+    fn host_ptr_is_the_guest_ram() {
+        let sim = shared_window_sim();
+        let ram = sim.ram(1);
+        let ptr = ram.host_ptr(RAM_GPA + RAM_SIZE + 8, 4).unwrap();
+        // SAFETY: 4 bytes inside the second region's live mapping; no one else touches them.
+        unsafe {
+            ptr.as_ptr()
+                .copy_from_nonoverlapping([5, 6, 7, 8].as_ptr(), 4)
+        };
+        let mut got = [0u8; 4];
+        ram.read(RAM_GPA + RAM_SIZE + 8, &mut got).unwrap();
+        assert_eq!(got, [5, 6, 7, 8]);
+        assert!(
+            ram.host_ptr(RAM_GPA + RAM_SIZE - 2, 4).is_err(),
+            "spans regions"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use hvisor_bridge::config::Config;
 use hvisor_hsm::sim::ProviderServer;
 use hvisor_hsm::{SimHypervisor, SimRam, SimRegion, SimVcpu, SimZoneSpec};
 
+use crate::blk_backend::BlkBackend;
 use crate::driver::{GuestMemory, Interrupts, MmioBus};
 
 /// How long a synchronous register access may wait for the bridge before the test fails.
@@ -230,6 +231,8 @@ pub struct SimBridge {
     pub config: Config,
     /// The bridge process.
     pub bridge: Process,
+    /// External backends the test started for this bridge; they stop after it.
+    pub extra: Vec<Process>,
     _server: ProviderServer,
     /// Scratch directory: config, sockets, images.
     pub dir: Arc<TempDir>,
@@ -276,9 +279,25 @@ impl SimBridge {
             sim,
             config,
             bridge,
+            extra: Vec::new(),
             _server: server,
             dir,
         }
+    }
+
+    /// [`SimBridge::start`] with the blk devices served by `backend`: for an external one,
+    /// the test starts it first (see [`BlkBackend::prepare`]) and it lives as long as the
+    /// returned bridge.
+    pub fn start_blk(
+        dir: Arc<TempDir>,
+        config_json: &str,
+        extra_args: &[&str],
+        backend: BlkBackend,
+    ) -> SimBridge {
+        let (config_json, daemons) = backend.prepare(config_json, dir.path());
+        let mut sb = SimBridge::start(dir, &config_json, extra_args);
+        sb.extra = daemons;
+        sb
     }
 
     /// vCPU `cpu` of `zone`.

@@ -1,26 +1,46 @@
 //! End to end through real processes: the simulated hypervisor and a guest driver in this
-//! process, `hvisor-vhost-bridge` and `vhost-user-blk` as separate processes.
+//! process, `hvisor-vhost-bridge` and the blk backend as separate processes.
+//!
+//! The backend is our `vhost-user-blk`, or qemu-storage-daemon with `HVV_BLK_BACKEND=qsd`;
+//! the `blk_e2e_qsd` target compiles this same file pinned to qemu-storage-daemon.
 
 mod common;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use hvisor_bridge::config::BackendSpec;
+use hvisor_vhost_tests::blk_backend::BlkBackend;
 use hvisor_vhost_tests::driver::blk::{feature, SECTOR_SIZE};
 use hvisor_vhost_tests::driver::mmio::{reg, status, MAGIC_VALUE, VIRTIO_F_VERSION_1};
 use hvisor_vhost_tests::driver::{BlkOptions, BlkStatus, MmioBus, VirtioMmioDevice};
-use hvisor_vhost_tests::harness::{Rng, SimBridge};
+use hvisor_vhost_tests::harness::{Rng, SimBridge, TempDir};
 
 const BLK: u64 = 0xa003c00;
 const IRQ: u32 = 78;
 
+/// The backend of this compilation of the suite: the `blk_e2e_qsd` target pins
+/// qemu-storage-daemon, this file's own target follows `HVV_BLK_BACKEND`.
+fn blk_backend() -> BlkBackend {
+    match env!("CARGO_CRATE_NAME") {
+        "blk_e2e_qsd" => BlkBackend::Qsd,
+        "blk_e2e" => BlkBackend::from_env(),
+        other => panic!("the blk suite does not know which backend target {other} wants"),
+    }
+}
+
+fn start(dir: Arc<TempDir>, cfg: &str) -> SimBridge {
+    SimBridge::start_blk(dir, cfg, &[], blk_backend())
+}
+
 fn one_blk(tag: &str, extra: &str) -> SimBridge {
     let dir = dir_with_images(tag, &["disk.img"]);
     let cfg = config(&[zone(1, &[blk_entry(BLK, IRQ, "disk.img", extra)], None)]);
-    SimBridge::start(dir, &cfg, &[])
+    start(dir, &cfg)
 }
 
 #[test]
@@ -250,7 +270,11 @@ fn get_id_returns_the_serial() {
     let sb = one_blk("serial", r#","backend":{"serial":"zone1-disk0"}"#);
     let g = Guest::new(&sb, 1, 0, IRQ);
     let mut blk = g.blk(BLK, 0x10_0000, &BlkOptions::default());
-    assert_eq!(blk.get_id().unwrap(), "zone1-disk0");
+    // qemu-storage-daemon takes no serial and answers with a fixed id of its own.
+    assert_eq!(
+        blk.get_id().unwrap(),
+        blk_backend().get_id_for("zone1-disk0")
+    );
 }
 
 #[test]
@@ -319,7 +343,7 @@ fn two_zones_each_with_a_device() {
         zone(1, &[blk_entry(BLK, IRQ, "a.img", "")], None),
         zone(2, &[blk_entry(BLK, IRQ, "b.img", "")], None),
     ]);
-    let sb = SimBridge::start(dir, &cfg, &[]);
+    let sb = start(dir, &cfg);
     let g1 = Guest::new(&sb, 1, 0, IRQ);
     let g2 = Guest::new(&sb, 2, 1, IRQ);
     let mut b1 = g1.blk(BLK, 0x10_0000, &BlkOptions::default());
@@ -353,7 +377,7 @@ fn shared_window_with_synchronous_notifies() {
         ],
         Some(r#"[{"base":"0xa000000","size":"0x4000"}]"#),
     )]);
-    let sb = SimBridge::start(dir, &cfg, &[]);
+    let sb = start(dir, &cfg);
     let g0 = Guest::new(&sb, 1, 0, 48);
     let g1 = Guest::new(&sb, 1, 0, 49);
     let mut b0 = g0.blk(base, 0x10_0000, &BlkOptions::default());
@@ -398,7 +422,7 @@ fn per_device_windows_make_every_notify_asynchronous() {
         ],
         None,
     )]);
-    let sb = SimBridge::start(dir, &cfg, &[]);
+    let sb = start(dir, &cfg);
     let g1 = Guest::new(&sb, 1, 0, 49);
     let mut b1 = g1.blk(0xa000200, 0x30_0000, &BlkOptions::default());
     let before = sb.sim.stats();
@@ -457,7 +481,7 @@ fn hvisor_tool_board_config_is_accepted() {
         }
     ]
 }"#;
-    let sb = SimBridge::start(Arc::clone(&dir), cfg, &[]);
+    let sb = start(Arc::clone(&dir), cfg);
     let g = Guest::new(&sb, 1, 0, 78);
     let mut blk = g.blk(0xa003c00, 0x10_0000, &BlkOptions::default());
     assert_eq!(blk.write(0, &[9u8; 512]).unwrap(), BlkStatus::Ok);
@@ -477,10 +501,12 @@ fn sigterm_stops_the_bridge_and_its_backend_cleanly() {
     let mut blk = g.blk(BLK, 0x10_0000, &BlkOptions::default());
     assert_eq!(blk.write(0, &[3u8; 512]).unwrap(), BlkStatus::Ok);
     let run_dir = sb.dir.path().join("run");
-    assert!(
-        std::fs::read_dir(&run_dir).unwrap().count() >= 1,
-        "backend socket exists"
-    );
+    if blk_backend().spawned_by_bridge() {
+        assert!(
+            std::fs::read_dir(&run_dir).unwrap().count() >= 1,
+            "backend socket exists"
+        );
+    }
     let status = sb.bridge.terminate();
     assert!(status.success(), "bridge exit status {status}");
     assert_eq!(
@@ -488,4 +514,17 @@ fn sigterm_stops_the_bridge_and_its_backend_cleanly() {
         0,
         "the spawned backend removed its socket"
     );
+    if !blk_backend().spawned_by_bridge() {
+        // An external backend is not the bridge's to stop: it stays up for the next frontend.
+        let socket = match &sb.config.zones[0].devices[0].backend {
+            BackendSpec::External { socket } => socket.clone(),
+            other => panic!("expected an external backend, got {other:?}"),
+        };
+        UnixStream::connect(&socket).unwrap_or_else(|e| {
+            panic!(
+                "the external backend stopped with the bridge ({}: {e})",
+                socket.display()
+            )
+        });
+    }
 }

@@ -81,6 +81,8 @@ pub struct VhostUserBlkBackend {
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     exit_events: Vec<ExitEvent>,
+    bad_avail_warnings: AtomicU64,
+    bad_head_warnings: AtomicU64,
 }
 
 impl VhostUserBlkBackend {
@@ -100,6 +102,8 @@ impl VhostUserBlkBackend {
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             exit_events,
+            bad_avail_warnings: AtomicU64::new(0),
+            bad_head_warnings: AtomicU64::new(0),
         })
     }
 
@@ -156,14 +160,25 @@ impl VhostUserBlkBackend {
     fn process_queue(&self, vring: &VringRwLock) -> Result<(), Error> {
         let mem = self.memory()?;
         if !self.event_idx.load(Ordering::Acquire) {
-            return self.process_available(vring, &mem, false);
+            return self.process_available(vring, &mem, false).map(|_| ());
         }
         // With EVENT_IDX, re-check after re-enabling notifications so that a request added
         // in between is not left waiting for a kick that will not come.
         loop {
             vring.disable_notification().map_err(Error::Queue)?;
-            self.process_available(vring, &mem, true)?;
+            let progressed = self.process_available(vring, &mem, true)?;
             if !vring.enable_notification().map_err(Error::Queue)? {
+                return Ok(());
+            }
+            if !progressed {
+                // The avail index says there is work, yet no chain can be popped: the guest
+                // wrote an index more than a ring ahead. Looping would spin forever; wait for
+                // the next kick instead.
+                if warn_rate_limited(&self.bad_avail_warnings) {
+                    warn!(
+                        "Guest avail index runs ahead of the ring; ignoring it until the next kick"
+                    );
+                }
                 return Ok(());
             }
         }
@@ -174,22 +189,36 @@ impl VhostUserBlkBackend {
         vring: &VringRwLock,
         mem: &GuestMemory,
         event_idx: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let mut state = vring.get_mut();
         let mut completed = false;
+        let mut popped = false;
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.memory()) {
+            popped = true;
             let head = chain.head_index();
             let used_len = self.device.process_chain(chain);
             match state.add_used(head, used_len) {
                 Ok(()) => completed = true,
-                Err(e) => warn!("Cannot complete request {head}: {e}"),
+                // A head index beyond the ring comes from the guest: count it, do not flood.
+                Err(e) => {
+                    if warn_rate_limited(&self.bad_head_warnings) {
+                        warn!("Cannot complete request {head}: {e}");
+                    }
+                }
             }
         }
         if completed && (!event_idx || state.needs_notification().map_err(Error::Queue)?) {
             state.signal_used_queue().map_err(Error::Notify)?;
         }
-        Ok(())
+        Ok(popped)
     }
+}
+
+/// Logs the first ten occurrences, then every power of ten, so a hostile guest cannot flood
+/// the log.
+fn warn_rate_limited(counter: &AtomicU64) -> bool {
+    let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+    n <= 10 || (n.is_power_of_two() && n >= 1024)
 }
 
 /// Worker-thread queue masks: a single thread for one queue, otherwise one thread per queue.

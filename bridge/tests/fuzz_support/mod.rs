@@ -92,13 +92,6 @@ impl Rng {
     }
 }
 
-/// What a run did, for the summary line.
-#[derive(Debug, Clone, Copy)]
-pub struct RunStats {
-    pub executions: u64,
-    pub elapsed: Duration,
-}
-
 fn env_u64(name: &str) -> Option<u64> {
     let text = std::env::var(name).ok()?;
     let text = text.trim().replace('_', "");
@@ -109,14 +102,10 @@ fn env_u64(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|_| panic!("{name}={text:?} is not a number")))
 }
 
-/// Runs `execute` once per seed and prints one summary line. A panic inside an execution is
-/// reported with its seed, then re-raised; an execution that runs longer than the stall
-/// limit aborts the process after printing its seed.
-pub fn run(
-    target: &str,
-    default_executions: u64,
-    mut execute: impl FnMut(&mut Rng, u64),
-) -> RunStats {
+/// Runs `execute` once per seed, prints one summary line and returns the number of
+/// executions. A panic inside an execution is reported with its seed, then re-raised; an
+/// execution that runs longer than the stall limit aborts the process after printing its seed.
+pub fn run(target: &str, default_executions: u64, mut execute: impl FnMut(&mut Rng)) -> u64 {
     let executions = env_u64("HVV_FUZZ_ITERS").unwrap_or(default_executions);
     let base_seed = env_u64("HVV_FUZZ_SEED").unwrap_or(DEFAULT_SEED);
     let stall = Duration::from_secs(env_u64("HVV_FUZZ_STALL_SECS").unwrap_or(DEFAULT_STALL_SECS));
@@ -128,7 +117,7 @@ pub fn run(
     for i in 0..executions {
         let seed = base_seed.wrapping_add(i);
         current_seed.store(seed, Ordering::Relaxed);
-        let outcome = panic::catch_unwind(AssertUnwindSafe(|| execute(&mut Rng::new(seed), seed)));
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| execute(&mut Rng::new(seed))));
         if let Err(payload) = outcome {
             eprintln!(
                 "{target}: execution {i} failed; replay it alone with \
@@ -148,10 +137,7 @@ pub fn run(
          seeds {base_seed:#x}..+{executions}",
         elapsed.as_secs_f64()
     );
-    RunStats {
-        executions,
-        elapsed,
-    }
+    executions
 }
 
 /// A thread that aborts the process when `finished` stops moving for `stall`; it ends when

@@ -30,6 +30,9 @@ STACK_SIZE = 0x4000
 MAX_CPUS = 8
 DEVICE_TYPES = {"net": 1, "blk": 2, "console": 3}
 DOORBELL_NODE = "pl011@9040000"
+# The stub's counter page: trapped like a window page but answered by the stub itself with its
+# statistics (the guest's benchmark samples them). Free space in QEMU virt's memory map.
+COUNTER_PAGE = 0x0b000000
 
 
 def num(value, what):
@@ -76,6 +79,8 @@ def load(path):
             raise SystemExit(f"config: device {i}: irq {irq} is not a GIC SPI INTID (32..1019)")
         if addr >= RAM_BASE or addr + length > RAM_BASE or length == 0:
             raise SystemExit(f"config: device {i}: window {addr:#x}+{length:#x} not in device space")
+        if addr < COUNTER_PAGE + PAGE and addr + length > COUNTER_PAGE:
+            raise SystemExit(f"config: device {i}: overlaps the stub's counter page {COUNTER_PAGE:#x}")
         devices.append({"type": dtype, "addr": addr, "len": length, "irq": irq})
     if not devices:
         raise SystemExit("config: no enabled device")
@@ -84,6 +89,8 @@ def load(path):
         base, size = num(w["base"], "virtio_windows base"), num(w["size"], "virtio_windows size")
         if size == 0 or base + size > RAM_BASE:
             raise SystemExit(f"config: virtio_windows[{i}] not in device space")
+        if base < COUNTER_PAGE + PAGE and base + size > COUNTER_PAGE:
+            raise SystemExit(f"config: virtio_windows[{i}] overlaps the stub's counter page {COUNTER_PAGE:#x}")
         windows.append((base, size))
     end = ram_base + ram_size
     return {
@@ -125,6 +132,7 @@ def cmd_env(args):
         "RIG_DTB_ADDR": hex(lay["dtb"]),
         "RIG_INITRD_ADDR": hex(lay["initrd"]),
         "RIG_DEVICE_TYPES": " ".join(d["type"] for d in lay["devices"]),
+        "RIG_COUNTER_PAGE": hex(COUNTER_PAGE),
     }
     for k, v in out.items():
         print(f"{k}={shlex.quote(str(v))}")
@@ -138,7 +146,7 @@ def top_nodes(dts, name_re):
 def cmd_build(args):
     lay = load(args.config)
     wins = [] if args.baseline else windows_of(lay)
-    holes = holes_of(wins)
+    holes = sorted(set(holes_of(wins)) | {COUNTER_PAGE})
     initrd_end = lay["initrd"] + args.initrd_size
     if initrd_end > lay["stub_base"]:
         raise SystemExit("initramfs does not fit below the stub region")
@@ -198,10 +206,12 @@ def cmd_build(args):
         f"#define RIG_MAX_CPUS {MAX_CPUS}",
         f"#define RIG_LOCAL_EMPTY {1 if args.local_empty else 0}",
         f"#define RIG_DOORBELL {1 if args.doorbell else 0}",
+        f"#define RIG_KICK {1 if args.doorbell and not args.no_kick else 0}",
         f"#define RIG_NUM_WINDOWS {len(wins)}",
         "#define RIG_WINDOWS { " + ", ".join(f"{{ {b:#x}, {s:#x} }}" for b, s in wins) + " }",
         f"#define RIG_NUM_IRQS {len(lay['devices'])}",
         "#define RIG_IRQS { " + ", ".join(str(d["irq"]) for d in lay["devices"]) + " }",
+        f"#define RIG_COUNTER_PAGE {COUNTER_PAGE:#x}UL",
         f"#define RIG_NUM_HOLES {len(holes)}",
         "#define RIG_HOLES { " + ", ".join(f"{p:#x}" for p in holes) + " }",
     ]
@@ -223,6 +233,8 @@ def main():
     b.add_argument("--kernel-size", type=int, default=0, help="image_size from the Image header")
     b.add_argument("--doorbell", action="store_true",
                    help="the host rings the stub through QEMU's second UART on FINISH_REQ")
+    b.add_argument("--no-kick", action="store_true",
+                   help="with --doorbell: no wakeup byte from the stub; the provider's poll alone wakes the bridge")
     b.add_argument("--baseline", action="store_true",
                    help="no windows and no added nodes: QEMU's own virtio-mmio devices, no stage-2 hole")
     b.add_argument("--local-empty", action="store_true",

@@ -3,10 +3,10 @@
 # checks and rebuilds what changed.
 #
 #   - host packages from Debian: qemu-system-arm (from <codename>-backports, to match the qemu 10
-#     common packages), the aarch64 cross gcc + binutils, dtc, kmod, cpio;
+#     common packages), the aarch64 cross gcc + binutils, dtc, kmod, cpio, iproute2;
 #   - a stock Debian arm64 kernel (6.1) and busybox-static, downloaded through a private arm64-only
 #     APT configuration (adding a foreign architecture to the host's dpkg is not needed);
-#   - the kernel Image, the virtio modules and the guest initramfs.
+#   - the kernel Image, the virtio modules, the guest benchmark helper and the guest initramfs.
 #
 # Environment: RIG_BUILD (default: <repo>/build/rig-arm64), RIG_KERNEL_PKG (default:
 # linux-image-arm64, the meta package whose dependency names the kernel ABI).
@@ -93,7 +93,7 @@ fi
 # command -> Debian package that provides it
 HOST_TOOLS="qemu-system-aarch64:qemu-system-arm aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu
     aarch64-linux-gnu-objcopy:binutils-aarch64-linux-gnu dtc:device-tree-compiler depmod:kmod cpio:cpio
-    xz:xz-utils make:make python3:python3"
+    xz:xz-utils make:make python3:python3 ip:iproute2"
 missing=""
 for t in $HOST_TOOLS; do
     command -v "${t%%:*}" >/dev/null 2>&1 || missing="$missing ${t#*:}"
@@ -163,12 +163,18 @@ EOF
 fi
 KVER=$(cat "$CACHE/kver")
 
-# ---- 3. initramfs (rebuilt when the init script or the builder changes) --------------------------
+# ---- 3. guest benchmark helper + initramfs (rebuilt when their sources change) -----------------
+RIGBENCH=$BUILD/rigbench
+if [ ! -f "$RIGBENCH" ] || [ "$RIG_DIR/guest/rigbench.c" -nt "$RIGBENCH" ]; then
+    log "building the guest benchmark helper"
+    aarch64-linux-gnu-gcc -static -nostdlib -nostartfiles -ffreestanding -fno-stack-protector -fno-pic -no-pie \
+        -O2 -Wall -Wextra -Werror -Wl,--build-id=none -o "$RIGBENCH" "$RIG_DIR/guest/rigbench.c"
+fi
 INITRD=$BUILD/initrd.cpio.gz
 if [ ! -f "$INITRD" ] || [ "$RIG_DIR/guest/init" -nt "$INITRD" ] || [ "$RIG_DIR/guest/mkinitrd.sh" -nt "$INITRD" ] \
-    || [ "$KSTAMP" -nt "$INITRD" ]; then
+    || [ "$KSTAMP" -nt "$INITRD" ] || [ "$RIGBENCH" -nt "$INITRD" ]; then
     log "building the initramfs"
-    "$RIG_DIR/guest/mkinitrd.sh" "$CACHE/kernel" "$KVER" "$CACHE/busybox/bin/busybox" "$INITRD"
+    "$RIG_DIR/guest/mkinitrd.sh" "$CACHE/kernel" "$KVER" "$CACHE/busybox/bin/busybox" "$RIGBENCH" "$INITRD"
 fi
 
 log "ready: kernel $KVER, $(qemu-system-aarch64 --version | head -1)"

@@ -200,11 +200,83 @@ JOB
     done
 }
 
+# ---- network tests (rig.disk=0 boots without a disk) ----------------------------------------
+
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+elapsed_s() { awk -v a="$1" -v b="$(uptime_s)" 'BEGIN { printf "%.2f", b - a }'; }
+
+# The first network interface that is not loopback.
+net_iface() {
+    for n in /sys/class/net/*; do
+        [ "${n##*/}" = lo ] && continue
+        echo "${n##*/}"
+        return
+    done
+}
+
+# net: the interface gets rig.ip (default 10.77.0.2/24) and pings rig.peer (default 10.77.0.1).
+t_net() {
+    iface=$(net_iface)
+    ip link set "$iface" up
+    ip addr add "$(param ip 10.77.0.2/24)" dev "$iface"
+    ping -c 3 -W 5 "$(param peer 10.77.0.1)" >/tmp/ping 2>&1
+    rc=$?
+    received=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/ping)
+    say "result net iface=$iface mac=$(cat "/sys/class/net/$iface/address") ping_rc=$rc received=${received:-0} features=$(cat "/sys/class/net/$iface/device/features")"
+}
+
+# watchdog PID: kills PID after rig.net_timeout seconds (default 120), so that a stalled
+# transfer ends the test instead of the boot; prints the watchdog's PID.
+watchdog() {
+    (
+        sleep "$(param net_timeout 120)"
+        kill "$1" 2>/dev/null
+    ) &
+    echo $!
+}
+
+# nettx: rig.net_mib MiB of random data to rig.peer port 5001 over TCP (the host listens).
+t_nettx() {
+    mib=$(param net_mib 64)
+    dd if=/dev/urandom of=/tmp/tx bs=$MIB count="$mib" 2>/dev/null
+    sum=$(md5sum </tmp/tx | cut -d' ' -f1)
+    start=$(uptime_s)
+    nc -w 10 "$(param peer 10.77.0.1)" 5001 </tmp/tx 2>/tmp/err &
+    sender=$!
+    dog=$(watchdog $sender)
+    wait $sender
+    rc=$?
+    kill "$dog" 2>/dev/null
+    seconds=$(elapsed_s "$start")
+    rm -f /tmp/tx
+    say "result nettx bytes=$((mib * MIB)) md5=$sum rc=$rc seconds=$seconds err=$(tr ' \n' '_ ' </tmp/err | tail -c 120)"
+}
+
+# netrx: listens on port 5002, asks the host to send, and reports what arrived. nc's stdin is a
+# FIFO held open, so that it stops at the sender's end of stream, not at its own.
+t_netrx() {
+    rm -f /tmp/hold /tmp/rx
+    mkfifo /tmp/hold
+    nc -l -p 5002 </tmp/hold >/tmp/rx 2>/tmp/err &
+    listener=$!
+    exec 3>/tmp/hold
+    dog=$(watchdog $listener)
+    start=$(uptime_s)
+    say "host-action netrx"
+    wait "$listener"
+    rc=$?
+    seconds=$(elapsed_s "$start")
+    kill "$dog" 2>/dev/null
+    exec 3>&-
+    say "result netrx bytes=$(wc -c </tmp/rx) md5=$(md5sum </tmp/rx | cut -d' ' -f1) rc=$rc seconds=$seconds"
+    rm -f /tmp/rx /tmp/hold
+}
+
 say "init uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r) cmdline=$(tr ' ' '|' </proc/cmdline)"
 load_modules
 say "modules-loaded uptime=$(cut -d' ' -f1 /proc/uptime)"
 tests=$(param tests "" | tr , ' ')
-if [ -n "$tests" ] && ! wait_vda; then
+if [ -n "$tests" ] && [ "$(param disk 1)" = 1 ] && ! wait_vda; then
     say "no-vda"
     finish
 fi

@@ -6,7 +6,8 @@
 //! - creates (or opens) the RAM file and hands the bridge the bridge page and one region per
 //!   configured zone RAM region over the provider protocol (`hvisor_hsm::provider`);
 //! - watches the page and writes the wakeup eventfd when requests are pending while the bridge
-//!   asked for a wakeup (hvisor's wakeup IPI);
+//!   asked for a wakeup (hvisor's wakeup IPI); the stub also sends a byte on the `--doorbell`
+//!   socket after a push that found `need_wakeup` set, so the wakeup does not wait for the poll;
 //! - turns FINISH_REQ (the finish eventfd) into a doorbell byte on the socket behind QEMU's
 //!   second UART (`--doorbell`), which wakes the stub from its idle WFI to drain `res_list`;
 //! - with `--echo-test`, consumes the ring itself and answers every device window as an empty
@@ -60,7 +61,8 @@ struct Args {
     /// Serve the ring here instead of a bridge: every window reads as an empty transport.
     #[arg(long)]
     echo_test: bool,
-    /// Watcher poll period in microseconds.
+    /// Watcher poll period in microseconds (with `--doorbell`, the stub's kicks wake the
+    /// watcher at once and the poll is only a guard).
     #[arg(long, default_value_t = 50)]
     poll_us: u64,
 }
@@ -316,6 +318,38 @@ impl Doorbell {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The connection's fd, for the watcher's poll set.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.lock().as_ref().map(|s| s.as_raw_fd())
+    }
+
+    /// Reads the stub's pending kicks (one byte each); returns how many.
+    fn take_kicks(&self) -> u64 {
+        let mut guard = self.lock();
+        let Some(stream) = guard.as_mut() else {
+            return 0;
+        };
+        let mut kicks = 0;
+        let mut buf = [0u8; 256];
+        loop {
+            match io::Read::read(stream, &mut buf) {
+                Ok(0) => {
+                    log::info!("doorbell closed by QEMU");
+                    *guard = None;
+                    return kicks;
+                }
+                Ok(n) => kicks += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return kicks,
+                Err(e) => {
+                    log::info!("doorbell closed: {e}");
+                    *guard = None;
+                    return kicks;
+                }
+            }
+        }
+    }
+
     /// Writes one byte; a full socket already holds an unread ring, which is just as good.
     fn ring(&self) -> bool {
         let mut guard = self.lock();
@@ -339,6 +373,7 @@ struct Stats {
     wakeups: u64,
     finishes: u64,
     doorbells: u64,
+    kicks: u64,
     echoed: u64,
 }
 
@@ -380,10 +415,11 @@ impl Watcher<'_> {
             }
             if self.wait(signals, period)? {
                 log::info!(
-                    "stopping: {} wakeups sent, {} FINISH_REQ, {} doorbells, {} requests answered locally",
+                    "stopping: {} wakeups sent, {} FINISH_REQ, {} doorbells, {} kicks, {} requests answered locally",
                     self.stats.wakeups,
                     self.stats.finishes,
                     self.stats.doorbells,
+                    self.stats.kicks,
                     self.stats.echoed
                 );
                 return Ok(());
@@ -397,21 +433,25 @@ impl Watcher<'_> {
             .map_err(io_err("poll of the wakeup eventfd"))
     }
 
-    /// Sleeps for `period` or until FINISH_REQ or a stop signal; returns true on a stop signal.
+    /// Sleeps for `period` or until FINISH_REQ, a kick from the stub or a stop signal; returns
+    /// true on a stop signal.
     fn wait(&mut self, signals: BorrowedFd<'_>, period: Duration) -> Result<bool, ProviderError> {
+        let pollin = |fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // Without a doorbell connection yet, -1 makes poll skip the entry.
         let mut fds = [
-            libc::pollfd {
-                fd: signals.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.shared.finish.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            pollin(signals.as_raw_fd()),
+            pollin(self.shared.finish.as_raw_fd()),
+            pollin(self.doorbell.raw_fd().unwrap_or(-1)),
         ];
         ppoll(&mut fds, period).map_err(io_err("ppoll"))?;
+        if fds[2].revents != 0 {
+            // The caller's loop checks the ring and need_wakeup next.
+            self.stats.kicks += self.doorbell.take_kicks();
+        }
         if fds[1].revents & libc::POLLIN != 0 {
             // The stub drains res_list on every trap; the doorbell wakes it from an idle WFI.
             if let Ok(n) = self.shared.finish.read() {

@@ -17,8 +17,14 @@
 use std::time::Duration;
 
 pub mod blk;
+pub mod console;
+pub mod fs;
+pub mod generic;
 pub mod mmio;
+pub mod net;
+pub mod rng;
 pub mod virtqueue;
+pub mod vsock;
 
 #[cfg(test)]
 mod fake;
@@ -121,6 +127,14 @@ pub enum DriverError {
     RequestFailed(blk::BlkStatus),
     #[error("Invalid option: {0}")]
     InvalidOption(&'static str),
+    #[error("Malformed reply from the device: {0}")]
+    MalformedReply(&'static str),
+    #[error("Connection refused by the peer")]
+    ConnectionRefused,
+    #[error("Connection reset by the peer")]
+    ConnectionReset,
+    #[error("FUSE request failed with errno {0}")]
+    Fuse(i32),
 }
 
 /// The driver's result type.

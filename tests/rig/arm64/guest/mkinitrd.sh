@@ -1,19 +1,22 @@
 #!/bin/bash
-# Builds the rig's guest initramfs: static busybox, the virtio modules in dependency order, /init.
-# usage: mkinitrd.sh <kernel-tree-root> <kernel-version> <busybox-binary> <out.cpio.gz>
+# Builds the rig's guest initramfs: static busybox, the benchmark helper, the virtio modules in
+# dependency order, /init.
+# usage: mkinitrd.sh <kernel-tree-root> <kernel-version> <busybox-binary> <rigbench-binary> <out.cpio.gz>
 set -euo pipefail
 KROOT=$1
 KVER=$2
 BUSYBOX=$3
-OUT=$4
+RIGBENCH=$4
+OUT=$5
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/rig-initrd.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK"/{bin,sbin,proc,sys,dev,tmp,lib/modules}
 cp "$BUSYBOX" "$WORK/bin/busybox"
+cp "$RIGBENCH" "$WORK/bin/rigbench"
 cp "$HERE/init" "$WORK/init"
-chmod 755 "$WORK/init" "$WORK/bin/busybox"
+chmod 755 "$WORK/init" "$WORK/bin/busybox" "$WORK/bin/rigbench"
 
 # Dependency order (modules.dep): failover before net_failover before virtio_net.
 MODS="drivers/virtio/virtio_mmio drivers/block/virtio_blk net/core/failover drivers/net/net_failover

@@ -10,7 +10,9 @@
  *    routed to EL2, so the guest takes them directly); WFI is trapped so an idle guest still
  *    sees a result within a bounded time;
  *  - PSCI SMCs are passed through, CPU_ON is intercepted so secondaries also start under
- *    stage 2 at EL1.
+ *    stage 2 at EL1;
+ *  - one more trapped page, outside every window, is the counter page: the guest's benchmark
+ *    reads the statistics there (RIG_COUNTER_PAGE, see counter_word).
  *
  * Runs with the EL2 MMU off: every access here is Device memory, so code is built with
  * -mstrict-align and the bridge page is accessed field by field.
@@ -42,12 +44,14 @@ typedef uint64_t u64;
 
 /* The doorbell: QEMU virt's second PL011, whose input the host provider writes a byte to on
  * every FINISH_REQ. Its SPI is made a Group 0 (FIQ) interrupt, enabled only while the stub
- * waits in WFI, so it wakes the stub and never reaches the guest. */
+ * waits in WFI, so it wakes the stub and never reaches the guest. Its output is hvisor's wakeup
+ * IPI: one byte after a push while the bridge has need_wakeup set. */
 #define DOORBELL_UART 0x09040000UL
 #define DOORBELL_INTID 40
 #define UART_DR 0x00
 #define UART_FR 0x18
 #define UART_FR_RXFE (1U << 4)
+#define UART_FR_TXFF (1U << 5)
 #define UART_LCR_H 0x2c
 #define UART_CR 0x30
 #define UART_IMSC 0x38
@@ -151,8 +155,16 @@ static struct {
 	u64 slow_replies;
 	u64 doorbell_waits;
 	u64 doorbell_wakes;
+	u64 sync_waits;      /* synchronous accesses answered by the bridge */
+	u64 sync_wait_ticks; /* generic-counter ticks from the push to cfg_flags moving */
+	u64 window_ticks;    /* ticks spent at EL2 handling window accesses, push to return */
+	u64 counter_reads;   /* guest reads of the counter page */
+	u64 wfi_ticks;       /* ticks spent at EL2 on trapped WFIs (the guest idling) */
+	u64 kicks;           /* wakeup bytes sent to the host (need_wakeup was set) */
 	u64 per_cpu_accesses[RIG_MAX_CPUS];
 } stats;
+
+#define STAT_ADD(field, n) __atomic_fetch_add(&stats.field, (n), __ATOMIC_RELAXED)
 
 /* Several CPUs may trap at once. */
 #define STAT_INC(field) __atomic_fetch_add(&stats.field, 1, __ATOMIC_RELAXED)
@@ -215,7 +227,8 @@ static void unlock(volatile u32 *l)
 
 static volatile u32 req_lock, res_lock, print_lock;
 
-/* The generic counter: used for the "bridge is slow" warning and the WFI polling bound. */
+/* The generic counter: the "bridge is slow" warning, the WFI polling bound and the timing
+ * statistics (the guest's CNTVCT reads the same count: CNTVOFF_EL2 is 0). */
 static u64 now_ticks(void)
 {
 	isb();
@@ -278,6 +291,20 @@ static void print_stats(const char *why)
 	putdec(stats.doorbell_waits);
 	puts_(" doorbell_wakes=");
 	putdec(stats.doorbell_wakes);
+	puts_(" sync_waits=");
+	putdec(stats.sync_waits);
+	puts_(" sync_wait_ticks=");
+	putdec(stats.sync_wait_ticks);
+	puts_(" window_ticks=");
+	putdec(stats.window_ticks);
+	puts_(" counter_reads=");
+	putdec(stats.counter_reads);
+	puts_(" wfi_ticks=");
+	putdec(stats.wfi_ticks);
+	puts_(" kicks=");
+	putdec(stats.kicks);
+	puts_(" cntfrq=");
+	putdec(read_sysreg(cntfrq_el0));
 	puts_(" per_cpu_accesses=");
 	for (int i = 0; i < RIG_MAX_CPUS; i++) {
 		if (i)
@@ -431,6 +458,7 @@ static void setup_el2_for_guest(void)
 }
 
 static void doorbell_uart_init(void);
+static void kick_bridge(void);
 extern void enter_guest(u64 entry, u64 x0) __attribute__((noreturn));
 extern char secondary_entry[];
 
@@ -560,13 +588,18 @@ static u64 forward_access(unsigned cpu, u64 ipa, u64 offset, unsigned size, int 
 
 	u64 old = bridge->cfg_flags[cpu];
 	dmb_ish();
+	u64 start = now_ticks();
 	push_request(&req);
+	/* hvisor's wakeup IPI: a sleeping bridge has need_wakeup set. push_request ended with the
+	 * barrier that orders its req_rear store before this load; the bridge sets the flag and
+	 * then re-checks the ring, so either it sees the request or this sees the flag. */
+	if (RIG_KICK && bridge->need_wakeup)
+		kick_bridge();
 	if (req.need_interrupt) {
 		STAT_INC(async_notifies);
 		return 0;
 	}
 
-	u64 start = now_ticks();
 	u64 warn_after = 5000 * ticks_per_ms();
 	int warned = 0;
 	while (bridge->cfg_flags[cpu] == old) {
@@ -586,7 +619,32 @@ static u64 forward_access(unsigned cpu, u64 ipa, u64 offset, unsigned size, int 
 		}
 	}
 	dmb_ish(); /* acquire: cfg_values was written before cfg_flags moved */
+	STAT_INC(sync_waits);
+	STAT_ADD(sync_wait_ticks, now_ticks() - start);
 	return bridge->cfg_values[cpu];
+}
+
+/* The counter page: a trapped page outside every window, read by the guest's benchmark to
+ * sample the counters without powering off. 64-bit words, in this order; writes are ignored. */
+static u64 counter_word(u64 index)
+{
+	switch (index) {
+	case 0: return stats.traps;
+	case 1: return stats.reads;
+	case 2: return stats.writes;
+	case 3: return stats.async_notifies;
+	case 4: return stats.results;
+	case 5: return stats.sync_waits;
+	case 6: return stats.sync_wait_ticks;
+	case 7: return stats.window_ticks;
+	case 8: return read_sysreg(cntfrq_el0);
+	case 9: return stats.wfi;
+	case 10: return stats.doorbell_waits;
+	case 11: return stats.counter_reads;
+	case 12: return stats.wfi_ticks;
+	case 13: return stats.kicks;
+	default: return 0;
+	}
 }
 
 static void handle_dabt(struct frame *f, u64 esr)
@@ -606,6 +664,14 @@ static void handle_dabt(struct frame *f, u64 esr)
 
 	if (cpu >= RIG_MAX_CPUS)
 		fatal("CPU index out of range", cpu);
+	if ((ipa & ~(PAGE - 1)) == RIG_COUNTER_PAGE) {
+		STAT_INC(counter_reads);
+		if (!is_write && srt != 31) {
+			u64 word = counter_word((ipa & (PAGE - 1)) / 8);
+			f->x[srt] = (size == 8 ? word : word >> (8 * (ipa & 4))) & mask;
+		}
+		return;
+	}
 	if (!is_hole(ipa & ~(PAGE - 1)))
 		fatal("stage-2 fault outside the virtio window pages", esr);
 
@@ -629,7 +695,9 @@ static void handle_dabt(struct frame *f, u64 esr)
 	}
 
 	u64 wvalue = (srt == 31 ? 0 : f->x[srt]) & mask;
+	u64 start = now_ticks();
 	u64 v = forward_access(cpu, ipa, ipa - w->base, size, is_write, wvalue);
+	STAT_ADD(window_ticks, now_ticks() - start);
 	if (is_write || srt == 31)
 		return;
 	v &= mask;
@@ -668,7 +736,15 @@ static void doorbell_uart_init(void)
 	*uart32(DOORBELL_UART, UART_LCR_H) = 0x60; /* 8N1, no FIFO: every byte raises RX */
 	*uart32(DOORBELL_UART, UART_IMSC) = 1U << 4; /* RXIM */
 	*uart32(DOORBELL_UART, UART_ICR) = 0x7ff;
-	*uart32(DOORBELL_UART, UART_CR) = (1U << 9) | 1U; /* RXE | UARTEN */
+	*uart32(DOORBELL_UART, UART_CR) = (1U << 9) | (1U << 8) | 1U; /* RXE | TXE | UARTEN */
+}
+
+static void kick_bridge(void)
+{
+	while (*uart32(DOORBELL_UART, UART_FR) & UART_FR_TXFF)
+		cpu_relax();
+	*uart32(DOORBELL_UART, UART_DR) = 1;
+	STAT_INC(kicks);
 }
 
 static void doorbell_clear(void)
@@ -804,10 +880,13 @@ void handle_exception(struct frame *f, u64 kind)
 		handle_dabt(f, esr);
 		write_sysreg(elr_el2, read_sysreg(elr_el2) + 4);
 		break;
-	case EC_WFX:
+	case EC_WFX: {
+		u64 start = now_ticks();
 		handle_wfi();
+		STAT_ADD(wfi_ticks, now_ticks() - start);
 		write_sysreg(elr_el2, read_sysreg(elr_el2) + 4);
 		break;
+	}
 	case EC_SMC64:
 		handle_smc(f);
 		/* a trapped SMC returns to the SMC itself: skip it */

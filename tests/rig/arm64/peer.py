@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Host-side peers for the arm64 rig's net and console tests (run.sh starts them before the guest).
+
+  peer.py net --addr A --port P --expect-bytes N --send FILE --result FILE
+      (inside the test's network namespace) first connection: the guest sends; read N bytes (or
+      up to EOF), then close, and record `received bytes=.. md5=..`. Second connection: send
+      FILE and close, and record `sent bytes=.. md5=..`.
+  peer.py console --socket PATH --result FILE
+      attach to the console backend's client socket, wait for one line from the guest, answer
+      `host-echo <line>`, record `line=<line>`.
+
+Every step has a deadline (--timeout); the result file says what happened either way.
+"""
+import argparse
+import hashlib
+import os
+import socket
+import sys
+import time
+
+
+def record(path, text):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+def net(args):
+    deadline = time.monotonic() + args.timeout
+    with socket.create_server((args.addr, args.port), backlog=1) as server:
+        record(args.result, "listening")
+        server.settimeout(args.timeout)
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(max(deadline - time.monotonic(), 1))
+            digest, got = hashlib.md5(), 0
+            while got < args.expect_bytes:
+                chunk = conn.recv(min(1 << 16, args.expect_bytes - got))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                got += len(chunk)
+        record(args.result, f"received bytes={got} md5={digest.hexdigest()}")
+        server.settimeout(max(deadline - time.monotonic(), 1))
+        conn, _ = server.accept()
+        with conn, open(args.send, "rb") as f:
+            data = f.read()
+            conn.settimeout(max(deadline - time.monotonic(), 1))
+            conn.sendall(data)
+        record(args.result, f"sent bytes={len(data)} md5={hashlib.md5(data).hexdigest()}")
+
+
+def console(args):
+    deadline = time.monotonic() + args.timeout
+    while not os.path.exists(args.socket):
+        if time.monotonic() > deadline:
+            sys.exit(f"peer.py: no console socket {args.socket}")
+        time.sleep(0.05)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(args.socket)
+        sock.settimeout(args.timeout)
+        buf = b""
+        # The guest's line is the first one that starts with the test's prefix: anything the
+        # console printed before (a getty, kernel output) is skipped.
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                record(args.result, "eof")
+                return
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                text = line.decode(errors="replace").strip("\r")
+                if text.startswith(args.prefix):
+                    sock.sendall(b"host-echo " + text.encode() + b"\n")
+                    record(args.result, f"line={text}")
+                    return
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    n = sub.add_parser("net")
+    n.add_argument("--addr", required=True)
+    n.add_argument("--port", type=int, required=True)
+    n.add_argument("--expect-bytes", type=int, required=True)
+    n.add_argument("--send", required=True)
+    n.add_argument("--result", required=True)
+    n.add_argument("--timeout", type=float, default=150)
+    c = sub.add_parser("console")
+    c.add_argument("--socket", required=True)
+    c.add_argument("--result", required=True)
+    c.add_argument("--prefix", default="rig-console-")
+    c.add_argument("--timeout", type=float, default=150)
+    args = ap.parse_args()
+    try:
+        {"net": net, "console": console}[args.cmd](args)
+    except (OSError, socket.timeout) as e:
+        record(args.result, f"error {e}")
+        sys.exit(f"peer.py {args.cmd}: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# CI entry for the x86 real-guest rig: stock Debian guests (QEMU TCG) and user-mode Linux
+# against our vhost-user backends, with qemu-storage-daemon as the control.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+tests/rig/x86/setup.sh --uml
+export RIG_SKIP_SETUP=1
+tests/rig/x86/blk-tests.sh --backend ours --num-queues 2
+tests/rig/x86/blk-tests.sh --backend qsd --num-queues 2
+tests/rig/x86/uml-blk-tests.sh
+for extra in tests/rig/x86/net-tests.sh; do
+    if [ -x "$extra" ]; then "$extra"; fi
+done
