@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# Runs every test of the project. On a fresh machine it first installs what the tests need
-# (Debian packages, guest kernels, third-party backends); reruns reuse the cache in build/.
+# Runs every test of the project. On a fresh machine it first installs what the tests need:
+# Debian packages, the third-party vhost-user backends (built once with cargo install and
+# cached under build/thirdparty), and the real-guest rigs' kernels and tools (cached under
+# build/rig-*). Non-interactive; needs root for apt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TERM_COLOR=never
+export CARGO_TERM_COLOR=never DEBIAN_FRONTEND=noninteractive
 
 step() { printf '\n=== %s ===\n' "$*"; }
+
+step "packages"
+missing=()
+for pkg in iproute2 qemu-utils; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
 
 step "style"
 cargo fmt --all -- --check
@@ -14,12 +26,14 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build"
 cargo build --workspace --bins --locked --release
 
-step "unit and end-to-end tests (simulated hypervisor, real bridge and backend processes)"
-# The end-to-end tests drive the release binaries: the same ones the demo and rigs run.
+step "third-party backends"
+tests/thirdparty/install.sh
+
+step "unit, property and end-to-end tests (simulated hypervisor, real processes)"
+# The end-to-end tests drive the release binaries: the same ones the demo and the rigs run.
 HVV_BIN_DIR="$PWD/target/release" cargo test --workspace --locked --release
 
 for rig in tests/rig/*/ci.sh; do
-    [ -x "$rig" ] || continue
     step "real-guest rig: $rig"
     "$rig"
 done
