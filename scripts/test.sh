@@ -31,7 +31,7 @@ tests/thirdparty/install.sh
 
 step "unit, property and end-to-end tests (simulated hypervisor, real processes)"
 # The end-to-end tests drive the release binaries: the same ones the demo and the rigs run.
-HVV_BIN_DIR="$PWD/target/release" cargo test --workspace --locked --release
+HVV_BIN_DIR="$PWD/target/release" cargo test --workspace --locked --release --no-fail-fast
 
 for rig in tests/rig/*/ci.sh; do
     step "real-guest rig: $rig"

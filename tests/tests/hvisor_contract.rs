@@ -147,6 +147,17 @@ fn never_more_than_seven_pending_irqs_per_zone() {
             std::thread::yield_now();
         }
     }
+    // The bridge has decided on every injection by now; let the simulated hypervisor's
+    // result-ring drain catch up with what was pushed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sb.sim.stats().irqs_delivered < 7 {
+        assert!(
+            Instant::now() < deadline,
+            "interrupts not delivered: {:?}",
+            sb.sim.stats()
+        );
+        std::thread::yield_now();
+    }
     let stats = sb.sim.stats();
     assert_eq!(stats.pending_limit_violations, 0, "{stats:?}");
     assert_eq!(
