@@ -9,7 +9,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -907,21 +907,85 @@ impl SimRam {
     }
 
     /// Copies guest memory at `gpa` into `buf`.
+    /// A naturally aligned 2-, 4- or 8-byte access is one atomic load, so a ring index that
+    /// a backend updates concurrently is never torn (as on real hardware).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), HsmError> {
         let src = self.locate(gpa, buf.len())?;
+        if let Some(bytes) = atomic_load(src, buf.len()) {
+            buf.copy_from_slice(&bytes[..buf.len()]);
+            return Ok(());
+        }
         // SAFETY: `src..src+len` is inside a live mapping owned by the simulator (kept alive
         // by `self.sim`); `buf` is a distinct Rust buffer. Guest RAM is plain bytes.
         unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
 
-    /// Copies `data` into guest memory at `gpa`.
+    /// Copies `data` into guest memory at `gpa`; aligned 2-, 4- and 8-byte writes are single
+    /// atomic stores, like `read`.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), HsmError> {
         let dst = self.locate(gpa, data.len())?;
+        if atomic_store(dst, data) {
+            return Ok(());
+        }
         // SAFETY: as in `read`; the mapping is writable and shared.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
         Ok(())
     }
+}
+
+/// One atomic load of `len` (2, 4 or 8) bytes at an aligned `ptr` into guest RAM, as bytes in
+/// memory order; `None` for other sizes or alignments.
+fn atomic_load(ptr: *const u8, len: usize) -> Option<[u8; 8]> {
+    if !matches!(len, 2 | 4 | 8) || !(ptr as usize).is_multiple_of(len) {
+        return None;
+    }
+    let mut out = [0u8; 8];
+    // SAFETY: `ptr` points into a live, shared guest-RAM mapping, is aligned for the type
+    // read (checked above), and atomics tolerate the backend writing concurrently.
+    unsafe {
+        match len {
+            2 => out[..2].copy_from_slice(
+                &(*ptr.cast::<AtomicU16>())
+                    .load(Ordering::Acquire)
+                    .to_ne_bytes(),
+            ),
+            4 => out[..4].copy_from_slice(
+                &(*ptr.cast::<AtomicU32>())
+                    .load(Ordering::Acquire)
+                    .to_ne_bytes(),
+            ),
+            _ => out.copy_from_slice(
+                &(*ptr.cast::<AtomicU64>())
+                    .load(Ordering::Acquire)
+                    .to_ne_bytes(),
+            ),
+        }
+    }
+    Some(out)
+}
+
+/// One atomic store of `data` (2, 4 or 8 bytes) at an aligned `ptr`; false when `data` has
+/// another size or `ptr` is not aligned for it.
+fn atomic_store(ptr: *mut u8, data: &[u8]) -> bool {
+    if !matches!(data.len(), 2 | 4 | 8) || !(ptr as usize).is_multiple_of(data.len()) {
+        return false;
+    }
+    let mut bytes = [0u8; 8];
+    bytes[..data.len()].copy_from_slice(data);
+    // SAFETY: as in `atomic_load`; the mapping is writable.
+    unsafe {
+        match data.len() {
+            2 => (*ptr.cast::<AtomicU16>())
+                .store(u16::from_ne_bytes([bytes[0], bytes[1]]), Ordering::Release),
+            4 => (*ptr.cast::<AtomicU32>()).store(
+                u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+                Ordering::Release,
+            ),
+            _ => (*ptr.cast::<AtomicU64>()).store(u64::from_ne_bytes(bytes), Ordering::Release),
+        }
+    }
+    true
 }
 
 #[cfg(test)]

@@ -40,8 +40,12 @@ struct Host {
 
 impl Host {
     fn new(tag: &str, backend_args: &[&str]) -> Host {
+        Host::with_namespace(tag, NetNs::new(tag), backend_args)
+    }
+
+    /// A host whose backend starts in `ns`, where the TAP may already exist.
+    fn with_namespace(tag: &str, ns: NetNs, backend_args: &[&str]) -> Host {
         let dir = dir_with_images(tag, &[]);
-        let ns = NetNs::new(tag);
         let socket = dir.path().join("net.sock");
         let mac = hvisor_vhost_tests::netns::format_mac(&GUEST_MAC);
         let mut args = vec!["--mac", mac.as_str()];
@@ -367,4 +371,141 @@ fn backend_serves_the_next_bridge_and_stops_cleanly() {
         !links.contains(TAP),
         "the TAP left with its backend: {links}"
     );
+}
+
+/// CPU time (user + system, in clock ticks) the process has used, all threads included.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may contain spaces; the fields after it are space-separated.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn idle_backend_does_not_spin() {
+    let host = Host::new("idle", &[]);
+    let tap_mac = host.tap_mac();
+    let sb = host.bridge("");
+    let g = NetGuest::new(&sb);
+    let mut net = driver(&g, &NetOptions::default());
+    // Exercise both directions, then leave the device idle with buffers posted.
+    net.send(&test_frame(tap_mac, GUEST_MAC, 1, 100), WAIT)
+        .unwrap();
+    assert!(host
+        .packets
+        .recv_matching(WAIT, is_test_frame)
+        .unwrap()
+        .is_some());
+    let frame = test_frame(GUEST_MAC, tap_mac, 2, 100);
+    host.packets.send(&frame).unwrap();
+    assert_eq!(net.recv_matching(WAIT, is_test_frame).unwrap().frame, frame);
+    net.flush_tx(WAIT).unwrap();
+
+    // A measurement window, not a synchronisation: an idle backend blocked in epoll uses no
+    // CPU, one polling the TAP or the rings would use the whole second.
+    let before = cpu_ticks(host.backend.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(host.backend.pid()) - before;
+    assert!(used <= 2, "idle backend used {used} ticks in 1 s");
+
+    // Still awake for new frames after the idle second.
+    let frame = test_frame(GUEST_MAC, tap_mac, 3, 100);
+    host.packets.send(&frame).unwrap();
+    assert_eq!(net.recv_matching(WAIT, is_test_frame).unwrap().frame, frame);
+}
+
+#[test]
+fn attaches_to_an_existing_tap_and_leaves_it_in_place() {
+    let ns = NetNs::new("existing");
+    ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"]);
+    let mut host = Host::with_namespace("existing", ns, &[]);
+    let tap_mac = host.tap_mac();
+    {
+        let sb = host.bridge("");
+        let g = NetGuest::new(&sb);
+        let mut net = driver(&g, &NetOptions::default());
+        let frame = test_frame(tap_mac, GUEST_MAC, 5, 200);
+        net.send(&frame, WAIT).unwrap();
+        let seen = host.packets.recv_matching(WAIT, is_test_frame).unwrap();
+        assert_eq!(seen, Some(frame));
+        let back = test_frame(GUEST_MAC, tap_mac, 6, 200);
+        host.packets.send(&back).unwrap();
+        assert_eq!(net.recv_matching(WAIT, is_test_frame).unwrap().frame, back);
+    }
+    assert!(host.backend.terminate().success());
+    // The TAP was not the backend's to remove; it keeps its address.
+    let addresses = host.ns.ip(&["-o", "addr", "show", "dev", TAP]);
+    assert!(addresses.contains("10.77.0.1/24"), "{addresses}");
+}
+
+/// An IPv4/UDP frame from `port`: flows that differ in the port hash to different TAP queues.
+fn udp_frame(dst: [u8; 6], src: [u8; 6], port: u16) -> Vec<u8> {
+    let payload = port.to_be_bytes();
+    let udp_len = 8 + payload.len() as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(20 + udp_len).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&HOST_IP);
+    ip.extend_from_slice(&GUEST_IP);
+    let sum = frames::checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip.extend_from_slice(&port.to_be_bytes());
+    ip.extend_from_slice(&9u16.to_be_bytes());
+    ip.extend_from_slice(&udp_len.to_be_bytes());
+    ip.extend_from_slice(&[0, 0]); // no UDP checksum
+    ip.extend_from_slice(&payload);
+    frames::ethernet(dst, src, frames::ETHERTYPE_IPV4, &ip)
+}
+
+fn is_udp_test_frame(frame: &[u8]) -> bool {
+    frames::ethertype(frame) == Some(frames::ETHERTYPE_IPV4) && frame.get(23) == Some(&17)
+}
+
+/// Sends one frame for each of `flows` UDP flows and counts the ones the guest receives on
+/// queue pair 0 (the only pair this driver uses).
+fn flows_received(
+    host: &Host,
+    net: &mut NetDriver<'_, Vcpu, SingleAccessRam, Irq>,
+    flows: u16,
+) -> u16 {
+    let tap_mac = host.tap_mac();
+    for port in 0..flows {
+        host.packets
+            .send(&udp_frame(GUEST_MAC, tap_mac, 40_000 + port))
+            .unwrap();
+    }
+    let mut seen = std::collections::HashSet::new();
+    // The frames already queued arrive well within a second; the rest never will.
+    while let Ok(received) = net.recv_matching(Duration::from_secs(1), is_udp_test_frame) {
+        seen.insert(u16::from_be_bytes([received.frame[34], received.frame[35]]));
+    }
+    seen.len() as u16
+}
+
+#[test]
+fn control_queue_attaches_and_detaches_tap_queues() {
+    let host = Host::new("mq", &["--queue-pairs", "2"]);
+    // Two pairs and the control queue; the driver sets up pair 0 and the control queue only.
+    let sb = host.bridge(r#","num_queues":5"#);
+    let g = NetGuest::new(&sb);
+    let options = NetOptions {
+        features: NetOptions::default().features | feature::CTRL_VQ | feature::MQ,
+        ..NetOptions::default()
+    };
+    let mut net = driver(&g, &options);
+    assert_eq!(net.config().max_queue_pairs, 2);
+    // Until the driver asks for more, one pair: the second TAP queue is detached, so every
+    // flow comes to pair 0.
+    assert_eq!(flows_received(&host, &mut net, 64), 64);
+    net.set_queue_pairs(2, WAIT).unwrap();
+    // Both TAP queues attached: the flows the TAP steers to queue 1 wait there for a pair
+    // this driver never set up.
+    let with_two = flows_received(&host, &mut net, 64);
+    assert!(
+        0 < with_two && with_two < 64,
+        "{with_two} of 64 flows on pair 0"
+    );
+    net.set_queue_pairs(1, WAIT).unwrap();
+    assert_eq!(flows_received(&host, &mut net, 64), 64);
 }

@@ -228,10 +228,11 @@ t_net() {
 # watchdog PID: kills PID after rig.net_timeout seconds (default 120), so that a stalled
 # transfer ends the test instead of the boot; prints the watchdog's PID.
 watchdog() {
+    # Its output must not be the caller's $(...) pipe, or the caller waits for it.
     (
         sleep "$(param net_timeout 120)"
-        kill "$1" 2>/dev/null
-    ) &
+        kill "$1"
+    ) >/dev/null 2>&1 &
     echo $!
 }
 
