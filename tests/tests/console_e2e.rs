@@ -8,7 +8,9 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
@@ -18,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hvisor_vhost_tests::driver::console::{event, feature, ConsoleDriver, ConsoleOptions};
-use hvisor_vhost_tests::driver::mmio::VIRTIO_F_VERSION_1;
-use hvisor_vhost_tests::driver::GuestAllocator;
+use hvisor_vhost_tests::driver::mmio::{INTERRUPT_CONFIG, VIRTIO_F_VERSION_1};
+use hvisor_vhost_tests::driver::{GuestAllocator, Interrupts};
 use hvisor_vhost_tests::harness::{bin_path, Irq, Process, Ram, Rng, SimBridge, TempDir, Vcpu};
 
 const CONSOLE: u64 = 0xa003e00;
@@ -423,6 +425,156 @@ fn hvisor_tool_console_entry_gets_a_spawned_pty_backend() {
     assert_same(&got, &data, "through the spawned pty");
     pty.write_all(b"ls\r").unwrap();
     assert_eq!(console.read_exact(3).unwrap(), b"ls\r");
+}
+
+/// Sets the window size of the terminal behind `fd` (TIOCSWINSZ), as a terminal emulator
+/// does when its window is resized.
+fn set_window_size(fd: &impl AsRawFd, cols: u16, rows: u16) {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the struct we pass.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+    assert_eq!(ret, 0, "TIOCSWINSZ: {}", std::io::Error::last_os_error());
+}
+
+/// Waits for the guest's configuration-change interrupt the way Linux's `vm_interrupt` takes
+/// it: InterruptStatus, then InterruptACK. Queue interrupts met on the way are acknowledged;
+/// the driver finds their buffers on the rings anyway.
+fn wait_for_config_interrupt(g: &Guest, console: &ConsoleDriver<'_, Vcpu, Ram, Irq>, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = Instant::now();
+        assert!(now < deadline, "no configuration interrupt after {why}");
+        if !g.irq.wait(deadline - now) {
+            continue;
+        }
+        let status = console.device().interrupt_status();
+        console.device().ack_interrupt(status);
+        if status & INTERRUPT_CONFIG != 0 {
+            return;
+        }
+    }
+}
+
+/// The cols and rows the guest reads from the configuration space now.
+fn config_size(console: &ConsoleDriver<'_, Vcpu, Ram, Irq>) -> (u16, u16) {
+    (
+        console.device().read_config_u16(0),
+        console.device().read_config_u16(2),
+    )
+}
+
+#[test]
+fn pty_resize_reaches_the_guest_as_a_config_change() {
+    let rig = Rig::start("con-resize", &["--pty", "--pty-link", "@/console"], "");
+    let g = guest(&rig.sb);
+    let mut console = driver(&g, &classic());
+    // A new pty has no size: the default.
+    assert_eq!(
+        (console.config().cols, console.config().rows),
+        (Some(80), Some(25))
+    );
+    let mut pty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(rig.dir().path().join("console"))
+        .unwrap();
+    let generation = console.device().config_generation();
+    // Activity without a resize is no configuration change.
+    pty.write_all(b"a").unwrap();
+    assert_eq!(console.read_exact(1).unwrap(), b"a");
+    console.write(b"a").unwrap();
+    let mut echo = [0u8; 1];
+    pty.read_exact(&mut echo).unwrap();
+    assert_eq!(
+        console.device().config_generation(),
+        generation,
+        "a keystroke changed the configuration"
+    );
+
+    // The terminal is resized, then the user types: the keystroke is when a pty resize
+    // can be seen (only the pty's own process group gets SIGWINCH).
+    set_window_size(&pty, 132, 43);
+    pty.write_all(b"x").unwrap();
+    wait_for_config_interrupt(&g, &console, "a resize and a keystroke");
+    let after_first = console.device().config_generation();
+    assert_ne!(after_first, generation, "ConfigGeneration must change");
+    assert_eq!(config_size(&console), (132, 43));
+    assert_eq!(console.read_exact(1).unwrap(), b"x", "the keystroke itself");
+
+    // Resized again, and this time the guest speaks first.
+    set_window_size(&pty, 100, 30);
+    console.write(b"$ ").unwrap();
+    wait_for_config_interrupt(&g, &console, "a resize and guest output");
+    assert_ne!(console.device().config_generation(), after_first);
+    assert_eq!(config_size(&console), (100, 30));
+    let mut prompt = [0u8; 2];
+    pty.read_exact(&mut prompt).unwrap();
+    assert_eq!(&prompt, b"$ ");
+}
+
+/// A pty pair (master, slave).
+fn open_pty() -> (OwnedFd, OwnedFd) {
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the ints we pass; the name, termios and
+    // winsize pointers may be null.
+    let ret = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(ret, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened for us and nothing else owns them.
+    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+#[test]
+fn stdio_terminal_resize_is_pushed_on_sigwinch_alone() {
+    let dir = dir_with_images("con-winch", &[]);
+    let vhost_user = dir.path().join("console-vu.sock");
+    let (master, slave) = open_pty();
+    set_window_size(&master, 90, 20);
+    let mut cmd = Command::new(bin_path("vhost-user-console"));
+    cmd.arg("-s")
+        .arg(&vhost_user)
+        .arg("--stdio")
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave);
+    // SAFETY: between fork and exec the child only makes async-signal-safe calls: it starts a
+    // session and takes its stdin, the pty, as controlling terminal, as a login shell would,
+    // so that the kernel sends it SIGWINCH.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let _backend = StdioBackend(cmd.spawn().unwrap());
+    let cfg = config(&[zone(1, &[console_entry(&vhost_user, "")], None)]);
+    let sb = SimBridge::start(dir, &cfg, &[]);
+    let g = guest(&sb);
+    let console = driver(&g, &classic());
+    assert_eq!(
+        (console.config().cols, console.config().rows),
+        (Some(90), Some(20)),
+        "the terminal's size at start"
+    );
+    let generation = console.device().config_generation();
+    // No byte moves either way: the signal alone carries the change.
+    set_window_size(&master, 120, 50);
+    wait_for_config_interrupt(&g, &console, "SIGWINCH");
+    assert_ne!(console.device().config_generation(), generation);
+    assert_eq!(config_size(&console), (120, 50));
 }
 
 /// A backend whose standard streams the test holds; killed on drop.

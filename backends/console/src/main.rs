@@ -3,30 +3,32 @@
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread;
 
 use clap::{ArgGroup, Parser};
-use log::{error, info, warn};
-use vhost::vhost_user::Listener;
+use log::{debug, error, info, warn};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vhost_user_console::console::{
     ConsoleDevice, ConsoleHost, FileHost, Port, PtyHost, SocketHost, StdioHost,
     DEFAULT_SOCKET_BUFFER, MAX_PORT_NAME,
 };
 use vhost_user_console::vhu_console::{self, VhostUserConsoleBackend, MAX_PORTS, MAX_QUEUE_SIZE};
+use vhost_user_frontdoor::{ConfigNotifier, Delivery, FrontDoor};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{block_signal, create_sigset};
 
-/// Signals handled by the signal thread; blocked everywhere else.
-const HANDLED_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+/// Signals handled by the signal thread; blocked everywhere else. SIGWINCH reaches the
+/// backend when it runs in the foreground of the terminal it serves (`--stdio`).
+const HANDLED_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGWINCH];
+
+type SharedBackend = Arc<RwLock<VhostUserConsoleBackend>>;
 
 #[derive(Parser, Debug)]
 #[command(author, version, about = "vhost-user console device backend")]
@@ -62,8 +64,9 @@ struct Args {
     /// (repeat for several ports; unnamed ports are `portN`).
     #[arg(long = "port-name", value_name = "NAME")]
     port_names: Vec<String>,
-    /// Largest virtqueue size the frontend may configure (a power of two).
-    #[arg(long, default_value_t = 128)]
+    /// Largest virtqueue size the frontend may configure (a power of two). User-mode Linux
+    /// always asks for 256.
+    #[arg(long, default_value_t = 256)]
     queue_size: u16,
 }
 
@@ -89,20 +92,16 @@ enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("Socket {} is in use by a running backend", .0.display())]
-    SocketInUse(PathBuf),
-    #[error("{} exists and is not a socket", .0.display())]
-    NotASocket(PathBuf),
-    #[error("Cannot listen on {}", path.display())]
-    Listen {
-        path: PathBuf,
-        #[source]
-        source: vhost::vhost_user::Error,
-    },
+    #[error("Cannot open the vhost-user socket")]
+    Listen(#[source] vhost_user_frontdoor::Error),
     #[error("Cannot set up signal handling")]
     Signals(#[source] io::Error),
+    #[error("Cannot start the configuration change thread")]
+    ConfigThread(#[source] io::Error),
     #[error("Cannot wait for a frontend")]
     Accept(#[source] io::Error),
+    #[error("Cannot connect the frontend to the backend")]
+    Connect(#[source] vhost_user_frontdoor::Error),
     #[error("Cannot create the backend")]
     Backend(#[source] vhu_console::Error),
     #[error("Cannot create the console device")]
@@ -245,77 +244,83 @@ fn open_hosts(config: &Config) -> Result<Vec<Port>, Error> {
     Ok(ports)
 }
 
-/// Shutdown state shared by the serve loop and the signal thread.
-struct Shutdown {
-    requested: AtomicBool,
-    /// Wakes the serve loop while it waits for a frontend.
-    wake: EventFd,
-    /// The live connection, closed to end it early.
-    connection: Mutex<Option<ShutdownHandle>>,
+/// The connected frontend: how to end the connection and how to tell the frontend about
+/// configuration changes.
+struct Connection {
+    shutdown: Option<ShutdownHandle>,
+    notifier: ConfigNotifier,
 }
 
-impl Shutdown {
+/// State shared by the serve loop, the signal thread and the configuration change thread.
+struct ServeState {
+    shutdown_requested: AtomicBool,
+    /// Wakes the serve loop and the configuration change thread at shutdown.
+    wake: EventFd,
+    /// The live connection, if any.
+    connection: Mutex<Option<Connection>>,
+}
+
+impl ServeState {
     fn new() -> io::Result<Self> {
-        Ok(Shutdown {
-            requested: AtomicBool::new(false),
+        Ok(ServeState {
+            shutdown_requested: AtomicBool::new(false),
             wake: EventFd::new(EFD_NONBLOCK)?,
             connection: Mutex::new(None),
         })
     }
 
-    fn request(&self) {
-        self.requested.store(true, Ordering::Release);
+    fn request_shutdown(&self) {
+        self.shutdown_requested.store(true, Ordering::Release);
         if let Err(e) = self.wake.write(1) {
             error!("Cannot wake the serve loop: {e}");
         }
-        if let Some(connection) = self.connection().as_ref() {
-            connection.shutdown();
+        if let Some(handle) = self.connection().as_ref().and_then(|c| c.shutdown.as_ref()) {
+            handle.shutdown();
         }
     }
 
-    fn requested(&self) -> bool {
-        self.requested.load(Ordering::Acquire)
+    fn shutdown_requested(&self) -> bool {
+        self.shutdown_requested.load(Ordering::Acquire)
     }
 
     /// Records the live connection; closes it at once if shutdown was already requested.
-    fn track(&self, handle: Option<ShutdownHandle>) {
-        let mut connection = self.connection();
-        *connection = handle;
-        if self.requested() {
-            if let Some(handle) = connection.as_ref() {
+    fn track(&self, connection: Option<Connection>) {
+        let mut current = self.connection();
+        *current = connection;
+        if self.shutdown_requested() {
+            if let Some(handle) = current.as_ref().and_then(|c| c.shutdown.as_ref()) {
                 handle.shutdown();
             }
         }
     }
 
-    fn connection(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+    /// Tells the connected frontend that the configuration changed, if it set up a backend
+    /// channel; otherwise the driver sees the new size on its next configuration read.
+    fn announce_config_change(&self) {
+        // Not under the lock: the frontend may take a while to acknowledge.
+        let notifier = self.connection().as_ref().map(|c| c.notifier.clone());
+        let Some(notifier) = notifier else {
+            debug!("No frontend connected to notify of the new console size");
+            return;
+        };
+        match notifier.config_changed() {
+            Ok(Delivery::Acknowledged) => debug!("The frontend acknowledged the new console size"),
+            Ok(Delivery::Sent) => debug!("New console size sent to the frontend"),
+            Ok(Delivery::NoChannel) => info!(
+                "The frontend has no backend channel; it sees the new console size on its next configuration read"
+            ),
+            Err(e) => warn!(
+                "Cannot notify the frontend of the new console size: {}",
+                error_chain(&e)
+            ),
+        }
+    }
+
+    fn connection(&self) -> MutexGuard<'_, Option<Connection>> {
         self.connection
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-}
-
-/// Creates the vhost-user socket with mode 0600. A stale socket is replaced; a live one, or
-/// a file that is not a socket, is left alone.
-fn listen(path: &Path) -> Result<Listener, Error> {
-    if let Ok(metadata) = std::fs::symlink_metadata(path) {
-        if !metadata.file_type().is_socket() {
-            return Err(Error::NotASocket(path.to_owned()));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::SocketInUse(path.to_owned()));
-        }
-    }
-    // SAFETY: umask only swaps the process file-mode mask. No other thread exists yet, so
-    // nothing else creates files while the restrictive mask is in place.
-    let previous = unsafe { libc::umask(0o177) };
-    let listener = Listener::new(path, true);
-    // SAFETY: as above; restores the previous mask.
-    unsafe { libc::umask(previous) };
-    listener.map_err(|source| Error::Listen {
-        path: path.to_owned(),
-        source,
-    })
 }
 
 /// Blocks the handled signals in this thread and every thread spawned after it, so that
@@ -330,8 +335,9 @@ fn block_handled_signals() -> io::Result<()> {
     Ok(())
 }
 
-/// SIGTERM, SIGINT and SIGHUP request a clean shutdown.
-fn spawn_signal_thread(shutdown: Arc<Shutdown>) -> io::Result<()> {
+/// SIGTERM, SIGINT and SIGHUP request a clean shutdown; SIGWINCH has the console size
+/// looked at again.
+fn spawn_signal_thread(state: Arc<ServeState>, backend: SharedBackend) -> io::Result<()> {
     let set = create_sigset(&HANDLED_SIGNALS).map_err(io::Error::from)?;
     thread::Builder::new()
         .name("signals".into())
@@ -343,37 +349,45 @@ fn spawn_signal_thread(shutdown: Arc<Shutdown>) -> io::Result<()> {
                 error!("sigwait failed: {}", io::Error::from_raw_os_error(ret));
                 continue;
             }
+            if signal == libc::SIGWINCH {
+                // A change is signalled to the configuration change thread.
+                backend
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .refresh_window_size();
+                continue;
+            }
             info!("Signal {signal}: shutting down");
-            shutdown.request();
+            state.request_shutdown();
             return;
         })?;
     Ok(())
 }
 
-/// Waits until a frontend connects (true) or shutdown is requested (false).
-fn wait_for_frontend(listener: &Listener, shutdown: &Shutdown) -> io::Result<bool> {
-    const LISTENER: u64 = 0;
+/// Waits on `fd` and the shutdown wake-up: true when `fd` is readable, false at shutdown.
+fn wait_readable(fd: &impl AsRawFd, state: &ServeState) -> io::Result<bool> {
+    const READY: u64 = 0;
     const WAKE: u64 = 1;
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
-        listener.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, LISTENER),
+        fd.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, READY),
     )?;
     epoll.ctl(
         ControlOperation::Add,
-        shutdown.wake.as_raw_fd(),
+        state.wake.as_raw_fd(),
         EpollEvent::new(EventSet::IN, WAKE),
     )?;
     let mut events = [EpollEvent::default(); 2];
     loop {
-        if shutdown.requested() {
+        if state.shutdown_requested() {
             return Ok(false);
         }
         match epoll.wait(-1, &mut events) {
             Ok(count) => {
-                if events[..count].iter().any(|event| event.data() == LISTENER) {
-                    return Ok(!shutdown.requested());
+                if events[..count].iter().any(|event| event.data() == READY) {
+                    return Ok(!state.shutdown_requested());
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -382,24 +396,61 @@ fn wait_for_frontend(listener: &Listener, shutdown: &Shutdown) -> io::Result<boo
     }
 }
 
+/// Pushes each console size change the worker or the signal thread noticed to the frontend.
+/// A thread of its own: the frontend's acknowledgement is waited for without holding up the
+/// queues, and the frontend re-reads the configuration while the worker runs.
+fn spawn_config_thread(state: Arc<ServeState>, changes: EventFd) -> io::Result<()> {
+    thread::Builder::new()
+        .name("config-change".into())
+        .spawn(move || loop {
+            match wait_readable(&changes, &state) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    error!("Cannot wait for console size changes: {e}");
+                    return;
+                }
+            }
+            // Several changes since the last push make one notification.
+            match changes.read() {
+                Ok(_) => state.announce_config_change(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    error!("Cannot read the console size change event: {e}");
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
 fn serve(config: Config) -> Result<(), Error> {
     block_handled_signals().map_err(Error::Signals)?;
-    // Before any thread exists: the sockets are created under a restrictive umask.
+    // Before any thread exists: the console sockets are created under a restrictive umask.
     let ports = open_hosts(&config)?;
-    let mut listener = listen(&config.socket_path)?;
+    // Frontends connect to the front door, which relays to a fresh daemon per connection,
+    // tolerating padded memory tables (user-mode Linux) and carrying configuration changes.
+    let door = FrontDoor::bind(&config.socket_path).map_err(Error::Listen)?;
     let device = ConsoleDevice::new(ports).map_err(Error::Device)?;
-    let backend = Arc::new(RwLock::new(
+    let backend: SharedBackend = Arc::new(RwLock::new(
         VhostUserConsoleBackend::new(device, config.queue_size).map_err(Error::Backend)?,
     ));
-    let shutdown = Arc::new(Shutdown::new().map_err(Error::Signals)?);
-    spawn_signal_thread(shutdown.clone()).map_err(Error::Signals)?;
+    let state = Arc::new(ServeState::new().map_err(Error::Signals)?);
+    spawn_signal_thread(state.clone(), backend.clone()).map_err(Error::Signals)?;
+    let changes = backend
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .config_change_event()
+        .try_clone()
+        .map_err(Error::ConfigThread)?;
+    spawn_config_thread(state.clone(), changes).map_err(Error::ConfigThread)?;
     info!(
         "Serving {} port(s) on {}",
         config.names.len(),
         config.socket_path.display()
     );
 
-    while wait_for_frontend(&listener, &shutdown).map_err(Error::Accept)? {
+    while wait_readable(&door, &state).map_err(Error::Accept)? {
         let mut daemon = VhostUserDaemon::new(
             "vhost-user-console".into(),
             backend.clone(),
@@ -415,11 +466,18 @@ fn serve(config: Config) -> Result<(), Error> {
                 .register_listener(host_fd, EventSet::IN, u64::from(host_event))
                 .map_err(Error::RegisterHosts)?;
         }
-        daemon.start(&mut listener).map_err(Error::Daemon)?;
+        let session = door.accept_into(&mut daemon).map_err(Error::Connect)?;
         info!("Frontend connected");
-        shutdown.track(daemon.shutdown_handle());
+        state.track(Some(Connection {
+            shutdown: daemon.shutdown_handle(),
+            notifier: session.notifier(),
+        }));
         let result = daemon.wait();
-        shutdown.track(None);
+        // The front door has logged a malformed message; the daemon's view follows.
+        if let Err(e) = session.wait() {
+            debug!("Front door: {}", error_chain(&e));
+        }
+        state.track(None);
         // Dropping the daemon stops its worker before the backend forgets the connection.
         drop(daemon);
         backend
@@ -436,9 +494,20 @@ fn serve(config: Config) -> Result<(), Error> {
     }
 
     info!("Shut down");
-    // Dropping the listener and the hosts removes the sockets and the pty links, and
+    // Dropping the front door and the hosts removes the sockets and the pty links, and
     // restores the terminal.
     Ok(())
+}
+
+/// "error: cause: cause" for one log line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
 }
 
 fn main() -> ExitCode {
@@ -447,13 +516,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            error!("{message}");
+            error!("{}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -477,7 +540,7 @@ mod tests {
         assert_eq!(config.socket_path, PathBuf::from("/run/console.sock"));
         assert_eq!(config.mode, Mode::Pty { link: None });
         assert_eq!(config.names, ["port0"]);
-        assert_eq!(config.queue_size, 128);
+        assert_eq!(config.queue_size, 256);
         assert_eq!(
             parse(&["--pty", "--pty-link", "/run/con"]).unwrap().mode,
             Mode::Pty {

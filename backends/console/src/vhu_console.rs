@@ -11,6 +11,12 @@
 //!
 //! Queue layout: receive 0 and transmit 1 for port 0; with MULTIPORT, control receive 2 and
 //! control transmit 3, then receive and transmit of port N at 2 + 2N and 3 + 2N.
+//!
+//! Console size: the configuration space reports port 0's terminal size. A pty tells nobody
+//! but its controlling process group when it is resized, so the size is looked at again after
+//! every event the worker handles (host input or output readiness, guest kicks) and on
+//! SIGWINCH ([`VhostUserConsoleBackend::refresh_window_size`]). A change is signalled on
+//! [`VhostUserConsoleBackend::config_change_event`], for the frontend to be told.
 
 use std::io::{self, Read, Write};
 
@@ -19,14 +25,15 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::console::ConsoleDevice;
+use crate::console::{ConsoleDevice, WindowSize};
 use crate::virtio_console::{
     ConsoleConfig, ControlHeader, CONFIG_SPACE_SIZE, VIRTIO_CONSOLE_F_MULTIPORT,
     VIRTIO_CONSOLE_F_SIZE,
@@ -56,6 +63,8 @@ pub enum Error {
     Notify(#[source] io::Error),
     #[error("Cannot poll the console hosts")]
     HostEvents(#[source] io::Error),
+    #[error("Cannot create the configuration change event")]
+    ConfigEvent(#[source] io::Error),
 }
 
 impl From<Error> for io::Error {
@@ -95,6 +104,13 @@ pub struct VhostUserConsoleBackend {
     /// Per port: the host's output failed last time (logged once per failure streak).
     output_failing: Vec<bool>,
     chunk: Vec<u8>,
+    /// The console size the configuration space reported when last looked at.
+    window: WindowSize,
+    /// Written when `window` changes: the frontend should re-read the configuration.
+    config_changed: EventFd,
+    /// Bit per queue whose available ring is corrupt (see [`next_chain`]): left alone until
+    /// the driver restarts it or resets the device.
+    broken_queues: u64,
 }
 
 impl VhostUserConsoleBackend {
@@ -103,6 +119,7 @@ impl VhostUserConsoleBackend {
         if !(1..=MAX_PORTS).contains(&ports) {
             return Err(Error::InvalidPorts(ports));
         }
+        let window = device.window_size();
         Ok(VhostUserConsoleBackend {
             device,
             queue_size,
@@ -111,7 +128,33 @@ impl VhostUserConsoleBackend {
             tx_written: vec![0; ports],
             output_failing: vec![false; ports],
             chunk: vec![0; CHUNK],
+            window,
+            config_changed: EventFd::new(EFD_NONBLOCK).map_err(Error::ConfigEvent)?,
+            broken_queues: 0,
         })
+    }
+
+    /// Readable (a counter above zero) after the console size changed; read it to reset.
+    pub fn config_change_event(&self) -> &EventFd {
+        &self.config_changed
+    }
+
+    /// Looks at port 0's terminal size again. When it differs from what the configuration
+    /// space said before, records it, signals [`Self::config_change_event`] and returns true.
+    pub fn refresh_window_size(&mut self) -> bool {
+        let window = self.device.window_size();
+        if window == self.window {
+            return false;
+        }
+        info!(
+            "Console size changed from {}x{} to {}x{}",
+            self.window.cols, self.window.rows, window.cols, window.rows
+        );
+        self.window = window;
+        if let Err(e) = self.config_changed.write(1) {
+            warn!("Cannot signal the console size change: {e}");
+        }
+        true
     }
 
     /// The event number under which [`ConsoleDevice::event_fd`] must be registered with the
@@ -134,6 +177,7 @@ impl VhostUserConsoleBackend {
         self.mem = None;
         self.acked_features = 0;
         self.tx_written.fill(0);
+        self.broken_queues = 0;
         self.device.reset();
     }
 
@@ -153,6 +197,17 @@ impl VhostUserConsoleBackend {
             max_nr_ports: (self.device.num_ports() as u32).to_le(),
             emerg_wr: 0,
         }
+    }
+
+    /// Whether `queue` is set up, enabled and not known to be corrupt.
+    fn usable(&self, queue: usize, state: &VringState<GuestMemory>) -> bool {
+        live(state) && self.broken_queues & (1 << queue) == 0
+    }
+
+    /// Stops serving `queue` until the driver restarts it or resets the device.
+    fn mark_broken(&mut self, queue: usize, error: virtio_queue::Error) {
+        warn!("Queue {queue} is corrupt ({error}): ignoring it until the driver resets it");
+        self.broken_queues |= 1 << queue;
     }
 
     /// Moves everything that can move now: control messages from the driver first (they
@@ -199,14 +254,21 @@ impl VhostUserConsoleBackend {
         vring: &VringRwLock,
         mem: &GuestMemory,
     ) -> Result<(), Error> {
+        let queue = rx_queue(port) + 1;
         let mut state = vring.get_mut();
-        if !live(&state) {
+        if !self.usable(queue, &state) {
             return Ok(());
         }
         let mut completed = false;
         loop {
             state.disable_notification().map_err(Error::Queue)?;
-            let blocked = self.drain_tx(port, &mut state, mem, &mut completed);
+            let blocked = match self.drain_tx(port, &mut state, mem, &mut completed) {
+                Ok(blocked) => blocked,
+                Err(e) => {
+                    self.mark_broken(queue, e);
+                    break;
+                }
+            };
             // Blocked on the host: its readiness event, not a kick, resumes the queue.
             if blocked || !state.enable_notification().map_err(Error::Queue)? {
                 break;
@@ -222,13 +284,13 @@ impl VhostUserConsoleBackend {
         state: &mut VringState<GuestMemory>,
         mem: &GuestMemory,
         completed: &mut bool,
-    ) -> bool {
+    ) -> Result<bool, virtio_queue::Error> {
         let guard = mem.memory();
         let Some(host_port) = self.device.port(port) else {
-            return false;
+            return Ok(false);
         };
         let host = host_port.host();
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*guard) {
+        while let Some(chain) = next_chain(state, &guard)? {
             let head = chain.head_index();
             let written = &mut self.tx_written[port];
             let remaining =
@@ -270,7 +332,7 @@ impl VhostUserConsoleBackend {
                         *written += done;
                         if done < count {
                             state.get_queue_mut().go_to_previous_position();
-                            return true;
+                            return Ok(true);
                         }
                     }
                     Err(e) => {
@@ -286,7 +348,7 @@ impl VhostUserConsoleBackend {
                 }
             }
         }
-        false
+        Ok(false)
     }
 
     /// Host input of `port` into the guest's receive buffers.
@@ -296,8 +358,9 @@ impl VhostUserConsoleBackend {
         vring: &VringRwLock,
         mem: &GuestMemory,
     ) -> Result<(), Error> {
+        let queue = rx_queue(port);
         let mut state = vring.get_mut();
-        if !live(&state) {
+        if !self.usable(queue, &state) {
             return Ok(());
         }
         let guard = mem.memory();
@@ -308,13 +371,17 @@ impl VhostUserConsoleBackend {
         // No kicks while buffers are there; they are asked for again when they run out.
         state.disable_notification().map_err(Error::Queue)?;
         let mut completed = false;
+        let mut corrupt = None;
         loop {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*guard) else {
+            let chain = match next_chain(&mut state, &guard) {
+                Ok(Some(chain)) => chain,
                 // Out of buffers: the host is not read until the driver adds one.
-                if state.enable_notification().map_err(Error::Queue)? {
-                    continue;
+                Ok(None) if state.enable_notification().map_err(Error::Queue)? => continue,
+                Ok(None) => break,
+                Err(e) => {
+                    corrupt = Some(e);
+                    break;
                 }
-                break;
             };
             let head = chain.head_index();
             let mut writer = match chain.writer(&*guard) {
@@ -350,20 +417,31 @@ impl VhostUserConsoleBackend {
                 }
             }
         }
+        if let Some(e) = corrupt {
+            self.mark_broken(queue, e);
+        }
         signal_if_needed(&mut state, completed)
     }
 
     /// Control messages from the driver.
     fn process_control_tx(&mut self, vring: &VringRwLock, mem: &GuestMemory) -> Result<(), Error> {
         let mut state = vring.get_mut();
-        if !live(&state) {
+        if !self.usable(CONTROL_TX, &state) {
             return Ok(());
         }
         let guard = mem.memory();
         let mut completed = false;
         loop {
             state.disable_notification().map_err(Error::Queue)?;
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*guard) {
+            loop {
+                let chain = match next_chain(&mut state, &guard) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.mark_broken(CONTROL_TX, e);
+                        return signal_if_needed(&mut state, completed);
+                    }
+                };
                 let head = chain.head_index();
                 let header = chain
                     .reader(&*guard)
@@ -385,19 +463,27 @@ impl VhostUserConsoleBackend {
     /// Control messages to the driver, as far as it posted buffers for them.
     fn process_control_rx(&mut self, vring: &VringRwLock, mem: &GuestMemory) -> Result<(), Error> {
         let mut state = vring.get_mut();
-        if !live(&state) {
+        if !self.usable(CONTROL_RX, &state) {
             return Ok(());
         }
         let guard = mem.memory();
         state.disable_notification().map_err(Error::Queue)?;
         let mut completed = false;
         while let Some(message) = self.device.next_control() {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*guard) else {
-                self.device.unsend_control(message);
-                if state.enable_notification().map_err(Error::Queue)? {
-                    continue;
+            let chain = match next_chain(&mut state, &guard) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => {
+                    self.device.unsend_control(message);
+                    if state.enable_notification().map_err(Error::Queue)? {
+                        continue;
+                    }
+                    break;
                 }
-                break;
+                Err(e) => {
+                    self.device.unsend_control(message);
+                    self.mark_broken(CONTROL_RX, e);
+                    break;
+                }
             };
             let head = chain.head_index();
             let stored = match chain.writer(&*guard) {
@@ -420,6 +506,17 @@ impl VhostUserConsoleBackend {
         }
         signal_if_needed(&mut state, completed)
     }
+}
+
+/// The next chain the driver made available, if any. An error means the available ring is
+/// corrupt (its index claims more entries than the queue holds): it stays so until the
+/// driver restarts the queue, so retrying would spin, and looking for more
+/// (`enable_notification`) would keep saying there is some.
+fn next_chain<'m>(
+    state: &mut VringState<GuestMemory>,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, virtio_queue::Error> {
+    Ok(state.get_queue_mut().iter(mem)?.next())
 }
 
 /// Whether the queue is set up and enabled.
@@ -484,18 +581,22 @@ impl VhostUserBackendMut for VhostUserConsoleBackend {
         // Features are set when a driver starts: whatever the last one left is stale.
         self.acked_features = features;
         self.tx_written.fill(0);
+        self.broken_queues = 0;
         self.device.reset();
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // BACKEND_REQ: the front door carries configuration changes (a resize) back.
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn reset_device(&mut self) {
         self.acked_features = 0;
         self.tx_written.fill(0);
+        self.broken_queues = 0;
         self.device.reset();
     }
 
@@ -558,6 +659,9 @@ impl VhostUserBackendMut for VhostUserConsoleBackend {
         // A stopped ring restarts from wherever the frontend says; a partly written chain
         // is then either gone or new.
         let index = queue_index as usize;
+        if index < 64 {
+            self.broken_queues &= !(1 << index);
+        }
         let port = match index {
             1 => Some(0),
             i if i > CONTROL_TX && i % 2 == 1 => Some((i - 2) / 2),
@@ -586,6 +690,8 @@ impl VhostUserBackendMut for VhostUserConsoleBackend {
         // Whatever woke us, retry everything: a kick on one queue, or a host becoming
         // ready, can unblock any port.
         self.process(vrings)?;
+        // Activity on either side is when a resize of the pty can be noticed.
+        self.refresh_window_size();
         Ok(())
     }
 }
@@ -785,6 +891,7 @@ mod tests {
             VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::BACKEND_REQ
         ));
         assert_eq!(single.queues_per_thread(), vec![0b11]);
         let (multi, _) = backend(3);
@@ -816,6 +923,58 @@ mod tests {
         assert!(backend.get_config(0xfff, 2).is_empty());
         assert!(backend.get_config(u32::MAX, 1).is_empty());
         assert!(backend.get_config(4, u32::MAX).is_empty());
+    }
+
+    /// Whether the configuration change event fired, resetting it.
+    fn config_change_signalled(backend: &VhostUserConsoleBackend) -> bool {
+        match backend.config_change_event().read() {
+            Ok(count) => count > 0,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => panic!("config change event: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_resize_is_noticed_once_and_signalled() {
+        let (mut backend, hosts) = backend(1);
+        assert!(!backend.refresh_window_size(), "nothing changed yet");
+        assert!(!config_change_signalled(&backend));
+        hosts[0].state().size = Some(WindowSize {
+            cols: 132,
+            rows: 43,
+        });
+        assert!(backend.refresh_window_size());
+        assert!(config_change_signalled(&backend));
+        assert_eq!(backend.get_config(0, 4), [132, 0, 43, 0]);
+        // The same size again is no change.
+        assert!(!backend.refresh_window_size());
+        assert!(!config_change_signalled(&backend));
+        // Losing the terminal size falls back to the default, which is a change too.
+        hosts[0].state().size = None;
+        assert!(backend.refresh_window_size());
+        assert!(config_change_signalled(&backend));
+        assert_eq!(backend.get_config(0, 4), [80, 0, 25, 0]);
+    }
+
+    #[test]
+    fn any_event_looks_at_the_console_size() {
+        let (mut backend, hosts) = backend(2);
+        let mut rig = Rig::new(&mut backend, FEATURES);
+        let resize = |cols, rows| hosts[0].state().size = Some(WindowSize { cols, rows });
+        // Host readiness (a keystroke, a drained pty).
+        resize(100, 30);
+        rig.host_ready(&mut backend);
+        assert!(config_change_signalled(&backend));
+        // A guest kick (output, new receive buffers).
+        resize(101, 30);
+        rig.offer_tx(1, b"x");
+        rig.kick(&mut backend, 1);
+        assert!(config_change_signalled(&backend));
+        // Only port 0's terminal is the console's size.
+        hosts[1].state().size = Some(WindowSize { cols: 7, rows: 7 });
+        rig.host_ready(&mut backend);
+        assert!(!config_change_signalled(&backend));
+        assert_eq!(backend.get_config(0, 4), [101, 0, 30, 0]);
     }
 
     #[test]
@@ -1082,6 +1241,45 @@ mod tests {
         hosts[0].state().input.extend(b"x");
         rig.kick(&mut backend, 0);
         assert_eq!(hosts[0].state().reads, 0);
+    }
+
+    #[test]
+    fn corrupt_available_rings_are_left_alone_instead_of_spun_on() {
+        let (mut backend, hosts) = backend(2);
+        let mut rig = Rig::new(&mut backend, MULTIPORT);
+        hosts[0].state().input.extend(b"typed");
+        send_control(&mut rig, 1, event::PORT_OPEN, 1);
+        rig.offer_tx(1, b"out");
+        // A driver (or a crashed guest) claims far more entries than the queues hold.
+        for queue in [0, 1, CONTROL_RX, CONTROL_TX] {
+            let avail_idx = rig.rings[queue].1.unchecked_add(2);
+            rig.mem.write_obj(1000u16, avail_idx).unwrap();
+        }
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            for queue in [0, 1, CONTROL_TX, CONTROL_RX] {
+                rig.kick(&mut backend, queue);
+            }
+            rig.host_ready(&mut backend);
+            done_tx.send(()).unwrap();
+            (backend, rig)
+        });
+        // The old loop never came back from the first kick.
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the backend spins on a corrupt ring");
+        let (mut backend, rig) = worker.join().unwrap();
+        assert_eq!(hosts[0].state().reads, 0, "nothing read for a corrupt ring");
+        assert!(hosts[0].state().output.is_empty());
+        assert!(!backend.device().port(1).unwrap().guest_open());
+        // The driver restarts the transmit queue: it is served again.
+        backend.stop_vring(1).unwrap();
+        rig.mem
+            .write_obj(1u16, rig.rings[1].1.unchecked_add(2))
+            .unwrap();
+        rig.kick(&mut backend, 1);
+        assert_eq!(hosts[0].state().output, b"out");
+        assert_eq!(hosts[0].state().reads, 0, "the receive queue stays broken");
     }
 
     #[test]

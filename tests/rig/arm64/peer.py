@@ -7,7 +7,9 @@
       FILE and close, and record `sent bytes=.. md5=..`.
   peer.py console --socket PATH --result FILE
       attach to the console backend's client socket, wait for one line from the guest, answer
-      `host-echo <line>`, record `line=<line>`.
+      `host-echo <line>`, record `line=<line>`. Then wait for `rig-bulk <bytes> <md5>`, read
+      exactly that many bytes, answer `host-md5 <md5 of what arrived>` and record
+      `bulk bytes=<n> md5=<md5>`.
 
 Every step has a deadline (--timeout); the result file says what happened either way.
 """
@@ -49,6 +51,32 @@ def net(args):
         record(args.result, f"sent bytes={len(data)} md5={hashlib.md5(data).hexdigest()}")
 
 
+class LineReader:
+    """Lines and then raw bytes from one stream socket."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+
+    def _fill(self):
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise EOFError
+        self.buf += chunk
+
+    def line(self):
+        while b"\n" not in self.buf:
+            self._fill()
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode(errors="replace").strip("\r")
+
+    def exactly(self, count):
+        while len(self.buf) < count:
+            self._fill()
+        data, self.buf = self.buf[:count], self.buf[count:]
+        return data
+
+
 def console(args):
     deadline = time.monotonic() + args.timeout
     while not os.path.exists(args.socket):
@@ -58,22 +86,26 @@ def console(args):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(args.socket)
         sock.settimeout(args.timeout)
-        buf = b""
-        # The guest's line is the first one that starts with the test's prefix: anything the
-        # console printed before (a getty, kernel output) is skipped.
-        while True:
-            chunk = sock.recv(4096)
-            if not chunk:
-                record(args.result, "eof")
-                return
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                text = line.decode(errors="replace").strip("\r")
-                if text.startswith(args.prefix):
-                    sock.sendall(b"host-echo " + text.encode() + b"\n")
-                    record(args.result, f"line={text}")
-                    return
+        reader = LineReader(sock)
+        try:
+            # The guest's line is the first one that starts with the test's prefix: anything
+            # the console printed before (a getty, kernel output) is skipped.
+            text = reader.line()
+            while not text.startswith(args.prefix):
+                text = reader.line()
+            sock.sendall(b"host-echo " + text.encode() + b"\n")
+            record(args.result, f"line={text}")
+            header = reader.line()
+            while not header.startswith("rig-bulk "):
+                header = reader.line()
+            count = int(header.split()[1])
+            data = reader.exactly(count)
+        except EOFError:
+            record(args.result, "eof")
+            return
+        digest = hashlib.md5(data).hexdigest()
+        sock.sendall(f"host-md5 {digest}\n".encode())
+        record(args.result, f"bulk bytes={len(data)} md5={digest}")
 
 
 def main():
@@ -94,7 +126,7 @@ def main():
     args = ap.parse_args()
     try:
         {"net": net, "console": console}[args.cmd](args)
-    except (OSError, socket.timeout) as e:
+    except (OSError, socket.timeout, ValueError, IndexError) as e:
         record(args.result, f"error {e}")
         sys.exit(f"peer.py {args.cmd}: {e}")
 

@@ -395,6 +395,12 @@ local | echo)
         HOST_LINE=$(sed -n 's/^line=//p' "$RUN/console.result" 2>/dev/null)
         echo "console: guest wrote ${GUEST_LINE:-?}, host client read ${HOST_LINE:-nothing}"
         [ -n "$GUEST_LINE" ] && [ "$GUEST_LINE" = "$HOST_LINE" ] || fail "the host console client did not get the guest's line"
+        # Guest to host through hvc0: what the client read must be what the guest sent, all of it.
+        GUEST_BULK=$(marker 'console bulk ' | sed -n 's/^bytes=\([0-9]*\) md5=\([0-9a-f]*\).*/\1 \2/p')
+        HOST_BULK=$(sed -n 's/^bulk bytes=\([0-9]*\) md5=\([0-9a-f]*\)$/\1 \2/p' "$RUN/console.result" 2>/dev/null)
+        echo "console: guest sent ${GUEST_BULK:-?} (bytes md5), host client received ${HOST_BULK:-nothing}"
+        [ -n "$GUEST_BULK" ] && [ "$GUEST_BULK" = "$HOST_BULK" ] && [ "${GUEST_BULK%% *}" -ge $((1 << 20)) ] \
+            || fail "the host console client did not receive what the guest sent through hvc0"
     fi
     if [ "$SMP" -gt 1 ] && echo ",$TESTS," | grep -q ',blk,'; then
         # The pinned read on the last CPU must have gone through that CPU's cfg slot.
