@@ -6,6 +6,8 @@
 //!
 //! * accept frontends that pad SET_MEM_TABLE (user-mode Linux sends two region slots with
 //!   `num_regions` 1, which the `vhost` crate rejects): the padding is cut off on the way in;
+//! * accept QEMU's virtio-net, which enables rings before SET_FEATURES (refused by the
+//!   `vhost` crate): such SET_VRING_ENABLE requests are held back and replayed after it;
 //! * push backend requests to the frontend, such as a configuration change after a resize
 //!   ([`ConfigNotifier::config_changed`]), which VUB has no way to send.
 //!

@@ -71,6 +71,27 @@ pub(crate) struct Message {
 }
 
 impl Message {
+    /// A message with `header` and `body`; `header.size` is set from the body.
+    pub fn new(mut header: Header, body: Vec<u8>) -> Self {
+        // Bodies built by the front door are a few bytes long.
+        header.size = u32::try_from(body.len()).unwrap_or(u32::MAX);
+        Message {
+            header,
+            body,
+            fds: Vec::new(),
+        }
+    }
+
+    /// A REPLY_ACK acknowledgement of `request` with `status` (0 is success).
+    pub fn ack(request: u32, status: u64) -> Self {
+        let header = Header {
+            request,
+            flags: VERSION_1 | VhostUserHeaderFlag::REPLY.bits(),
+            size: 0,
+        };
+        Message::new(header, status.to_ne_bytes().to_vec())
+    }
+
     /// Shortens the body to `len` bytes, keeping `header.size` in step.
     pub fn truncate_body(&mut self, len: usize) {
         self.body.truncate(len);

@@ -1,18 +1,23 @@
 //! One frontend connection relayed to one daemon connection by two threads, one per direction.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::mem::size_of;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 
 use log::{debug, error};
-use vhost::vhost_user::message::{FrontendReq, VhostUserMemory, VhostUserMemoryRegion};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserMemory, VhostUserMemoryRegion, VhostUserU64,
+    VhostUserVringState,
+};
+use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vm_memory::ByteValued;
 
-use crate::message::{read_message, write_message, Message, MessageError};
+use crate::message::{read_message, write_message, Header, Message, MessageError};
 use crate::notifier::{self, BackendChannel, ConfigNotifier};
 use crate::{Error, Peer};
 
@@ -25,6 +30,9 @@ pub(crate) struct SessionState {
     sockets: Mutex<Vec<UnixStream>>,
     /// Threads relaying the daemon's own backend requests (see `notifier`).
     relays: Mutex<Vec<JoinHandle<()>>>,
+    /// Acknowledgements the daemon owes for SET_VRING_ENABLE requests the front door replayed
+    /// (see [`VringEnables`]): consumed, never forwarded to the frontend.
+    replayed_acks: AtomicUsize,
 }
 
 impl SessionState {
@@ -59,6 +67,26 @@ impl SessionState {
     pub(crate) fn add_relay(&self, relay: JoinHandle<()>) {
         lock(&self.relays).push(relay);
     }
+
+    /// Consumes `reply` if it acknowledges a SET_VRING_ENABLE that the front door replayed.
+    /// The daemon answers in order, so the next such replies are ours.
+    fn take_replayed_ack(&self, reply: &Message) -> bool {
+        let is_enable_ack = reply.header.request == u32::from(FrontendReq::SET_VRING_ENABLE)
+            && reply.header.has_flag(VhostUserHeaderFlag::REPLY);
+        if !is_enable_ack
+            || self
+                .replayed_acks
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_err()
+        {
+            return false;
+        }
+        match <[u8; 8]>::try_from(reply.body.as_slice()).map(u64::from_ne_bytes) {
+            Ok(0) => debug!("The daemon enabled a ring held back for SET_FEATURES"),
+            status => error!("The daemon refused a held-back SET_VRING_ENABLE: {status:?}"),
+        }
+        true
+    }
 }
 
 /// A frontend connected through the front door. Dropping it leaves the relay running; call
@@ -79,18 +107,42 @@ impl Session {
             Ok((frontend.try_clone()?, daemon.try_clone()?))
         })();
         let (to_frontend, to_daemon) = handles.map_err(Error::SessionSetup)?;
+        // Both directions write to the frontend: replies, and the front door's own acks.
+        let to_frontend = Arc::new(Mutex::new(to_frontend));
         let mut session = Session {
             state: state.clone(),
             pumps: Vec::with_capacity(2),
         };
         let inbound_state = state.clone();
+        let ack_writer = to_frontend.clone();
         let inbound = move || {
             let state = inbound_state;
-            pump(&state, &frontend, &to_daemon, Peer::Frontend, |message| {
-                inspect_request(&state, message)
+            let mut enables = VringEnables::default();
+            let to_daemon = Mutex::new(to_daemon);
+            pump(
+                &state,
+                &frontend,
+                &to_daemon,
+                Peer::Frontend,
+                |mut message| {
+                    inspect_request(&state, &mut message)?;
+                    let routed = enables.route(&state, message);
+                    if let Some(ack) = routed.ack {
+                        send_ack(&ack_writer, &ack)?;
+                    }
+                    Ok(routed.forward)
+                },
+            )
+        };
+        let outbound = move || {
+            pump(&state, &daemon, &to_frontend, Peer::Daemon, |reply| {
+                Ok(if state.take_replayed_ack(&reply) {
+                    Vec::new()
+                } else {
+                    vec![reply]
+                })
             })
         };
-        let outbound = move || pump(&state, &daemon, &to_frontend, Peer::Daemon, |_| Ok(()));
         for (name, body) in [
             (
                 "frontdoor-in",
@@ -140,20 +192,21 @@ impl Session {
 }
 
 /// Relays whole messages from `from` to `to` until either side hangs up or a message is
-/// malformed, then ends the session. Reports the error only if it is what ended the session.
+/// malformed, then ends the session. `route` turns each message into the ones to write on
+/// (usually just itself). Reports the error only if it is what ended the session.
 fn pump(
     state: &SessionState,
     from: &UnixStream,
-    to: &UnixStream,
+    to: &Mutex<UnixStream>,
     from_peer: Peer,
-    mut inspect: impl FnMut(&mut Message) -> Result<(), Error>,
+    mut route: impl FnMut(Message) -> Result<Vec<Message>, Error>,
 ) -> Result<(), Error> {
     let to_peer = match from_peer {
         Peer::Frontend => Peer::Daemon,
         Peer::Daemon => Peer::Frontend,
     };
     let outcome = loop {
-        let mut message = match read_message(from) {
+        let message = match read_message(from) {
             Ok(Some(message)) => message,
             Ok(None) => break Ok(()),
             Err(MessageError::Io(e)) if is_hang_up(&e) => break Ok(()),
@@ -164,10 +217,14 @@ fn pump(
                 })
             }
         };
-        if let Err(e) = inspect(&mut message) {
-            break Err(e);
-        }
-        if let Err(source) = write_message(to, &message) {
+        let forward = match route(message) {
+            Ok(forward) => forward,
+            Err(e) => break Err(e),
+        };
+        let written = forward
+            .iter()
+            .try_for_each(|message| write_message(&lock(to), message));
+        if let Err(source) = written {
             break if is_hang_up(&source) {
                 Ok(())
             } else {
@@ -203,6 +260,135 @@ fn inspect_request(state: &Arc<SessionState>, message: &mut Message) -> Result<(
         _ => {}
     }
     Ok(())
+}
+
+/// Writes the front door's own acknowledgement to the frontend. A frontend that has gone is
+/// noticed by the next read.
+fn send_ack(to_frontend: &Mutex<UnixStream>, ack: &Message) -> Result<(), Error> {
+    match write_message(&lock(to_frontend), ack) {
+        Err(source) if !is_hang_up(&source) => Err(Error::Forward {
+            peer: Peer::Frontend,
+            source,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// What becomes of one frontend request.
+#[derive(Debug, Default)]
+struct Routed {
+    /// Messages for the daemon, in order.
+    forward: Vec<Message>,
+    /// The front door's own answer to the frontend.
+    ack: Option<Message>,
+}
+
+impl Routed {
+    fn forward(message: Message) -> Self {
+        Routed {
+            forward: vec![message],
+            ack: None,
+        }
+    }
+}
+
+/// Holds back SET_VRING_ENABLE until the daemon can take it.
+///
+/// QEMU's virtio-net enables rings after SET_PROTOCOL_FEATURES but before SET_FEATURES. The
+/// `vhost` crate refuses SET_VRING_ENABLE until VHOST_USER_F_PROTOCOL_FEATURES is acked in
+/// SET_FEATURES, and ends the connection. So such requests are remembered (acked to the
+/// frontend if it asks) and replayed right after the SET_FEATURES that acks the feature. The
+/// daemon handles its messages in order, so they reach it after SET_FEATURES and its reply
+/// precedes their acknowledgements, which the front door consumes. Without the feature the
+/// daemon enables every ring on SET_FEATURES, so the remembered requests are dropped. After a
+/// reset the daemon needs SET_FEATURES again, and so requests are held back again.
+#[derive(Debug, Default)]
+struct VringEnables {
+    protocol_features_set: bool,
+    /// Whether the last SET_FEATURES acked VHOST_USER_F_PROTOCOL_FEATURES.
+    protocol_features_acked: bool,
+    /// Queue index to the last `num` (enable) asked for.
+    held: BTreeMap<u32, u32>,
+}
+
+impl VringEnables {
+    fn route(&mut self, state: &SessionState, message: Message) -> Routed {
+        let request = FrontendReq::try_from(message.header.request);
+        match request {
+            Ok(FrontendReq::SET_PROTOCOL_FEATURES) => self.protocol_features_set = true,
+            // The daemon forgets the acked features (RESET_DEVICE keeps protocol features).
+            Ok(FrontendReq::RESET_OWNER) => *self = VringEnables::default(),
+            Ok(FrontendReq::RESET_DEVICE) => {
+                self.protocol_features_acked = false;
+                self.held.clear();
+            }
+            Ok(FrontendReq::SET_FEATURES) => {
+                if let Some(features) = body_as::<VhostUserU64>(&message) {
+                    return self.features_set(state, features.value, message);
+                }
+            }
+            Ok(FrontendReq::SET_VRING_ENABLE)
+                if self.protocol_features_set
+                    && !self.protocol_features_acked
+                    && message.fds.is_empty() =>
+            {
+                if let Some(vring) = body_as::<VhostUserVringState>(&message) {
+                    let (index, num) = (vring.index, vring.num);
+                    debug!(
+                        "Holding back SET_VRING_ENABLE {num} for queue {index} until SET_FEATURES"
+                    );
+                    self.held.insert(index, num);
+                    let ack = message
+                        .header
+                        .has_flag(VhostUserHeaderFlag::NEED_REPLY)
+                        .then(|| Message::ack(message.header.request, 0));
+                    return Routed {
+                        forward: Vec::new(),
+                        ack,
+                    };
+                }
+            }
+            _ => {}
+        }
+        Routed::forward(message)
+    }
+
+    /// Forwards SET_FEATURES, followed by the held-back requests if the daemon can take them.
+    fn features_set(&mut self, state: &SessionState, features: u64, message: Message) -> Routed {
+        self.protocol_features_acked =
+            features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        let mut routed = Routed::forward(message);
+        let held = std::mem::take(&mut self.held);
+        if !self.protocol_features_acked {
+            if !held.is_empty() {
+                debug!("SET_FEATURES enables every ring: dropping held-back SET_VRING_ENABLE");
+            }
+            return routed;
+        }
+        let reply_ack =
+            state.channel.acked_features() & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0;
+        let flags = || {
+            if reply_ack {
+                VhostUserHeaderFlag::NEED_REPLY
+            } else {
+                VhostUserHeaderFlag::empty()
+            }
+        };
+        for (index, num) in held {
+            let header = Header::request(FrontendReq::SET_VRING_ENABLE.into(), flags());
+            let body = VhostUserVringState::new(index, num).as_slice().to_vec();
+            routed.forward.push(Message::new(header, body));
+            if reply_ack {
+                state.replayed_acks.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        routed
+    }
+}
+
+/// The body of `message` as a `T`, if it is exactly that size.
+fn body_as<T: ByteValued>(message: &Message) -> Option<T> {
+    T::from_slice(&message.body).copied()
 }
 
 /// Cuts a SET_MEM_TABLE body down to its `num_regions` entries. User-mode Linux always sends
@@ -326,6 +512,84 @@ mod tests {
         message.header.size = 9;
         inspect_request(&state, &mut message).unwrap();
         assert_eq!(state.channel.acked_features(), 0x2d);
+    }
+
+    fn request(request: FrontendReq, flags: VhostUserHeaderFlag, body: &[u8]) -> Message {
+        Message::new(Header::request(request.into(), flags), body.to_vec())
+    }
+
+    fn vring_enable(index: u32, num: u32) -> Message {
+        let body = VhostUserVringState::new(index, num);
+        request(
+            FrontendReq::SET_VRING_ENABLE,
+            VhostUserHeaderFlag::NEED_REPLY,
+            body.as_slice(),
+        )
+    }
+
+    fn set_features(features: u64) -> Message {
+        let flags = VhostUserHeaderFlag::empty();
+        request(FrontendReq::SET_FEATURES, flags, &features.to_ne_bytes())
+    }
+
+    #[test]
+    fn early_vring_enables_wait_for_set_features() {
+        let state = SessionState::default();
+        state
+            .channel
+            .set_acked_features(VhostUserProtocolFeatures::REPLY_ACK.bits());
+        let mut enables = VringEnables::default();
+        // Before SET_PROTOCOL_FEATURES nothing is held back.
+        assert_eq!(enables.route(&state, vring_enable(0, 1)).forward.len(), 1);
+        let protocol = request(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            VhostUserHeaderFlag::empty(),
+            &VhostUserProtocolFeatures::REPLY_ACK.bits().to_ne_bytes(),
+        );
+        enables.route(&state, protocol);
+        for (index, num) in [(1, 1), (0, 0), (1, 0), (0, 1)] {
+            let routed = enables.route(&state, vring_enable(index, num));
+            assert!(routed.forward.is_empty());
+            let ack = routed.ack.unwrap();
+            assert_eq!(ack.header.request, u32::from(FrontendReq::SET_VRING_ENABLE));
+            assert!(ack.header.has_flag(VhostUserHeaderFlag::REPLY));
+            assert_eq!(ack.body, 0u64.to_ne_bytes());
+        }
+        let routed = enables.route(
+            &state,
+            set_features(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()),
+        );
+        let replayed: Vec<_> = routed.forward[1..]
+            .iter()
+            .map(|message| {
+                assert!(message.header.has_flag(VhostUserHeaderFlag::NEED_REPLY));
+                let vring = body_as::<VhostUserVringState>(message).unwrap();
+                (vring.index, vring.num)
+            })
+            .collect();
+        // The last request per queue, in queue order, right after SET_FEATURES.
+        assert_eq!(
+            routed.forward[0].header.request,
+            u32::from(FrontendReq::SET_FEATURES)
+        );
+        assert_eq!(replayed, [(0, 1), (1, 0)]);
+        assert_eq!(state.replayed_acks.load(Ordering::Acquire), 2);
+        // Their acks are consumed, other replies pass.
+        let ack = Message::ack(FrontendReq::SET_VRING_ENABLE.into(), 0);
+        let other = Message::ack(FrontendReq::SET_FEATURES.into(), 0);
+        assert!(!state.take_replayed_ack(&other));
+        assert!(state.take_replayed_ack(&ack));
+        assert!(state.take_replayed_ack(&ack));
+        assert!(!state.take_replayed_ack(&ack));
+
+        // Once the features are acked, requests pass; after a device reset they wait again.
+        assert_eq!(enables.route(&state, vring_enable(0, 1)).forward.len(), 1);
+        let reset = request(FrontendReq::RESET_DEVICE, VhostUserHeaderFlag::empty(), &[]);
+        enables.route(&state, reset);
+        assert!(enables.route(&state, vring_enable(0, 1)).forward.is_empty());
+        // Without PROTOCOL_FEATURES in SET_FEATURES they are dropped.
+        assert_eq!(enables.route(&state, set_features(0)).forward.len(), 1);
+        assert_eq!(state.replayed_acks.load(Ordering::Acquire), 0);
     }
 
     #[test]

@@ -255,32 +255,8 @@ fn a_whole_frontend_session_passes_through() {
         .set_features(VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
         .unwrap();
     let (mem, _backing) = guest_memory();
-    let region = mem.find_region(GuestAddress(0)).unwrap();
-    frontend
-        .set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
-        .unwrap();
+    let (kick, _call) = set_up_queue(&mut frontend, &mem);
     assert_eq!(backend.region_sizes(), vec![GUEST_SIZE as u64]);
-
-    let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
-    frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
-    frontend
-        .set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: host(0),
-                used_ring_addr: host(0x2000),
-                avail_ring_addr: host(0x1000),
-                log_addr: None,
-            },
-        )
-        .unwrap();
-    frontend.set_vring_base(0, 0).unwrap();
-    let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
-    frontend.set_vring_call(0, &call).unwrap();
-    frontend.set_vring_kick(0, &kick).unwrap();
     frontend.set_vring_enable(0, true).unwrap();
 
     // The kick eventfd crossed the front door: the daemon's worker wakes on it.
@@ -301,6 +277,36 @@ fn a_whole_frontend_session_passes_through() {
         ),
         "{daemon:?}"
     );
+}
+
+/// Shares `mem` and sets up queue 0 in it, without enabling it. Returns its kick and call
+/// eventfds.
+fn set_up_queue(frontend: &mut Frontend, mem: &GuestMemoryMmap) -> (EventFd, EventFd) {
+    let region = mem.find_region(GuestAddress(0)).unwrap();
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
+        .unwrap();
+    let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+    frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
+    frontend
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: host(0),
+                used_ring_addr: host(0x2000),
+                avail_ring_addr: host(0x1000),
+                log_addr: None,
+            },
+        )
+        .unwrap();
+    frontend.set_vring_base(0, 0).unwrap();
+    let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    frontend.set_vring_call(0, &call).unwrap();
+    frontend.set_vring_kick(0, &kick).unwrap();
+    (kick, call)
 }
 
 /// Writes one raw vhost-user message with `fds` attached to its first byte.
@@ -422,6 +428,84 @@ fn padded_mem_table_is_refused_without_the_front_door() {
         ),
         "{end:?}"
     );
+}
+
+/// QEMU's virtio-net order: SET_VRING_ENABLE after SET_PROTOCOL_FEATURES but before
+/// SET_FEATURES, which the `vhost` crate's frontend will not send, so those go as raw bytes on
+/// the same connection. The ring must work once the features are set, and the frontend must
+/// get exactly the replies it asked for.
+fn enable_before_set_features(reply_ack: bool, ack_protocol_features: bool) {
+    let (backend, queue_events) = MockBackend::new();
+    let served = Served::start(backend, "early-enable");
+    let raw = UnixStream::connect(&served.path).unwrap();
+    raw.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut frontend = Frontend::from_stream(raw.try_clone().unwrap(), 1);
+    frontend.set_owner().unwrap();
+    let offered = frontend.get_features().unwrap();
+    frontend.get_protocol_features().unwrap();
+    let mut protocol_features = VhostUserProtocolFeatures::MQ;
+    if reply_ack {
+        protocol_features |= VhostUserProtocolFeatures::REPLY_ACK;
+    }
+    frontend.set_protocol_features(protocol_features).unwrap();
+    let enable_flags = if reply_ack {
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        1 | NEED_REPLY
+    } else {
+        1
+    };
+
+    // Disabled, then enabled: the last request for a queue wins.
+    for num in [0u32, 1] {
+        let body = [0u32.to_ne_bytes(), num.to_ne_bytes()].concat();
+        send_raw(
+            &raw,
+            FrontendReq::SET_VRING_ENABLE.into(),
+            enable_flags,
+            &body,
+            &[],
+        );
+        if reply_ack {
+            assert_eq!(read_ack(&raw, FrontendReq::SET_VRING_ENABLE), Some(0));
+        }
+    }
+
+    let mut features = VERSION_1;
+    if ack_protocol_features {
+        features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    }
+    // With REPLY_ACK the frontend checks that the next reply acknowledges SET_FEATURES.
+    frontend.set_features(features).unwrap();
+    let (mem, _backing) = guest_memory();
+    let (kick, _call) = set_up_queue(&mut frontend, &mem);
+
+    // The daemon only wakes the device for a kick on an enabled ring.
+    kick.write(1).unwrap();
+    assert_eq!(queue_events.recv_timeout(TIMEOUT).unwrap(), 0);
+    // The session is alive and in step: the next reply answers the next request...
+    assert_eq!(frontend.get_features().unwrap(), offered);
+    // ...and nothing else is waiting for the frontend.
+    raw.set_nonblocking(true).unwrap();
+    let error = (&raw).read(&mut [0; 1]).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::WouldBlock);
+
+    drop((frontend, raw));
+    served.finish().0.unwrap();
+}
+
+#[test]
+fn early_vring_enable_is_replayed_after_set_features() {
+    enable_before_set_features(true, true);
+}
+
+#[test]
+fn early_vring_enable_is_replayed_without_reply_ack() {
+    enable_before_set_features(false, true);
+}
+
+#[test]
+fn early_vring_enable_is_dropped_when_rings_start_enabled() {
+    enable_before_set_features(true, false);
 }
 
 /// The frontend's side of the backend channel.

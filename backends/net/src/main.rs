@@ -2,18 +2,16 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use clap::Parser;
-use log::{error, info, warn};
-use vhost::vhost_user::Listener;
+use log::{debug, error, info, warn};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_frontdoor::FrontDoor;
 use vhost_user_net::tap::{self, Interface, Tap, TapError};
 use vhost_user_net::vhu_net::{
     self, NetConfig, VhostUserNetBackend, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE,
@@ -69,16 +67,10 @@ enum Error {
     InvalidTapName(String),
     #[error("Cannot set up the TAP")]
     Tap(#[source] TapError),
-    #[error("Socket {} is in use by a running backend", .0.display())]
-    SocketInUse(PathBuf),
-    #[error("{} exists and is not a socket", .0.display())]
-    NotASocket(PathBuf),
-    #[error("Cannot listen on {}", path.display())]
-    Listen {
-        path: PathBuf,
-        #[source]
-        source: vhost::vhost_user::Error,
-    },
+    #[error("Cannot listen for frontends")]
+    Listen(#[source] vhost_user_frontdoor::Error),
+    #[error("Cannot connect a frontend to the vhost-user daemon")]
+    Connect(#[source] vhost_user_frontdoor::Error),
     #[error("Cannot set up signal handling")]
     Signals(#[source] io::Error),
     #[error("Cannot wait for a frontend")]
@@ -223,29 +215,6 @@ impl Shutdown {
     }
 }
 
-/// Creates the socket with mode 0600. A stale socket is replaced; a live one, or a file that
-/// is not a socket, is left alone.
-fn listen(path: &Path) -> Result<Listener, Error> {
-    if let Ok(metadata) = std::fs::symlink_metadata(path) {
-        if !metadata.file_type().is_socket() {
-            return Err(Error::NotASocket(path.to_owned()));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::SocketInUse(path.to_owned()));
-        }
-    }
-    // SAFETY: umask only swaps the process file-mode mask. No other thread exists yet, so
-    // nothing else creates files while the restrictive mask is in place.
-    let previous = unsafe { libc::umask(0o177) };
-    let listener = Listener::new(path, true);
-    // SAFETY: as above; restores the previous mask.
-    unsafe { libc::umask(previous) };
-    listener.map_err(|source| Error::Listen {
-        path: path.to_owned(),
-        source,
-    })
-}
-
 /// Blocks the handled signals in this thread and every thread spawned after it, so that
 /// only the signal thread's sigwait sees them.
 fn block_handled_signals() -> io::Result<()> {
@@ -279,13 +248,13 @@ fn spawn_signal_thread(shutdown: Arc<Shutdown>) -> io::Result<()> {
 }
 
 /// Waits until a frontend connects (true) or shutdown is requested (false).
-fn wait_for_frontend(listener: &Listener, shutdown: &Shutdown) -> io::Result<bool> {
+fn wait_for_frontend(door: &FrontDoor, shutdown: &Shutdown) -> io::Result<bool> {
     const LISTENER: u64 = 0;
     const WAKE: u64 = 1;
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
-        listener.as_raw_fd(),
+        door.as_raw_fd(),
         EpollEvent::new(EventSet::IN, LISTENER),
     )?;
     epoll.ctl(
@@ -328,7 +297,9 @@ fn open_tap(config: &Config) -> Result<(Vec<Arc<Tap>>, u16), TapError> {
 fn serve(config: Config) -> Result<(), Error> {
     block_handled_signals().map_err(Error::Signals)?;
     let (ports, mtu) = open_tap(&config).map_err(Error::Tap)?;
-    let mut listener = listen(&config.socket_path)?;
+    // Frontends connect to the front door, which relays to a fresh daemon per connection. It
+    // accepts user-mode Linux's padded memory table and QEMU's early SET_VRING_ENABLE.
+    let door = FrontDoor::bind(&config.socket_path).map_err(Error::Listen)?;
     let shutdown = Arc::new(Shutdown::new().map_err(Error::Signals)?);
     spawn_signal_thread(shutdown.clone()).map_err(Error::Signals)?;
     let net_config = NetConfig {
@@ -345,7 +316,7 @@ fn serve(config: Config) -> Result<(), Error> {
         config.socket_path.display()
     );
 
-    while wait_for_frontend(&listener, &shutdown).map_err(Error::Accept)? {
+    while wait_for_frontend(&door, &shutdown).map_err(Error::Accept)? {
         let backend =
             Arc::new(VhostUserNetBackend::new(net_config, ports.clone()).map_err(Error::Backend)?);
         let mut daemon = VhostUserDaemon::new(
@@ -357,10 +328,14 @@ fn serve(config: Config) -> Result<(), Error> {
         backend
             .register_ports(&daemon.get_epoll_handlers())
             .map_err(Error::Backend)?;
-        daemon.start(&mut listener).map_err(Error::Daemon)?;
+        let session = door.accept_into(&mut daemon).map_err(Error::Connect)?;
         info!("Frontend connected");
         shutdown.track(daemon.shutdown_handle());
         let result = daemon.wait();
+        // The front door has logged a malformed message; the daemon's view follows.
+        if let Err(e) = session.wait() {
+            debug!("Front door: {}", error_chain(&e));
+        }
         shutdown.track(None);
         // Dropping the daemon stops its worker threads and unregisters the TAP queues.
         drop(daemon);
@@ -374,9 +349,20 @@ fn serve(config: Config) -> Result<(), Error> {
     }
 
     info!("Shut down");
-    // Dropping the listener removes the socket; closing the TAP queues removes a TAP this
+    // Dropping the front door removes the socket; closing the TAP queues removes a TAP this
     // process created.
     Ok(())
+}
+
+/// "error: cause: cause" for one log line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
 }
 
 fn main() -> ExitCode {
@@ -385,13 +371,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            error!("{message}");
+            error!("{}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
