@@ -575,7 +575,9 @@ impl<P: NetPort> QueuePair<P> {
         let mut completed = false;
         loop {
             queue.disable_notification(mem).map_err(NetError::Queue)?;
+            let mut popped = false;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                popped = true;
                 let head = chain.head_index();
                 match self.send(chain, mem) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -599,7 +601,9 @@ impl<P: NetPort> QueuePair<P> {
                 queue.add_used(mem, head, 0).map_err(NetError::Queue)?;
                 completed = true;
             }
-            if !queue.enable_notification(mem).map_err(NetError::Queue)? {
+            // Stop when a pass popped nothing although the avail index says there is work:
+            // the guest wrote an index more than a ring ahead, and looping would spin.
+            if !queue.enable_notification(mem).map_err(NetError::Queue)? || !popped {
                 break;
             }
         }
@@ -831,7 +835,9 @@ pub fn process_ctrl(
     let mut completed = false;
     loop {
         queue.disable_notification(mem).map_err(NetError::Queue)?;
+        let mut popped = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            popped = true;
             let head = chain.head_index();
             let used_len = ctrl_command(chain, mem, negotiated, target);
             queue
@@ -839,7 +845,8 @@ pub fn process_ctrl(
                 .map_err(NetError::Queue)?;
             completed = true;
         }
-        if !queue.enable_notification(mem).map_err(NetError::Queue)? {
+        // As for transmit: a runaway avail index must not make this loop spin.
+        if !queue.enable_notification(mem).map_err(NetError::Queue)? || !popped {
             break;
         }
     }
