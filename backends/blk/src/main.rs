@@ -7,13 +7,16 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use clap::Parser;
 use log::{debug, error, info, warn};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vhost_user_blk::blk::{BlockDevice, BlockStorage, SERIAL_LEN};
 use vhost_user_blk::file_storage::{FileStorage, OpenError, StorageOptions};
-use vhost_user_blk::vhu_blk::{self, QueueConfig, VhostUserBlkBackend, MAX_QUEUES, MAX_QUEUE_SIZE};
+use vhost_user_blk::vhu_blk::{
+    self, QueueConfig, VhostUserBlkBackend, MAX_COALESCE_WINDOW, MAX_QUEUES, MAX_QUEUE_SIZE,
+};
 use vhost_user_frontdoor::{ConfigNotifier, Delivery, FrontDoor};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -47,6 +50,10 @@ struct Args {
     /// Number of request queues, each served by its own thread.
     #[arg(long, default_value_t = 1)]
     num_queues: usize,
+    /// Microseconds a queue thread waits for the driver's next request before signalling
+    /// completions, when the driver keeps several requests in flight (0: signal at once).
+    #[arg(long, default_value_t = vhu_blk::DEFAULT_COALESCE_WINDOW.as_micros() as u64)]
+    coalesce_us: u64,
     /// Lock the image so that no second backend opens it (the default).
     #[arg(long, overrides_with = "no_lock")]
     lock: bool,
@@ -61,6 +68,8 @@ enum Error {
     InvalidQueueSize(u16),
     #[error("Number of queues {0} is not between 1 and {MAX_QUEUES}")]
     InvalidNumQueues(usize),
+    #[error("Coalescing window of {0} µs is longer than {max} µs", max = MAX_COALESCE_WINDOW.as_micros())]
+    InvalidCoalesceWindow(u64),
     #[error("Serial {0:?} is longer than {SERIAL_LEN} bytes")]
     SerialTooLong(String),
     #[error("Cannot open the image")]
@@ -89,6 +98,7 @@ struct Config {
     storage: StorageOptions,
     serial: String,
     queues: QueueConfig,
+    coalesce_window: Duration,
 }
 
 impl TryFrom<Args> for Config {
@@ -100,6 +110,10 @@ impl TryFrom<Args> for Config {
         }
         if !(1..=MAX_QUEUES).contains(&args.num_queues) {
             return Err(Error::InvalidNumQueues(args.num_queues));
+        }
+        let coalesce_window = Duration::from_micros(args.coalesce_us);
+        if coalesce_window > MAX_COALESCE_WINDOW {
+            return Err(Error::InvalidCoalesceWindow(args.coalesce_us));
         }
         if args.serial.len() > SERIAL_LEN {
             return Err(Error::SerialTooLong(args.serial));
@@ -117,6 +131,7 @@ impl TryFrom<Args> for Config {
                 num_queues: args.num_queues,
                 queue_size: args.queue_size,
             },
+            coalesce_window,
         })
     }
 }
@@ -304,7 +319,9 @@ fn serve(config: Config) -> Result<(), Error> {
             config.storage.read_only,
             config.serial.as_bytes(),
         );
-        let backend = VhostUserBlkBackend::new(device, config.queues).map_err(Error::Backend)?;
+        let backend = VhostUserBlkBackend::new(device, config.queues)
+            .map_err(Error::Backend)?
+            .with_coalesce_window(config.coalesce_window);
         let mut daemon = VhostUserDaemon::new(
             "vhost-user-blk".into(),
             Arc::new(backend),
@@ -387,6 +404,7 @@ mod tests {
         assert_eq!(config.serial, "hvisor-vhost-blk");
         assert_eq!(config.queues.queue_size, 256);
         assert_eq!(config.queues.num_queues, 1);
+        assert_eq!(config.coalesce_window, vhu_blk::DEFAULT_COALESCE_WINDOW);
         assert!(!config.storage.read_only);
         assert!(!config.storage.direct);
         assert!(config.storage.lock);
@@ -403,6 +421,8 @@ mod tests {
             "1024",
             "--num-queues",
             "4",
+            "--coalesce-us",
+            "0",
             "--no-lock",
         ])
         .unwrap();
@@ -410,6 +430,7 @@ mod tests {
         assert_eq!(config.serial, "abc");
         assert_eq!(config.queues.queue_size, 1024);
         assert_eq!(config.queues.num_queues, 4);
+        assert!(config.coalesce_window.is_zero());
         // The last of --lock / --no-lock wins.
         assert!(parse(&["--no-lock", "--lock"]).unwrap().storage.lock);
         let alias = Args::try_parse_from(["vhost-user-blk", "-s", "s", "--img", "x"]).unwrap();
@@ -437,6 +458,11 @@ mod tests {
         assert!(matches!(
             parse(&["--num-queues", "65"]),
             Err(Error::InvalidNumQueues(65))
+        ));
+        assert!(parse(&["--coalesce-us", "10000"]).is_ok());
+        assert!(matches!(
+            parse(&["--coalesce-us", "10001"]),
+            Err(Error::InvalidCoalesceWindow(10001))
         ));
         assert!(parse(&["--serial", "12345678901234567890"]).is_ok());
         assert!(matches!(

@@ -782,7 +782,10 @@ fn predict(memory: &GuestMemoryMmap, batch: &Batch) -> Vec<Popped> {
             .collect();
         let status = descriptors.last().and_then(|last| {
             let complete = !last.has_next() && last.is_write_only() && last.len() > 0;
-            let addr = last.addr().0.checked_add(u64::from(last.len()).checked_sub(1)?)?;
+            let addr = last
+                .addr()
+                .0
+                .checked_add(u64::from(last.len()).checked_sub(1)?)?;
             (complete && GuardedMemory::in_memory(addr, 1)).then_some(addr)
         });
         popped.push(Popped {
