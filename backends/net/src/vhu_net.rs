@@ -351,9 +351,12 @@ impl<P: NetPort + 'static> VhostUserBackend for VhostUserNetBackend<P> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // BACKEND_REQ: user-mode Linux 6.1 allocates its virtqueue interrupt only when this is
+        // negotiated; without it virtio_net fails to probe there (it asks for IRQ 0, the timer).
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn reset_device(&self) {
@@ -525,6 +528,7 @@ mod tests {
             VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::BACKEND_REQ
         ));
         assert_eq!(backend.num_queues(), 5);
         assert_eq!(backend.queues_per_thread(), vec![0b10011, 0b01100]);

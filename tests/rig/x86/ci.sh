@@ -9,6 +9,7 @@ tests/rig/x86/blk-tests.sh --backend ours --num-queues 2
 tests/rig/x86/blk-tests.sh --backend qsd --num-queues 2
 tests/rig/x86/uml-blk-tests.sh
 tests/rig/x86/uml-console-tests.sh
+tests/rig/x86/uml-net-tests.sh
 for extra in tests/rig/x86/net-tests.sh; do
     if [ -x "$extra" ]; then "$extra"; fi
 done
