@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::Duration;
 
 use clap::Parser;
@@ -17,11 +16,10 @@ use vhost_user_blk::file_storage::{FileStorage, OpenError, StorageOptions};
 use vhost_user_blk::vhu_blk::{
     self, QueueConfig, VhostUserBlkBackend, MAX_COALESCE_WINDOW, MAX_QUEUES, MAX_QUEUE_SIZE,
 };
+use vhost_user_frontdoor::process::{self, error_chain, SignalAction};
 use vhost_user_frontdoor::{ConfigNotifier, Delivery, FrontDoor};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::signal::{block_signal, create_sigset};
 
 /// Signals handled by the signal thread; blocked everywhere else.
 const HANDLED_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -217,83 +215,27 @@ impl ServeState {
     }
 }
 
-/// Blocks the handled signals in this thread and every thread spawned after it, so that
-/// only the signal thread's sigwait sees them.
-fn block_handled_signals() -> io::Result<()> {
-    for signal in HANDLED_SIGNALS {
-        match block_signal(signal) {
-            Ok(()) | Err(vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) => {}
-            Err(e) => return Err(io::Error::other(e.to_string())),
-        }
-    }
-    Ok(())
-}
-
 /// SIGTERM/SIGINT request a clean shutdown; SIGHUP re-reads the image size and tells the
 /// frontend.
 fn spawn_signal_thread(state: Arc<ServeState>, storage: Arc<FileStorage>) -> io::Result<()> {
-    let set = create_sigset(&HANDLED_SIGNALS).map_err(io::Error::from)?;
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut signal: libc::c_int = 0;
-            // SAFETY: `set` is an initialised signal set and `signal` a writable int.
-            let ret = unsafe { libc::sigwait(&set, &mut signal) };
-            if ret != 0 {
-                error!("sigwait failed: {}", io::Error::from_raw_os_error(ret));
-                continue;
-            }
-            if signal == libc::SIGHUP {
-                match storage.refresh_capacity() {
-                    Ok(capacity) => {
-                        info!("Image capacity is now {capacity} bytes");
-                        state.announce_config_change();
-                    }
-                    Err(e) => error!("Cannot re-read the image size: {e}"),
-                }
-                continue;
-            }
-            info!("Signal {signal}: shutting down");
+    process::spawn_signal_thread(&HANDLED_SIGNALS, move |signal| {
+        if signal != libc::SIGHUP {
             state.request_shutdown();
-            return;
-        })?;
-    Ok(())
-}
-
-/// Waits until a frontend connects (true) or shutdown is requested (false).
-fn wait_for_frontend(door: &FrontDoor, state: &ServeState) -> io::Result<bool> {
-    const LISTENER: u64 = 0;
-    const WAKE: u64 = 1;
-    let epoll = Epoll::new()?;
-    epoll.ctl(
-        ControlOperation::Add,
-        door.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, LISTENER),
-    )?;
-    epoll.ctl(
-        ControlOperation::Add,
-        state.wake.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, WAKE),
-    )?;
-    let mut events = [EpollEvent::default(); 2];
-    loop {
-        if state.shutdown_requested() {
-            return Ok(false);
+            return SignalAction::Stop;
         }
-        match epoll.wait(-1, &mut events) {
-            Ok(count) => {
-                if events[..count].iter().any(|event| event.data() == LISTENER) {
-                    return Ok(!state.shutdown_requested());
-                }
+        match storage.refresh_capacity() {
+            Ok(capacity) => {
+                info!("Image capacity is now {capacity} bytes");
+                state.announce_config_change();
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => error!("Cannot re-read the image size: {e}"),
         }
-    }
+        SignalAction::Continue
+    })
 }
 
 fn serve(config: Config) -> Result<(), Error> {
-    block_handled_signals().map_err(Error::Signals)?;
+    process::block_signals(&HANDLED_SIGNALS).map_err(Error::Signals)?;
     let storage =
         Arc::new(FileStorage::open(&config.image, &config.storage).map_err(Error::Image)?);
     // Frontends connect to the front door, which relays to a fresh daemon per connection,
@@ -313,7 +255,11 @@ fn serve(config: Config) -> Result<(), Error> {
         config.socket_path.display()
     );
 
-    while wait_for_frontend(&door, &state).map_err(Error::Accept)? {
+    while process::wait_readable(door.as_raw_fd(), state.wake.as_raw_fd(), || {
+        state.shutdown_requested()
+    })
+    .map_err(Error::Accept)?
+    {
         let device = BlockDevice::new(
             storage.clone(),
             config.storage.read_only,
@@ -355,17 +301,6 @@ fn serve(config: Config) -> Result<(), Error> {
     info!("Shut down");
     // Dropping the front door removes the socket.
     Ok(())
-}
-
-/// "error: cause: cause" for one log line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    message
 }
 
 fn main() -> ExitCode {

@@ -10,8 +10,9 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
+use vhost_user_frontdoor::process::WorkerExitEvents;
 
-use log::{debug, error, warn};
+use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
@@ -24,9 +25,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::blk::{BlockDevice, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use crate::virtio_blk::{BlkConfig, CONFIG_SPACE_SIZE, WCE_OFFSET};
@@ -80,13 +79,6 @@ pub struct QueueConfig {
     pub queue_size: u16,
 }
 
-/// One worker thread's exit event: VUB polls the consumer and signals the notifier.
-#[derive(Debug)]
-struct ExitEvent {
-    consumer: EventConsumer,
-    notifier: EventNotifier,
-}
-
 /// A vhost-user-blk backend serving one frontend connection.
 #[derive(Debug)]
 pub struct VhostUserBlkBackend {
@@ -95,7 +87,7 @@ pub struct VhostUserBlkBackend {
     mem: RwLock<Option<GuestMemory>>,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
-    exit_events: Vec<ExitEvent>,
+    exit_events: WorkerExitEvents,
     /// See [`Self::process_queue`]; zero signals at once.
     window: Duration,
     coalescing: Vec<Coalescing>,
@@ -106,13 +98,7 @@ pub struct VhostUserBlkBackend {
 impl VhostUserBlkBackend {
     pub fn new(device: BlockDevice, queues: QueueConfig) -> Result<Self, Error> {
         let threads = worker_masks(queues.num_queues).len();
-        let exit_events = (0..threads)
-            .map(|_| {
-                new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-                    .map(|(consumer, notifier)| ExitEvent { consumer, notifier })
-                    .map_err(Error::ExitEvent)
-            })
-            .collect::<Result<_, _>>()?;
+        let exit_events = WorkerExitEvents::new(threads).map_err(Error::ExitEvent)?;
         Ok(VhostUserBlkBackend {
             device,
             queues,
@@ -488,17 +474,7 @@ impl VhostUserBackend for VhostUserBlkBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // VUB 0.24 registers the consumer by raw fd and never closes it, so each connection
-        // leaks this duplicate (one descriptor per worker thread); the originals close with
-        // the backend.
-        let event = self.exit_events.get(thread_index)?;
-        match (event.consumer.try_clone(), event.notifier.try_clone()) {
-            (Ok(consumer), Ok(notifier)) => Some((consumer, notifier)),
-            (Err(e), _) | (_, Err(e)) => {
-                error!("Cannot duplicate the exit event of worker {thread_index}: {e}");
-                None
-            }
-        }
+        self.exit_events.for_thread(thread_index)
     }
 
     fn handle_event(
@@ -528,6 +504,8 @@ mod tests {
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
     use vm_memory::{Address, Bytes, GuestAddress};
+
+    use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
 
     use super::*;
     use crate::blk::tests::{guest_memory, write_header, MemStorage, DATA_ADDR, HEADER_ADDR};

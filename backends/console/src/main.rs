@@ -17,11 +17,11 @@ use vhost_user_console::console::{
     DEFAULT_SOCKET_BUFFER, MAX_PORT_NAME,
 };
 use vhost_user_console::vhu_console::{self, VhostUserConsoleBackend, MAX_PORTS, MAX_QUEUE_SIZE};
+use vhost_user_frontdoor::process::{self, error_chain, SignalAction};
 use vhost_user_frontdoor::{ConfigNotifier, Delivery, FrontDoor};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::signal::{block_signal, create_sigset};
 
 /// Signals handled by the signal thread; blocked everywhere else. SIGWINCH reaches the
 /// backend when it runs in the foreground of the terminal it serves (`--stdio`).
@@ -323,77 +323,21 @@ impl ServeState {
     }
 }
 
-/// Blocks the handled signals in this thread and every thread spawned after it, so that
-/// only the signal thread's sigwait sees them.
-fn block_handled_signals() -> io::Result<()> {
-    for signal in HANDLED_SIGNALS {
-        match block_signal(signal) {
-            Ok(()) | Err(vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) => {}
-            Err(e) => return Err(io::Error::other(e.to_string())),
-        }
-    }
-    Ok(())
-}
-
 /// SIGTERM, SIGINT and SIGHUP request a clean shutdown; SIGWINCH has the console size
 /// looked at again.
 fn spawn_signal_thread(state: Arc<ServeState>, backend: SharedBackend) -> io::Result<()> {
-    let set = create_sigset(&HANDLED_SIGNALS).map_err(io::Error::from)?;
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut signal: libc::c_int = 0;
-            // SAFETY: `set` is an initialised signal set and `signal` a writable int.
-            let ret = unsafe { libc::sigwait(&set, &mut signal) };
-            if ret != 0 {
-                error!("sigwait failed: {}", io::Error::from_raw_os_error(ret));
-                continue;
-            }
-            if signal == libc::SIGWINCH {
-                // A change is signalled to the configuration change thread.
-                backend
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .refresh_window_size();
-                continue;
-            }
-            info!("Signal {signal}: shutting down");
+    process::spawn_signal_thread(&HANDLED_SIGNALS, move |signal| {
+        if signal != libc::SIGWINCH {
             state.request_shutdown();
-            return;
-        })?;
-    Ok(())
-}
-
-/// Waits on `fd` and the shutdown wake-up: true when `fd` is readable, false at shutdown.
-fn wait_readable(fd: &impl AsRawFd, state: &ServeState) -> io::Result<bool> {
-    const READY: u64 = 0;
-    const WAKE: u64 = 1;
-    let epoll = Epoll::new()?;
-    epoll.ctl(
-        ControlOperation::Add,
-        fd.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, READY),
-    )?;
-    epoll.ctl(
-        ControlOperation::Add,
-        state.wake.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, WAKE),
-    )?;
-    let mut events = [EpollEvent::default(); 2];
-    loop {
-        if state.shutdown_requested() {
-            return Ok(false);
+            return SignalAction::Stop;
         }
-        match epoll.wait(-1, &mut events) {
-            Ok(count) => {
-                if events[..count].iter().any(|event| event.data() == READY) {
-                    return Ok(!state.shutdown_requested());
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+        // A change is signalled to the configuration change thread.
+        backend
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .refresh_window_size();
+        SignalAction::Continue
+    })
 }
 
 /// Pushes each console size change the worker or the signal thread noticed to the frontend.
@@ -403,7 +347,9 @@ fn spawn_config_thread(state: Arc<ServeState>, changes: EventFd) -> io::Result<(
     thread::Builder::new()
         .name("config-change".into())
         .spawn(move || loop {
-            match wait_readable(&changes, &state) {
+            match process::wait_readable(changes.as_raw_fd(), state.wake.as_raw_fd(), || {
+                state.shutdown_requested()
+            }) {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => {
@@ -425,7 +371,7 @@ fn spawn_config_thread(state: Arc<ServeState>, changes: EventFd) -> io::Result<(
 }
 
 fn serve(config: Config) -> Result<(), Error> {
-    block_handled_signals().map_err(Error::Signals)?;
+    process::block_signals(&HANDLED_SIGNALS).map_err(Error::Signals)?;
     // Before any thread exists: the console sockets are created under a restrictive umask.
     let ports = open_hosts(&config)?;
     // Frontends connect to the front door, which relays to a fresh daemon per connection,
@@ -450,7 +396,11 @@ fn serve(config: Config) -> Result<(), Error> {
         config.socket_path.display()
     );
 
-    while wait_readable(&door, &state).map_err(Error::Accept)? {
+    while process::wait_readable(door.as_raw_fd(), state.wake.as_raw_fd(), || {
+        state.shutdown_requested()
+    })
+    .map_err(Error::Accept)?
+    {
         let mut daemon = VhostUserDaemon::new(
             "vhost-user-console".into(),
             backend.clone(),
@@ -497,17 +447,6 @@ fn serve(config: Config) -> Result<(), Error> {
     // Dropping the front door and the hosts removes the sockets and the pty links, and
     // restores the terminal.
     Ok(())
-}
-
-/// "error: cause: cause" for one log line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    message
 }
 
 fn main() -> ExitCode {

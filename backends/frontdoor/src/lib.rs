@@ -16,6 +16,7 @@
 
 mod message;
 mod notifier;
+pub mod process;
 mod session;
 
 use std::ffi::OsString;

@@ -6,20 +6,18 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
 
 use clap::Parser;
 use log::{debug, error, info, warn};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_frontdoor::process::{self, error_chain, SignalAction};
 use vhost_user_frontdoor::FrontDoor;
 use vhost_user_net::tap::{self, Interface, Tap, TapError};
 use vhost_user_net::vhu_net::{
     self, NetConfig, VhostUserNetBackend, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE,
 };
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::signal::{block_signal, create_sigset};
 
 /// Signals handled by the signal thread; blocked everywhere else.
 const HANDLED_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
@@ -215,68 +213,12 @@ impl Shutdown {
     }
 }
 
-/// Blocks the handled signals in this thread and every thread spawned after it, so that
-/// only the signal thread's sigwait sees them.
-fn block_handled_signals() -> io::Result<()> {
-    for signal in HANDLED_SIGNALS {
-        match block_signal(signal) {
-            Ok(()) | Err(vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) => {}
-            Err(e) => return Err(io::Error::other(e.to_string())),
-        }
-    }
-    Ok(())
-}
-
 /// SIGTERM/SIGINT request a clean shutdown.
 fn spawn_signal_thread(shutdown: Arc<Shutdown>) -> io::Result<()> {
-    let set = create_sigset(&HANDLED_SIGNALS).map_err(io::Error::from)?;
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut signal: libc::c_int = 0;
-            // SAFETY: `set` is an initialised signal set and `signal` a writable int.
-            let ret = unsafe { libc::sigwait(&set, &mut signal) };
-            if ret != 0 {
-                error!("sigwait failed: {}", io::Error::from_raw_os_error(ret));
-                continue;
-            }
-            info!("Signal {signal}: shutting down");
-            shutdown.request();
-            return;
-        })?;
-    Ok(())
-}
-
-/// Waits until a frontend connects (true) or shutdown is requested (false).
-fn wait_for_frontend(door: &FrontDoor, shutdown: &Shutdown) -> io::Result<bool> {
-    const LISTENER: u64 = 0;
-    const WAKE: u64 = 1;
-    let epoll = Epoll::new()?;
-    epoll.ctl(
-        ControlOperation::Add,
-        door.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, LISTENER),
-    )?;
-    epoll.ctl(
-        ControlOperation::Add,
-        shutdown.wake.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, WAKE),
-    )?;
-    let mut events = [EpollEvent::default(); 2];
-    loop {
-        if shutdown.requested() {
-            return Ok(false);
-        }
-        match epoll.wait(-1, &mut events) {
-            Ok(count) => {
-                if events[..count].iter().any(|event| event.data() == LISTENER) {
-                    return Ok(!shutdown.requested());
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    process::spawn_signal_thread(&HANDLED_SIGNALS, move |_| {
+        shutdown.request();
+        SignalAction::Stop
+    })
 }
 
 /// Opens the TAP queues and applies the link settings; returns the queues and the MTU.
@@ -295,7 +237,7 @@ fn open_tap(config: &Config) -> Result<(Vec<Arc<Tap>>, u16), TapError> {
 }
 
 fn serve(config: Config) -> Result<(), Error> {
-    block_handled_signals().map_err(Error::Signals)?;
+    process::block_signals(&HANDLED_SIGNALS).map_err(Error::Signals)?;
     let (ports, mtu) = open_tap(&config).map_err(Error::Tap)?;
     // Frontends connect to the front door, which relays to a fresh daemon per connection. It
     // accepts user-mode Linux's padded memory table and QEMU's early SET_VRING_ENABLE.
@@ -316,7 +258,11 @@ fn serve(config: Config) -> Result<(), Error> {
         config.socket_path.display()
     );
 
-    while wait_for_frontend(&door, &shutdown).map_err(Error::Accept)? {
+    while process::wait_readable(door.as_raw_fd(), shutdown.wake.as_raw_fd(), || {
+        shutdown.requested()
+    })
+    .map_err(Error::Accept)?
+    {
         let backend =
             Arc::new(VhostUserNetBackend::new(net_config, ports.clone()).map_err(Error::Backend)?);
         let mut daemon = VhostUserDaemon::new(
@@ -352,17 +298,6 @@ fn serve(config: Config) -> Result<(), Error> {
     // Dropping the front door removes the socket; closing the TAP queues removes a TAP this
     // process created.
     Ok(())
-}
-
-/// "error: cause: cause" for one log line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    message
 }
 
 fn main() -> ExitCode {

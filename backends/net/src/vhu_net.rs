@@ -13,6 +13,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use vhost_user_frontdoor::process::WorkerExitEvents;
 
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -28,9 +29,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::net::{self, ControlTarget, Negotiated, NetError, NetPort, NetStats, QueuePair};
 use crate::virtio_net::{NetConfigSpace, CONFIG_SPACE_SIZE};
@@ -78,13 +77,6 @@ pub struct NetConfig {
     pub queue_size: u16,
 }
 
-/// One worker thread's exit event: VUB polls the consumer and signals the notifier.
-#[derive(Debug)]
-struct ExitEvent {
-    consumer: EventConsumer,
-    notifier: EventNotifier,
-}
-
 /// A vhost-user-net backend serving one frontend connection over a set of ports.
 #[derive(Debug)]
 pub struct VhostUserNetBackend<P: NetPort> {
@@ -95,7 +87,7 @@ pub struct VhostUserNetBackend<P: NetPort> {
     acked_features: AtomicU64,
     active_pairs: AtomicU16,
     stats: Arc<NetStats>,
-    exit_events: Vec<ExitEvent>,
+    exit_events: WorkerExitEvents,
 }
 
 impl<P: NetPort + 'static> VhostUserNetBackend<P> {
@@ -112,13 +104,7 @@ impl<P: NetPort + 'static> VhostUserNetBackend<P> {
             .iter()
             .map(|port| Mutex::new(QueuePair::new(port.clone(), stats.clone())))
             .collect();
-        let exit_events = (0..ports.len())
-            .map(|_| {
-                new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-                    .map(|(consumer, notifier)| ExitEvent { consumer, notifier })
-                    .map_err(Error::ExitEvent)
-            })
-            .collect::<Result<_, _>>()?;
+        let exit_events = WorkerExitEvents::new(ports.len()).map_err(Error::ExitEvent)?;
         Ok(VhostUserNetBackend {
             config,
             pairs,
@@ -408,17 +394,7 @@ impl<P: NetPort + 'static> VhostUserBackend for VhostUserNetBackend<P> {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // VUB 0.24 registers the consumer by raw fd and never closes it, so each connection
-        // leaks this duplicate (one descriptor per worker thread); the originals close with
-        // the backend.
-        let event = self.exit_events.get(thread_index)?;
-        match (event.consumer.try_clone(), event.notifier.try_clone()) {
-            (Ok(consumer), Ok(notifier)) => Some((consumer, notifier)),
-            (Err(e), _) | (_, Err(e)) => {
-                error!("Cannot duplicate the exit event of worker {thread_index}: {e}");
-                None
-            }
-        }
+        self.exit_events.for_thread(thread_index)
     }
 
     fn handle_event(
@@ -472,6 +448,8 @@ mod tests {
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
     use vm_memory::{Address, Bytes, GuestAddress};
+
+    use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
 
     use super::*;
     use crate::net::tests::{memory, MockPort, BUF};

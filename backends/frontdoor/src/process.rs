@@ -1,0 +1,134 @@
+//! Process scaffolding every backend shares: the stop signals, read by one thread with
+//! `sigwait`; waiting for a frontend or a shutdown; and error chains on one log line.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::thread;
+
+use log::{error, info};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::signal::{block_signal, create_sigset};
+
+/// What the signal thread does after a signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalAction {
+    /// Keep waiting for signals.
+    Continue,
+    /// The backend is stopping; the thread ends.
+    Stop,
+}
+
+/// Blocks `signals` in this thread and every thread spawned after it, so that only the
+/// signal thread's `sigwait` sees them. Call it before spawning any thread.
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    for &signal in signals {
+        match block_signal(signal) {
+            Ok(()) | Err(vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) => {}
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// Starts the thread that waits for `signals` and hands each to `on_signal`, until it
+/// answers [`SignalAction::Stop`].
+pub fn spawn_signal_thread<F>(signals: &[libc::c_int], mut on_signal: F) -> io::Result<()>
+where
+    F: FnMut(libc::c_int) -> SignalAction + Send + 'static,
+{
+    let set = create_sigset(signals).map_err(io::Error::from)?;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut signal: libc::c_int = 0;
+            // SAFETY: `set` is an initialised signal set and `signal` a writable int.
+            let ret = unsafe { libc::sigwait(&set, &mut signal) };
+            if ret != 0 {
+                error!("sigwait failed: {}", io::Error::from_raw_os_error(ret));
+                continue;
+            }
+            if on_signal(signal) == SignalAction::Stop {
+                info!("Signal {signal}: shutting down");
+                return;
+            }
+        })?;
+    Ok(())
+}
+
+/// Waits until `fd` is readable (true) or `stopping()` holds (false). `wake` is an eventfd
+/// the shutdown path writes so that the wait notices it.
+pub fn wait_readable(fd: RawFd, wake: RawFd, stopping: impl Fn() -> bool) -> io::Result<bool> {
+    const READY: u64 = 0;
+    const WAKE: u64 = 1;
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(EventSet::IN, READY),
+    )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        wake,
+        EpollEvent::new(EventSet::IN, WAKE),
+    )?;
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        if stopping() {
+            return Ok(false);
+        }
+        match epoll.wait(-1, &mut events) {
+            Ok(count) => {
+                if events[..count].iter().any(|event| event.data() == READY) {
+                    return Ok(!stopping());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// "error: cause: cause", for one log line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// One exit event per worker thread of a vhost-user-backend daemon: the backend keeps the
+/// originals and hands out duplicates from `VhostUserBackend::exit_event`.
+#[derive(Debug)]
+pub struct WorkerExitEvents(Vec<(EventConsumer, EventNotifier)>);
+
+impl WorkerExitEvents {
+    /// Events for `threads` worker threads.
+    pub fn new(threads: usize) -> io::Result<Self> {
+        (0..threads)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
+            .collect::<io::Result<Vec<_>>>()
+            .map(Self)
+    }
+
+    /// Duplicates of thread `index`'s event, for `VhostUserBackend::exit_event`.
+    pub fn for_thread(&self, index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // VUB 0.24 registers the consumer by raw fd and never closes it, so each connection
+        // leaks this duplicate (one descriptor per worker thread); the originals close with
+        // the backend.
+        let (consumer, notifier) = self.0.get(index)?;
+        match (consumer.try_clone(), notifier.try_clone()) {
+            (Ok(consumer), Ok(notifier)) => Some((consumer, notifier)),
+            (Err(e), _) | (_, Err(e)) => {
+                error!("Cannot duplicate the exit event of worker {index}: {e}");
+                None
+            }
+        }
+    }
+}
