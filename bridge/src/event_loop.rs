@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{BackendSpec, DeviceConfig};
 use crate::frontend::{self, VhostUserDevice};
-use crate::irq::{Injection, IrqLines};
+use crate::irq::{self, MAX_PENDING_IRQS};
 use crate::ratelimit::RateLimited;
 use crate::supervisor::{SpawnedBackend, Supervisor};
 use crate::transport::MmioTransport;
@@ -127,11 +127,6 @@ impl BridgeDevice {
         self
     }
 
-    /// The pid of the backend the bridge started, if any.
-    pub fn backend_pid(&self) -> Option<u32> {
-        self.process.as_ref().map(SpawnedBackend::pid)
-    }
-
     fn contains(&self, zone: u32, address: u64) -> bool {
         self.zone == zone && address >= self.base && address - self.base < self.len
     }
@@ -165,7 +160,6 @@ pub struct LoopStats {
 pub struct Bridge {
     hsm: Arc<dyn Hsm>,
     devices: Vec<BridgeDevice>,
-    lines: IrqLines,
     epoll: Epoll,
     options: LoopOptions,
     stats: LoopStats,
@@ -237,7 +231,6 @@ impl Bridge {
         Ok(Self {
             hsm,
             devices,
-            lines: IrqLines::default(),
             epoll,
             options,
             stats: LoopStats::default(),
@@ -262,11 +255,6 @@ impl Bridge {
     /// signalfd): the caller re-reads its config and calls `run` again.
     pub fn reload_requested(&self) -> bool {
         self.reload_requested
-    }
-
-    /// Counters so far.
-    pub fn stats(&self) -> LoopStats {
-        self.stats
     }
 
     /// Runs until the stop fd fires or the hypervisor stand-in hangs up.
@@ -515,15 +503,19 @@ impl Bridge {
 
     /// Injects device `index`'s line (the transport said it was not asserted).
     fn raise(&mut self, index: usize) {
+        let zone = self.devices[index].zone;
+        let asserted = self
+            .devices
+            .iter()
+            .filter(|d| d.zone == zone && d.transport.line_asserted())
+            .count();
         let dev = &mut self.devices[index];
-        match self.lines.inject(self.hsm.as_ref(), dev.zone, dev.irq) {
-            Injection::Injected => {
-                dev.transport.mark_line_asserted();
-                dev.deferred = false;
-                self.stats.interrupts += 1;
-            }
-            Injection::Deferred => dev.deferred = true,
-            Injection::Failed => {}
+        if asserted >= MAX_PENDING_IRQS {
+            dev.deferred = true;
+        } else if irq::inject(self.hsm.as_ref(), zone, dev.irq) {
+            dev.transport.mark_line_asserted();
+            dev.deferred = false;
+            self.stats.interrupts += 1;
         }
     }
 
@@ -569,7 +561,6 @@ impl Bridge {
             let now_asserted = dev.transport.line_asserted();
             self.reply(req, 0);
             if was_asserted && !now_asserted {
-                self.lines.release(zone);
                 self.retry_deferred(zone);
             }
             if effect.inject_interrupt {
@@ -582,17 +573,13 @@ impl Bridge {
     }
 
     /// Replies to a synchronous request; asynchronous ones (QueueNotify) get none.
+    /// `value` is already masked to the access size: the transport masks every read, and
+    /// the other replies are 0.
     fn reply(&mut self, req: &DeviceReq, value: u64) {
         if req.need_interrupt != 0 {
             return;
         }
-        let masked = match req.size {
-            1 => value & 0xff,
-            2 => value & 0xffff,
-            4 => value & 0xffff_ffff,
-            _ => value,
-        };
-        if let Err(e) = self.hsm.bridge().reply(req.src_cpu, masked) {
+        if let Err(e) = self.hsm.bridge().reply(req.src_cpu, value) {
             if self.bad_request.hit() {
                 log::warn!(
                     "cannot reply to zone {} cpu {}: {e}",

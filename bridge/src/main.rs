@@ -65,13 +65,7 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = format!("{e}");
-            let mut source = e.source();
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            log::error!("{msg}");
+            log::error!("{}", hvisor_bridge::event_loop::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
