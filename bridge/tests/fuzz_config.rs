@@ -811,6 +811,17 @@ fn execute_reporting(text: &str, base_dir: &Path, outcomes: &mut Outcomes) {
 
 #[test]
 fn config_parser_survives_arbitrary_json() {
+    // Inputs nest up to 300 levels; unoptimised builds need more than the test thread's
+    // default stack to build and drop such values.
+    std::thread::Builder::new()
+        .stack_size(64 << 20)
+        .spawn(fuzz_config_parser)
+        .expect("fuzz thread")
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+}
+
+fn fuzz_config_parser() {
     let scratch = Scratch::new();
     let seeds = seeds();
     for seed in &seeds {
