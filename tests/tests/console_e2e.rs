@@ -19,7 +19,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hvisor_vhost_tests::driver::console::{event, feature, ConsoleDriver, ConsoleOptions};
+use hvisor_vhost_tests::driver::console::{
+    event, feature, ConsoleDriver, ConsoleOptions, ControlRx,
+};
 use hvisor_vhost_tests::driver::mmio::{INTERRUPT_CONFIG, VIRTIO_F_VERSION_1};
 use hvisor_vhost_tests::driver::{GuestAllocator, Interrupts};
 use hvisor_vhost_tests::harness::{bin_path, Irq, Process, Ram, Rng, SimBridge, TempDir, Vcpu};
@@ -733,13 +735,15 @@ fn interop_with_vhost_device_console() {
     )]);
     let sb = SimBridge::start(dir, &cfg, &[]);
     let g = guest(&sb);
-    // Its receive path takes every posted buffer off the ring when it looks for input and
-    // returns only those it filled; a buffer posted while it is busy is lost. So the guest
-    // posts one buffer before each byte the host sends, and none while it works.
+    // Its receive paths take every posted buffer off the ring when they look for input
+    // and return only those they filled; a buffer posted while one is busy is lost. So the
+    // guest posts one data buffer before each byte the host sends and none while it works,
+    // and control buffers only for the replies the device owes.
     let options = ConsoleOptions {
         rx_slots: 1,
         rx_buffers: 0,
         repost_rx: false,
+        control_rx: ControlRx::VHOST_DEVICE_CONSOLE,
         ..ConsoleOptions::default()
     };
     let mut console = driver(&g, &options);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hvisor_vhost_tests::driver::console::{ConsoleDriver, ConsoleOptions};
+use hvisor_vhost_tests::driver::console::{ConsoleDriver, ConsoleOptions, ControlRx};
 use hvisor_vhost_tests::driver::fs::{FsDriver, ROOT_ID};
 use hvisor_vhost_tests::driver::mmio::{status, INTERRUPT_CONFIG};
 use hvisor_vhost_tests::driver::rng::RngDriver;
@@ -500,12 +500,13 @@ fn the_mixed_example_config_serves_every_backend_at_once() {
 
     let g = Guest::new(&sb, 1, 0, 75);
     let mut alloc = GuestAllocator::new(RAM_BASE + 0x4e0_0000, 0x100_0000);
-    // One receive buffer, posted on demand, as in console_e2e's interop test:
+    // Receive and control buffers posted on demand, as in console_e2e's interop test:
     // vhost-device-console 0.1.0 loses buffers posted while it is busy.
     let options = ConsoleOptions {
         rx_slots: 1,
         rx_buffers: 0,
         repost_rx: false,
+        control_rx: ControlRx::VHOST_DEVICE_CONSOLE,
         ..ConsoleOptions::default()
     };
     let mut console = ConsoleDriver::new(&g.vcpu, 0xa003600, &g.ram, &g.irq, &mut alloc, &options)

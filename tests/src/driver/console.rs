@@ -76,6 +76,33 @@ pub struct ConsoleOptions {
     pub tx_buffer_len: u32,
     /// How long a blocking call waits for the device to make progress.
     pub timeout: Duration,
+    /// How control receive buffers are posted (MULTIPORT).
+    pub control_rx: ControlRx,
+}
+
+/// How the driver posts control receive buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlRx {
+    /// All of them at start, each posted again once read, as Linux does.
+    Eager,
+    /// None until the device has completed a request that it answers (DEVICE_READY or
+    /// PORT_READY); then exactly as many as the replies it sends to it, none posted again.
+    /// For a device that takes every posted buffer off the ring whenever it looks for
+    /// control output and loses those it has nothing for: it then never sees a buffer
+    /// while it has nothing to send.
+    AfterRequest {
+        device_ready: usize,
+        port_ready: usize,
+    },
+}
+
+impl ControlRx {
+    /// What rust-vmm's vhost-device-console 0.1.0 needs: it answers DEVICE_READY with
+    /// PORT_ADD, and PORT_READY with CONSOLE_PORT, PORT_NAME and PORT_OPEN.
+    pub const VHOST_DEVICE_CONSOLE: Self = Self::AfterRequest {
+        device_ready: 1,
+        port_ready: 3,
+    };
 }
 
 impl Default for ConsoleOptions {
@@ -90,6 +117,7 @@ impl Default for ConsoleOptions {
             tx_slots: 64,
             tx_buffer_len: 4096,
             timeout: Duration::from_secs(10),
+            control_rx: ControlRx::Eager,
         }
     }
 }
@@ -118,6 +146,8 @@ struct SlotQueue<'a, M: GuestMemory> {
     free: Vec<usize>,
     /// The slot behind each in-flight head.
     owner: Vec<Option<usize>>,
+    /// Control receive buffers to post once the request in each slot completes.
+    replies_owed: Vec<usize>,
 }
 
 /// Which queue to set up, and its buffers.
@@ -161,6 +191,7 @@ impl<'a, M: GuestMemory> SlotQueue<'a, M> {
             index,
             ring,
             free: (0..slots.len()).rev().collect(),
+            replies_owed: vec![0; slots.len()],
             slots,
             slot_len,
             owner: vec![None; usize::from(size)],
@@ -222,6 +253,7 @@ pub struct ConsoleDriver<'a, B: MmioBus, M: GuestMemory, I: Interrupts> {
     rx: SlotQueue<'a, M>,
     tx: SlotQueue<'a, M>,
     control: Option<(SlotQueue<'a, M>, SlotQueue<'a, M>)>,
+    control_rx: ControlRx,
     repost_rx: bool,
     timeout: Duration,
     /// Bytes received and not yet returned by a read.
@@ -288,6 +320,7 @@ impl<'a, B: MmioBus, M: GuestMemory, I: Interrupts> ConsoleDriver<'a, B, M, I> {
             rx,
             tx,
             control,
+            control_rx: options.control_rx,
             repost_rx: options.repost_rx,
             timeout: options.timeout,
             received: VecDeque::new(),
@@ -299,10 +332,10 @@ impl<'a, B: MmioBus, M: GuestMemory, I: Interrupts> ConsoleDriver<'a, B, M, I> {
         };
         driver.post_rx_buffers(options.rx_buffers)?;
         if let Some((control_rx, _)) = driver.control.as_mut() {
-            while let Some(slot) = control_rx.free.pop() {
-                control_rx.post(slot, CONTROL_RX_LEN, true)?;
+            if driver.control_rx == ControlRx::Eager {
+                post_control_rx(control_rx, usize::MAX)?;
+                control_rx.kick(&driver.device);
             }
-            control_rx.kick(&driver.device);
             driver.send_control(0, event::DEVICE_READY, 1)?;
         }
         Ok(driver)
@@ -456,6 +489,17 @@ impl<'a, B: MmioBus, M: GuestMemory, I: Interrupts> ConsoleDriver<'a, B, M, I> {
 
     fn send_control(&mut self, id: u32, event: u16, value: u16) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
+        let replies = match self.control_rx {
+            ControlRx::Eager => 0,
+            ControlRx::AfterRequest {
+                device_ready,
+                port_ready,
+            } => match event {
+                event::DEVICE_READY => device_ready,
+                event::PORT_READY => port_ready,
+                _ => 0,
+            },
+        };
         loop {
             let Some((_, control_tx)) = self.control.as_mut() else {
                 return Err(DriverError::InvalidOption("MULTIPORT was not negotiated"));
@@ -470,6 +514,7 @@ impl<'a, B: MmioBus, M: GuestMemory, I: Interrupts> ConsoleDriver<'a, B, M, I> {
                     control_tx.free.push(slot);
                     return Err(error);
                 }
+                control_tx.replies_owed[slot] = replies;
                 control_tx.kick(&self.device);
                 return Ok(());
             }
@@ -507,7 +552,12 @@ impl<'a, B: MmioBus, M: GuestMemory, I: Interrupts> ConsoleDriver<'a, B, M, I> {
             return Ok(0);
         };
         let mut progress = 0;
+        let mut posted = 0;
         while let Some((slot, _)) = control_tx.pop(&mut self.overlong_used)? {
+            posted += post_control_rx(
+                control_rx,
+                std::mem::take(&mut control_tx.replies_owed[slot]),
+            )?;
             control_tx.free.push(slot);
             progress += 1;
         }
@@ -517,10 +567,15 @@ impl<'a, B: MmioBus, M: GuestMemory, I: Interrupts> ConsoleDriver<'a, B, M, I> {
             let mut data = vec![0u8; len];
             self.mem.read(control_rx.slots[slot], &mut data);
             messages.push(data);
-            control_rx.post(slot, CONTROL_RX_LEN, true)?;
+            if self.control_rx == ControlRx::Eager {
+                control_rx.post(slot, CONTROL_RX_LEN, true)?;
+                posted += 1;
+            } else {
+                control_rx.free.push(slot);
+            }
             progress += 1;
         }
-        if progress > 0 {
+        if posted > 0 {
             control_rx.kick(&self.device);
         }
         for message in messages {
@@ -659,6 +714,25 @@ fn read_config<B: MmioBus>(device: &VirtioMmioDevice<'_, B>, features: u64) -> C
         rows: has(feature::SIZE).then(|| device.read_config_u16(2)),
         max_nr_ports: has(feature::MULTIPORT).then(|| device.read_config_u32(4)),
     }
+}
+
+/// Posts up to `count` free control receive buffers; returns how many were posted.
+fn post_control_rx<M: GuestMemory>(
+    control_rx: &mut SlotQueue<'_, M>,
+    count: usize,
+) -> Result<usize> {
+    let mut posted = 0;
+    while posted < count {
+        let Some(slot) = control_rx.free.pop() else {
+            break;
+        };
+        if let Err(error) = control_rx.post(slot, CONTROL_RX_LEN, true) {
+            control_rx.free.push(slot);
+            return Err(error);
+        }
+        posted += 1;
+    }
+    Ok(posted)
 }
 
 fn validate(options: &ConsoleOptions) -> Result<()> {
