@@ -2,10 +2,11 @@
 //! vhost-user frontend.
 //!
 //! [`blk`] holds the virtio-blk request semantics behind the [`blk::BlockStorage`] trait,
-//! [`file_storage`] the image-file implementation, and [`vhu_blk`] the vhost-user layer
+//! [`file_storage`] the image-file implementation (with `preadv` or io_uring), and [`vhu_blk`] the vhost-user layer
 //! that feeds virtqueues to the device. Dependencies run one way: `vhu_blk` uses `blk`.
 
 pub mod blk;
 pub mod file_storage;
+mod uring;
 pub mod vhu_blk;
 pub mod virtio_blk;

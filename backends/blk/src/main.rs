@@ -12,7 +12,7 @@ use clap::Parser;
 use log::{debug, error, info, warn};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vhost_user_blk::blk::{BlockDevice, BlockStorage, SERIAL_LEN};
-use vhost_user_blk::file_storage::{FileStorage, OpenError, StorageOptions};
+use vhost_user_blk::file_storage::{FileStorage, IoEngine, OpenError, StorageOptions};
 use vhost_user_blk::vhu_blk::{
     self, QueueConfig, VhostUserBlkBackend, MAX_COALESCE_WINDOW, MAX_QUEUES, MAX_QUEUE_SIZE,
 };
@@ -42,6 +42,9 @@ struct Args {
     /// Open the image with O_DIRECT, bypassing the host page cache.
     #[arg(long)]
     direct: bool,
+    /// How guest data reaches the image: preadv/pwritev, or io_uring.
+    #[arg(long, value_enum, default_value_t = IoEngine::Sync)]
+    io_engine: IoEngine,
     /// Largest virtqueue size the frontend may configure (a power of two).
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
@@ -123,6 +126,7 @@ impl TryFrom<Args> for Config {
                 read_only: args.read_only,
                 direct: args.direct,
                 lock: !args.no_lock,
+                engine: args.io_engine,
             },
             serial: args.serial,
             queues: QueueConfig {
@@ -343,6 +347,7 @@ mod tests {
         assert!(!config.storage.read_only);
         assert!(!config.storage.direct);
         assert!(config.storage.lock);
+        assert_eq!(config.storage.engine, IoEngine::Sync);
     }
 
     #[test]
@@ -359,9 +364,12 @@ mod tests {
             "--coalesce-us",
             "0",
             "--no-lock",
+            "--io-engine",
+            "io_uring",
         ])
         .unwrap();
         assert!(config.storage.read_only && config.storage.direct && !config.storage.lock);
+        assert_eq!(config.storage.engine, IoEngine::IoUring);
         assert_eq!(config.serial, "abc");
         assert_eq!(config.queues.queue_size, 1024);
         assert_eq!(config.queues.num_queues, 4);
@@ -374,6 +382,16 @@ mod tests {
 
     #[test]
     fn invalid_values_are_rejected() {
+        let argv = [
+            "vhost-user-blk",
+            "-s",
+            "s",
+            "--image",
+            "x",
+            "--io-engine",
+            "aio",
+        ];
+        assert!(Args::try_parse_from(argv).is_err());
         assert!(matches!(
             parse(&["--queue-size", "100"]),
             Err(Error::InvalidQueueSize(100))

@@ -12,7 +12,7 @@ use vhost::vhost_user::{Listener, VhostUserFrontend};
 use vhost::VhostBackend;
 use vhost_user_backend::VhostUserDaemon;
 use vhost_user_blk::blk::BlockDevice;
-use vhost_user_blk::file_storage::{FileStorage, StorageOptions};
+use vhost_user_blk::file_storage::{FileStorage, IoEngine, StorageOptions};
 use vhost_user_blk::vhu_blk::{QueueConfig, VhostUserBlkBackend};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_OK,
@@ -31,9 +31,22 @@ const STATUS: u64 = 0x6_0000;
 
 #[test]
 fn write_then_read_round_trips_through_the_image() {
+    round_trip_through_the_image(IoEngine::Sync);
+}
+
+#[test]
+fn write_then_read_round_trips_through_the_image_with_io_uring() {
+    round_trip_through_the_image(IoEngine::IoUring);
+}
+
+fn round_trip_through_the_image(engine: IoEngine) {
     let image = TempFile::new().unwrap();
     image.as_file().set_len(IMAGE_SIZE).unwrap();
-    let storage = FileStorage::open(image.as_path(), &StorageOptions::default()).unwrap();
+    let options = StorageOptions {
+        engine,
+        ..StorageOptions::default()
+    };
+    let storage = FileStorage::open(image.as_path(), &options).unwrap();
     let device = BlockDevice::new(Arc::new(storage), false, b"it-serial");
     let queues = QueueConfig {
         num_queues: 1,
@@ -46,7 +59,7 @@ fn write_then_read_round_trips_through_the_image() {
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .unwrap();
-    let path = socket_path("frontend");
+    let path = socket_path(&format!("frontend-{engine:?}"));
     let mut listener = Listener::new(&path, true).unwrap();
     let server = thread::spawn(move || {
         daemon.start(&mut listener).unwrap();

@@ -3,9 +3,11 @@
 # tmpfs image, with guest fio against
 #   (a) ours     the project's vhost-user-blk ($BLK_BACKEND, default target/release/vhost-user-blk,
 #                extra arguments from $BLK_BACKEND_ARGS)
+#   ours-uring   the same with --io-engine io_uring (not in the default targets)
 #   (b) qsd      qemu-storage-daemon's vhost-user-blk export
 #   (c) builtin  QEMU's own virtio-blk-pci on the same file
-# and prints IOPS and MiB/s per job, the ratios a/b and a/c, and each daemon's peak RSS (VmHWM).
+# and prints IOPS and MiB/s per job, the ratios a/b and a/c (and io_uring/sync for ours-uring), and
+# each daemon's peak RSS (VmHWM).
 #
 # Environment: BENCH_RUNTIME (seconds per job, default 8), BENCH_TARGETS (default "ours qsd builtin"),
 # BENCH_QUEUES (default 1; the guest gets as many vCPUs), RIG_KEEP=1 keeps the run directory.
@@ -23,7 +25,7 @@ IMAGE_MIB=256
 JOBS=(randread-4k-qd1:randread:4k:1 randread-4k-qd32:randread:4k:32 randwrite-4k-qd32:randwrite:4k:32
     seqread-1m-qd8:read:1m:8 seqwrite-1m-qd8:write:1m:8)
 
-if [[ " $targets " == *" ours "* && ! -x $BLK_BACKEND ]]; then
+if [[ " $targets " == *" ours"* && ! -x $BLK_BACKEND ]]; then
     rig_die "$BLK_BACKEND not found: cargo build --release -p vhost-user-blk (or BENCH_TARGETS=\"qsd builtin\")"
 fi
 rig_setup
@@ -40,10 +42,12 @@ cleanup() {
 start_daemon() {
     local target=$1 sock=$RIG_RUN/$1.sock
     case $target in
-    ours)
+    ours | ours-uring)
+        local engine=sync
+        [[ $target == ours-uring ]] && engine=io_uring
         # shellcheck disable=SC2086 # BLK_BACKEND_ARGS is a list of words
-        "$BLK_BACKEND" -s "$sock" --image "$IMAGE" --num-queues "$queues" ${BLK_BACKEND_ARGS:-} \
-            >"$RIG_RUN/$target.log" 2>&1 &
+        "$BLK_BACKEND" -s "$sock" --image "$IMAGE" --num-queues "$queues" --io-engine "$engine" \
+            ${BLK_BACKEND_ARGS:-} >"$RIG_RUN/$target.log" 2>&1 &
         ;;
     qsd)
         qemu-storage-daemon --blockdev "driver=file,node-name=file0,filename=$IMAGE,cache.direct=off" \
@@ -73,7 +77,7 @@ stop_daemon() {
 run_target() {
     local target=$1 device job_list
     case $target in
-    ours | qsd)
+    ours | ours-uring | qsd)
         start_daemon "$target"
         device=(-chardev "socket,id=c0,path=$RIG_RUN/$target.sock" -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues")
         ;;
@@ -118,6 +122,7 @@ print_table() {
     for t in $targets; do printf ' %20s' "$t IOPS / MiB/s"; done
     [[ " $targets " == *" ours "* && " $targets " == *" qsd "* ]] && printf ' %8s' "a/b"
     [[ " $targets " == *" ours "* && " $targets " == *" builtin "* ]] && printf ' %8s' "a/c"
+    [[ " $targets " == *" ours "* && " $targets " == *" ours-uring "* ]] && printf ' %8s' "uring/a"
     printf '\n'
     for spec in "${JOBS[@]}"; do
         name=${spec%%:*}
@@ -125,6 +130,7 @@ print_table() {
         for t in $targets; do printf ' %20s' "${IOPS[$t,$name]:--} / ${MIBPS[$t,$name]:--}"; done
         [[ " $targets " == *" ours "* && " $targets " == *" qsd "* ]] && printf ' %8s' "$(ratio ours qsd "$name")"
         [[ " $targets " == *" ours "* && " $targets " == *" builtin "* ]] && printf ' %8s' "$(ratio ours builtin "$name")"
+        [[ " $targets " == *" ours "* && " $targets " == *" ours-uring "* ]] && printf ' %8s' "$(ratio ours-uring ours "$name")"
         printf '\n'
     done
     printf '\npeak RSS (VmHWM):'
