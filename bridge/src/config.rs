@@ -222,7 +222,28 @@ pub enum BackendSpec {
         serial: Option<String>,
         /// Open the image with O_DIRECT.
         direct: bool,
+        /// How the backend moves data; `None` leaves the backend's default.
+        io_engine: Option<BlkIoEngine>,
     },
+}
+
+/// The I/O engine of a spawned `vhost-user-blk` (its `--io-engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlkIoEngine {
+    /// `preadv` and `pwritev`.
+    Sync,
+    /// READV and WRITEV on io_uring.
+    IoUring,
+}
+
+impl BlkIoEngine {
+    /// The value as `vhost-user-blk --io-engine` spells it.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            BlkIoEngine::Sync => "sync",
+            BlkIoEngine::IoUring => "io_uring",
+        }
+    }
 }
 
 /// One zone RAM region.
@@ -420,8 +441,11 @@ const DEVICE_KEYS: &[&str] = &[
     "read_only",
     "serial",
     "direct",
+    "io_engine",
     "backend",
 ];
+/// Fields that configure the `vhost-user-blk` the bridge spawns, and nothing else.
+const SPAWNED_BLK_KEYS: [&str; 4] = ["read_only", "serial", "direct", "io_engine"];
 const BACKEND_KEYS: &[&str] = &[
     "socket",
     "queue_size",
@@ -429,6 +453,7 @@ const BACKEND_KEYS: &[&str] = &[
     "read_only",
     "serial",
     "direct",
+    "io_engine",
 ];
 
 impl Parser<'_> {
@@ -841,21 +866,31 @@ impl Parser<'_> {
             Some(Value::String(s)) if s.len() <= 20 => Some(s.clone()),
             Some(_) => return Err(ctx.err("serial", "expected a string of at most 20 bytes")),
         };
+        let io_engine = match field("io_engine")? {
+            None => None,
+            Some(Value::String(s)) if s == "sync" => Some(BlkIoEngine::Sync),
+            Some(Value::String(s)) if s == "io_uring" => Some(BlkIoEngine::IoUring),
+            Some(_) => return Err(ctx.err("io_engine", "expected \"sync\" or \"io_uring\"")),
+        };
         let socket = match field("socket")? {
             None => None,
             Some(Value::String(s)) if !s.is_empty() => Some(self.resolve(s)),
             Some(_) => return Err(ctx.err("socket", "expected a non-empty path")),
         };
-        if socket.is_some() {
-            // Silently ignoring them could, for one, serve a disk meant to be read-only writable.
-            for name in ["read_only", "serial", "direct"] {
-                if field(name)?.is_some() {
-                    return Err(ctx.err(
-                        name,
-                        "applies to the backend the bridge spawns; with `socket`, set it on \
-                         the external backend",
-                    ));
-                }
+        // Silently ignoring them could, for one, serve a disk meant to be read-only writable.
+        for name in SPAWNED_BLK_KEYS {
+            if field(name)?.is_none() {
+                continue;
+            }
+            if socket.is_some() {
+                return Err(ctx.err(
+                    name,
+                    "applies to the backend the bridge spawns; with `socket`, set it on \
+                     the external backend",
+                ));
+            }
+            if info.name != "blk" {
+                return Err(ctx.err(name, "applies only to a blk device"));
             }
         }
         let img = match obj.get("img") {
@@ -887,6 +922,7 @@ impl Parser<'_> {
                     read_only,
                     serial,
                     direct,
+                    io_engine,
                 }
             }
             (None, "net") => BackendSpec::SpawnNet {
@@ -1982,6 +2018,32 @@ mod tests {
             Some("#0 (blk)"),
             "direct",
         ),
+        (
+            "io_engine unknown",
+            |c| dev(c)["io_engine"] = json!("aio"),
+            Some("1"),
+            Some("#0 (blk)"),
+            "io_engine",
+        ),
+        (
+            "io_engine with an external backend",
+            |c| dev(c)["backend"] = json!({ "socket": "qsd.sock", "io_engine": "sync" }),
+            Some("1"),
+            Some("#0 (blk)"),
+            "io_engine",
+        ),
+        (
+            "read_only on a spawned net device",
+            |c| {
+                *dev(c) = with_socket("net", 0xa003c00, 78);
+                remove(dev(c), "socket");
+                dev(c)["tap"] = json!("tap0");
+                dev(c)["read_only"] = json!(true);
+            },
+            Some("1"),
+            Some("#0 (net)"),
+            "read_only",
+        ),
         // Images.
         (
             "one image served writable twice",
@@ -2100,6 +2162,7 @@ mod tests {
                 read_only: false,
                 serial: None,
                 direct: false,
+                io_engine: None,
             }
         );
     }
@@ -2210,7 +2273,8 @@ mod tests {
                 image: dir.0.join("rootfs2.ext4"),
                 read_only: false,
                 serial: None,
-                direct: false
+                direct: false,
+                io_engine: None,
             }
         );
         let console = &z1.devices[1];
@@ -2307,7 +2371,8 @@ mod tests {
                     image: manifest_dir().join("src/config.rs"),
                     read_only: false,
                     serial: None,
-                    direct: false
+                    direct: false,
+                    io_engine: None,
                 },
                 BackendSpec::External {
                     socket: manifest_dir().join("run/console.sock")
@@ -2350,7 +2415,7 @@ mod tests {
         let mut config = base();
         dev(&mut config)["backend"] = json!({
             "serial": "zone1-disk0", "read_only": true, "direct": true,
-            "queue_size": "0x80", "num_queues": 4
+            "io_engine": "io_uring", "queue_size": "0x80", "num_queues": 4
         });
         let parsed = parse_ok(&config);
         let (_, d) = parsed.devices().next().expect("one device");
@@ -2361,7 +2426,8 @@ mod tests {
                 image: manifest_dir().join("Cargo.toml"),
                 read_only: true,
                 serial: Some("zone1-disk0".into()),
-                direct: true
+                direct: true,
+                io_engine: Some(BlkIoEngine::IoUring),
             }
         );
 
@@ -2371,6 +2437,7 @@ mod tests {
             ("serial", json!("zone1-disk0")),
             ("read_only", json!(true)),
             ("direct", json!(true)),
+            ("io_engine", json!("io_uring")),
             ("queue_size", json!(128)),
             ("num_queues", json!("4")),
         ] {

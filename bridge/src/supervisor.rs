@@ -149,6 +149,7 @@ impl Supervisor {
                 read_only,
                 serial,
                 direct,
+                io_engine,
             } => {
                 let mut args = vec!["--image".to_string(), image.display().to_string()];
                 args.extend(["--num-queues".into(), device.num_queues.to_string()]);
@@ -161,6 +162,9 @@ impl Supervisor {
                 }
                 if let Some(serial) = serial {
                     args.extend(["--serial".into(), serial.clone()]);
+                }
+                if let Some(engine) = io_engine {
+                    args.extend(["--io-engine".into(), engine.as_arg().into()]);
                 }
                 (&self.programs.blk, args)
             }

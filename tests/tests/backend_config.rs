@@ -1,10 +1,12 @@
-//! What the bridge learns from a backend at start-up and later: a queue size the backend
-//! cannot take is refused at start-up with a clear error, and a config change the backend
-//! pushes (BACKEND_REQ) reaches the guest as a config interrupt with the new contents.
+//! What the bridge passes to a backend and learns from it: the backend fields of a spawned
+//! blk device reach its command line, a queue size the backend cannot take is refused at
+//! start-up with a clear error, and a config change the backend pushes (BACKEND_REQ) reaches
+//! the guest as a config interrupt with the new contents.
 
 mod common;
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -134,4 +136,42 @@ fn a_resize_pushed_by_the_backend_reaches_the_guest() {
     assert_eq!(back, data);
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("backend reported a config change"), "{log}");
+}
+
+#[test]
+fn the_io_engine_field_reaches_the_spawned_backend() {
+    let dir = dir_with_images("engine", &["disk.img"]);
+    let log_path = dir.path().join("bridge.log");
+    let entry = blk_entry(
+        BLK,
+        IRQ,
+        "disk.img",
+        r#","backend":{"io_engine":"io_uring"}"#,
+    );
+    let sb = SimBridge::start_with(
+        Arc::clone(&dir),
+        &config(&[zone(1, &[entry], None)]),
+        &[],
+        Some(File::create(&log_path).unwrap()),
+    );
+    let g = Guest::new(&sb, 1, 0, IRQ);
+    let mut blk = g.blk(BLK, 0x10_0000, &BlkOptions::default());
+    let data: Vec<u8> = (0..16384u32).map(|i| (i * 7 + 3) as u8).collect();
+    assert_eq!(blk.write(64, &data).unwrap(), BlkStatus::Ok);
+    let mut back = vec![0u8; data.len()];
+    assert_eq!(blk.read(64, &mut back).unwrap(), BlkStatus::Ok);
+    assert_eq!(back, data);
+    let mut on_disk = vec![0u8; data.len()];
+    File::open(dir.path().join("disk.img"))
+        .unwrap()
+        .read_exact_at(&mut on_disk, 64 * 512)
+        .unwrap();
+    assert_eq!(on_disk, data, "the write is in the image");
+    // The backend names its engine when it starts serving.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("Serving") && l.contains("io_uring I/O")),
+        "{log}"
+    );
 }

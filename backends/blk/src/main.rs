@@ -248,7 +248,7 @@ fn serve(config: Config) -> Result<(), Error> {
     let state = Arc::new(ServeState::new().map_err(Error::Signals)?);
     spawn_signal_thread(state.clone(), storage.clone()).map_err(Error::Signals)?;
     info!(
-        "Serving {} ({} bytes{}) on {}",
+        "Serving {} ({} bytes{}, {} I/O) on {}",
         config.image.display(),
         storage.capacity(),
         if config.storage.read_only {
@@ -256,6 +256,7 @@ fn serve(config: Config) -> Result<(), Error> {
         } else {
             ""
         },
+        config.storage.engine.name(),
         config.socket_path.display()
     );
 
@@ -370,6 +371,16 @@ mod tests {
         .unwrap();
         assert!(config.storage.read_only && config.storage.direct && !config.storage.lock);
         assert_eq!(config.storage.engine, IoEngine::IoUring);
+        // The start-up log names each engine as the option spells it.
+        for engine in [IoEngine::Sync, IoEngine::IoUring] {
+            assert_eq!(
+                parse(&["--io-engine", engine.name()])
+                    .unwrap()
+                    .storage
+                    .engine,
+                engine
+            );
+        }
         assert_eq!(config.serial, "abc");
         assert_eq!(config.queues.queue_size, 1024);
         assert_eq!(config.queues.num_queues, 4);
