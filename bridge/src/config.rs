@@ -445,7 +445,7 @@ const DEVICE_KEYS: &[&str] = &[
     "backend",
 ];
 /// Fields that configure the `vhost-user-blk` the bridge spawns, and nothing else.
-const SPAWNED_BLK_KEYS: [&str; 4] = ["read_only", "serial", "direct", "io_engine"];
+const SPAWNED_BLK_KEYS: &[&str] = &["read_only", "serial", "direct", "io_engine"];
 const BACKEND_KEYS: &[&str] = &[
     "socket",
     "queue_size",
@@ -878,7 +878,7 @@ impl Parser<'_> {
             Some(_) => return Err(ctx.err("socket", "expected a non-empty path")),
         };
         // Silently ignoring them could, for one, serve a disk meant to be read-only writable.
-        for name in SPAWNED_BLK_KEYS {
+        for &name in SPAWNED_BLK_KEYS {
             if field(name)?.is_none() {
                 continue;
             }

@@ -39,16 +39,6 @@ pub enum IoEngine {
     IoUring,
 }
 
-impl IoEngine {
-    /// The name `--io-engine` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            IoEngine::Sync => "sync",
-            IoEngine::IoUring => "io_uring",
-        }
-    }
-}
-
 /// How to open the backing image.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StorageOptions {

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::builder::PossibleValue;
+use clap::{Parser, ValueEnum};
 use log::{debug, error, info, warn};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vhost_user_blk::blk::{BlockDevice, BlockStorage, SERIAL_LEN};
@@ -247,6 +248,8 @@ fn serve(config: Config) -> Result<(), Error> {
     let door = FrontDoor::bind(&config.socket_path).map_err(Error::Listen)?;
     let state = Arc::new(ServeState::new().map_err(Error::Signals)?);
     spawn_signal_thread(state.clone(), storage.clone()).map_err(Error::Signals)?;
+    // clap's value name, so the log spells the engine as `--io-engine` takes it.
+    let engine = config.storage.engine.to_possible_value();
     info!(
         "Serving {} ({} bytes{}, {} I/O) on {}",
         config.image.display(),
@@ -256,7 +259,7 @@ fn serve(config: Config) -> Result<(), Error> {
         } else {
             ""
         },
-        config.storage.engine.name(),
+        engine.as_ref().map_or("?", PossibleValue::get_name),
         config.socket_path.display()
     );
 
@@ -372,13 +375,16 @@ mod tests {
         assert!(config.storage.read_only && config.storage.direct && !config.storage.lock);
         assert_eq!(config.storage.engine, IoEngine::IoUring);
         // The start-up log names each engine as the option spells it.
-        for engine in [IoEngine::Sync, IoEngine::IoUring] {
+        for engine in IoEngine::value_variants() {
+            let name = engine
+                .to_possible_value()
+                .expect("every engine is selectable");
             assert_eq!(
-                parse(&["--io-engine", engine.name()])
+                parse(&["--io-engine", name.get_name()])
                     .unwrap()
                     .storage
                     .engine,
-                engine
+                *engine
             );
         }
         assert_eq!(config.serial, "abc");
