@@ -1,11 +1,15 @@
 //! The hypervisor side of hvisor-vhost.
 //!
-//! - [`abi`]: the `#[repr(C)]` bridge page shared with hvisor and its constants.
+//! - [`abi`]: the `#[repr(C)]` bridge page shared with hvisor and its constants, and
+//!   [`HvisorAbi`], the layout variants of older hvisor builds.
 //! - [`ring`]: [`BridgePage`], safe atomic access to a mapped bridge page (both roles).
-//! - [`dev`]: [`DevHvisor`], the real `/dev/hvisor` kernel module.
+//! - [`dev`]: [`DevHvisor`], the real `/dev/hvisor` kernel module, both generations (an
+//!   eventfd wakeup, or signal 10 to one thread: [`WakeupKind`]).
 //! - [`provider`]: a UNIX-socket protocol that hands the bridge its fds, and
 //!   [`ProviderHsm`], its bridge side.
-//! - [`sim`]: [`SimHypervisor`], hvisor's role played in software for tests and demos.
+//! - [`sim`]: [`SimHypervisor`], hvisor's role played in software for tests and demos;
+//!   [`sim_options`]: how closely it follows the real hvisor (by default, exactly where it
+//!   can).
 //!
 //! The bridge only sees the [`Hsm`] trait.
 
@@ -20,26 +24,41 @@ mod mmap;
 pub mod provider;
 pub mod ring;
 pub mod sim;
+pub mod sim_options;
+mod sim_server;
+mod wakeup;
 
-pub use abi::{DeviceReq, DeviceRes, VirtioBridge};
+pub use abi::{DeviceReq, DeviceRes, HvisorAbi, VirtioBridge};
 pub use dev::DevHvisor;
 pub use provider::ProviderHsm;
 pub use ring::BridgePage;
 pub use sim::{ProviderServer, SimHypervisor, SimRam, SimRegion, SimStats, SimVcpu, SimZoneSpec};
+pub use sim_options::{NotifyAccess, SimOptions, SimOrdering, SimRamLayout, SimWakeup};
+pub use wakeup::{WakeupKind, SIGHVI};
 
 /// What the bridge needs from the hypervisor: the request ring, its wakeup, the
 /// completion kick and the zone RAM.
 pub trait Hsm: Send + Sync + std::fmt::Debug {
     /// The shared bridge page.
     fn bridge(&self) -> &BridgePage;
-    /// Readable (an eventfd) when the hypervisor wants the daemon to look at the ring.
+    /// Readable when the hypervisor wants the daemon to look at the ring: an eventfd, or,
+    /// with an hvisor.ko that wakes the daemon with signal 10 ([`WakeupKind::Signal`]), a
+    /// signalfd. That signal is directed at one thread, the one that opened the HSM
+    /// (INIT_VIRTIO), and a signalfd is only readable for the thread it is pending for: so
+    /// the thread that opened the HSM must be the one that polls this fd.
     fn wakeup_fd(&self) -> BorrowedFd<'_>;
-    /// Clears the wakeup fd after it polled readable.
+    /// Clears the wakeup fd after it polled readable. Never blocks.
     fn ack_wakeup(&self);
     /// res_list has new entries: HVISOR_FINISH_REQ on real hvisor.
     fn finish_req(&self) -> Result<(), HsmError>;
     /// The fd + file offset that map the zone RAM region whose root-Linux address is `zone0_ipa`.
     fn ram_region(&self, zone0_ipa: u64, size: u64) -> Result<RamFd, HsmError>;
+    /// The ids of the zones that are running now, when the hypervisor can tell
+    /// (HVISOR_ZONE_LIST on real hvisor); `None` when it cannot. hvisor does not tell the
+    /// daemon when a zone shuts down, so the bridge asks, now and then.
+    fn live_zones(&self) -> Option<Vec<u32>> {
+        None
+    }
 }
 
 /// A file that maps zone RAM at `offset` (what vhost-user SET_MEM_TABLE sends).
@@ -117,6 +136,9 @@ pub enum HsmError {
     /// An invalid simulator zone specification.
     #[error("simulator config: {0}")]
     SimConfig(String),
+    /// A bridge-page layout that is invalid or contradicts hvisor's.
+    #[error(transparent)]
+    Abi(#[from] abi::AbiError),
     /// A synchronous access got no reply in time.
     #[error("no reply from the bridge for cpu {0}")]
     SyncTimeout(u64),

@@ -13,6 +13,17 @@
 //! The provider writes the wakeup eventfd when requests are pending and `need_wakeup` is
 //! set; the bridge writes 1 to the finish eventfd for FINISH_REQ. The connection stays open:
 //! EOF means the provider is gone.
+//!
+//! Two optional keys describe a provider that plays an older hvisor; a provider omits them
+//! for the defaults:
+//!
+//! - `"abi":"32/4/4"`: the bridge page's `MAX_REQ/MAX_DEVS/MAX_CPUS` (default 32/8/32);
+//! - `"wakeup":"signal"` (default `"eventfd"`): the provider wakes the bridge with signal 10
+//!   directed at one thread, as hvisor.ko modules without `HVISOR_SET_EVENTFD` do. The bridge
+//!   then blocks that signal in the thread that takes the handover, reads it through a
+//!   signalfd, and answers with one message in the same framing (no fds):
+//!   `{"pid":1234,"tid":1234}`, the thread the provider must signal. `wakeup_fd` is still
+//!   sent and unused.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -25,6 +36,8 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::abi::HvisorAbi;
+use crate::wakeup::{gettid, SignalWakeup, Wakeup, WakeupKind};
 use crate::{BridgePage, Hsm, HsmError, RamFd};
 
 /// The protocol version this crate speaks.
@@ -77,6 +90,42 @@ pub struct HandoverMsg {
     pub finish_fd: usize,
     /// Zone RAM regions.
     pub regions: Vec<RegionMsg>,
+    /// The bridge page's layout, `MAX_REQ/MAX_DEVS/MAX_CPUS`; absent for 32/8/32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abi: Option<String>,
+    /// How the provider wakes the bridge; absent for the eventfd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wakeup: Option<WakeupMsg>,
+}
+
+/// The `"wakeup"` key of the handover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WakeupMsg {
+    /// The wakeup eventfd.
+    Eventfd,
+    /// Signal 10 to the thread the bridge names in its [`SignalTargetMsg`].
+    Signal,
+}
+
+/// The bridge's answer to a `"wakeup":"signal"` handover: the thread to signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalTargetMsg {
+    /// The bridge's process id.
+    pub pid: i32,
+    /// The thread that polls the signalfd.
+    pub tid: i32,
+}
+
+/// What a handover says beyond the fds; the defaults describe hvisor 6a3fb78 with an
+/// eventfd-capable hvisor.ko.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HandoverMode {
+    /// The bridge page's layout.
+    pub abi: HvisorAbi,
+    /// How the provider wakes the bridge.
+    pub wakeup: WakeupKind,
 }
 
 /// An fd index with an mmap offset.
@@ -146,8 +195,18 @@ impl HandoverMsg {
     }
 }
 
-/// Sends `handover` as the one protocol message on `stream`.
+/// Sends `handover` as the one protocol message on `stream`, in the default mode.
 pub fn send_handover(stream: &UnixStream, handover: &Handover<'_>) -> Result<(), HsmError> {
+    send_handover_mode(stream, handover, HandoverMode::default())
+}
+
+/// Sends `handover` with the keys that describe `mode`. With [`WakeupKind::Signal`], read
+/// the bridge's answer with [`parse_signal_target`].
+pub fn send_handover_mode(
+    stream: &UnixStream,
+    handover: &Handover<'_>,
+    mode: HandoverMode,
+) -> Result<(), HsmError> {
     let mut fds: Vec<RawFd> = vec![
         handover.bridge.0.as_raw_fd(),
         handover.wakeup.as_raw_fd(),
@@ -175,6 +234,8 @@ pub fn send_handover(stream: &UnixStream, handover: &Handover<'_>) -> Result<(),
         wakeup_fd: 1,
         finish_fd: 2,
         regions,
+        abi: (mode.abi != HvisorAbi::CURRENT).then(|| mode.abi.to_string()),
+        wakeup: (mode.wakeup == WakeupKind::Signal).then_some(WakeupMsg::Signal),
     };
     let json = serde_json::to_vec(&msg)
         .map_err(|e| HsmError::Protocol(format!("cannot encode handover: {e}")))?;
@@ -242,6 +303,26 @@ pub fn recv_handover(stream: &UnixStream) -> Result<(HandoverMsg, Vec<OwnedFd>),
     Ok((msg, fds))
 }
 
+/// Parses the bridge's answer to a signal handover from the bytes received so far: `None`
+/// until the whole message is there.
+pub fn parse_signal_target(received: &[u8]) -> Result<Option<SignalTargetMsg>, HsmError> {
+    let Some(len_bytes) = received.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
+    if len > MAX_MESSAGE_LEN {
+        return Err(HsmError::Protocol(format!(
+            "message too long ({len} bytes)"
+        )));
+    }
+    let Some(json) = received.get(4..4 + len) else {
+        return Ok(None);
+    };
+    serde_json::from_slice(json)
+        .map(Some)
+        .map_err(|e| HsmError::Protocol(format!("bad signal target JSON: {e}")))
+}
+
 fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: F_SETFD on an fd we own; no memory is passed.
     if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
@@ -282,7 +363,7 @@ struct ProvidedRegion {
 pub struct ProviderHsm {
     stream: UnixStream,
     bridge: BridgePage,
-    wakeup: EventFd,
+    wakeup: Wakeup,
     finish: EventFd,
     regions: Vec<ProvidedRegion>,
 }
@@ -296,6 +377,9 @@ impl ProviderHsm {
     }
 
     /// Takes the handover on an already connected stream.
+    ///
+    /// When the provider wakes with a signal, the signal is blocked in the calling thread
+    /// and directed at it: that thread must poll [`Hsm::wakeup_fd`].
     pub fn from_stream(stream: UnixStream) -> Result<Self, HsmError> {
         let timeout_err = |e| HsmError::io("setting the handover timeout", e);
         stream
@@ -305,11 +389,33 @@ impl ProviderHsm {
         stream.set_read_timeout(None).map_err(timeout_err)?;
 
         let fds: Vec<Arc<OwnedFd>> = fds.into_iter().map(Arc::new).collect();
-        let bridge = BridgePage::map(fds[msg.bridge.fd].as_fd(), msg.bridge.offset)?;
+        let abi = match &msg.abi {
+            Some(abi) => abi.parse()?,
+            None => HvisorAbi::CURRENT,
+        };
+        let bridge = BridgePage::map_abi(fds[msg.bridge.fd].as_fd(), msg.bridge.offset, abi)?;
         let eventfd_err = |e| HsmError::io("taking over a provider eventfd", e);
-        let wakeup = eventfd_from(&fds[msg.wakeup_fd]).map_err(eventfd_err)?;
-        // ack_wakeup must never block, whatever flags the provider used.
-        set_nonblocking(fds[msg.wakeup_fd].as_fd()).map_err(eventfd_err)?;
+        let wakeup = match msg.wakeup {
+            None | Some(WakeupMsg::Eventfd) => {
+                // ack_wakeup must never block, whatever flags the provider used.
+                set_nonblocking(fds[msg.wakeup_fd].as_fd()).map_err(eventfd_err)?;
+                Wakeup::Eventfd(eventfd_from(&fds[msg.wakeup_fd]).map_err(eventfd_err)?)
+            }
+            Some(WakeupMsg::Signal) => {
+                let signal = SignalWakeup::new()
+                    .map_err(|e| HsmError::io("setting up the signal wakeup", e))?;
+                let target = SignalTargetMsg {
+                    // SAFETY: getpid has no arguments and cannot fail.
+                    pid: unsafe { libc::getpid() },
+                    tid: gettid(),
+                };
+                let json = serde_json::to_vec(&target)
+                    .map_err(|e| HsmError::Protocol(format!("cannot encode the target: {e}")))?;
+                send_raw(&stream, &json, &[])?;
+                Wakeup::Signal(signal)
+            }
+        };
+        log::info!("HSM provider: bridge page {abi}, wakeup: {}", wakeup.kind());
         let finish = eventfd_from(&fds[msg.finish_fd]).map_err(eventfd_err)?;
         let regions = msg
             .regions
@@ -330,6 +436,11 @@ impl ProviderHsm {
         })
     }
 
+    /// How the provider wakes the bridge.
+    pub fn wakeup_kind(&self) -> WakeupKind {
+        self.wakeup.kind()
+    }
+
     /// The provider connection: EOF/HUP on it means the provider is gone.
     pub fn control_fd(&self) -> BorrowedFd<'_> {
         self.stream.as_fd()
@@ -342,13 +453,11 @@ impl Hsm for ProviderHsm {
     }
 
     fn wakeup_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the eventfd is owned by `self` and stays open for the borrow's lifetime.
-        unsafe { BorrowedFd::borrow_raw(self.wakeup.as_raw_fd()) }
+        self.wakeup.fd()
     }
 
     fn ack_wakeup(&self) {
-        // Non-blocking: EAGAIN just means the counter was already clear.
-        let _ = self.wakeup.read();
+        self.wakeup.ack();
     }
 
     fn finish_req(&self) -> Result<(), HsmError> {
@@ -541,6 +650,46 @@ mod tests {
         // The bridge page must lie inside its file.
         let msg = protocol_error(&GOOD.replace("\"offset\":0}", "\"offset\":8192}"));
         assert!(msg.contains("beyond the end"), "{msg}");
+    }
+
+    #[test]
+    fn optional_keys_describe_an_older_hvisor() {
+        let hsm = receive_raw(&GOOD.replace("\"version\":1", "\"version\":1,\"abi\":\"32/4/4\""))
+            .unwrap();
+        assert_eq!(hsm.bridge().abi(), HvisorAbi::new(32, 4, 4));
+        assert_eq!(hsm.wakeup_kind(), WakeupKind::Eventfd);
+        let json = GOOD.replace("\"version\":1", "\"version\":1,\"wakeup\":\"eventfd\"");
+        assert_eq!(
+            receive_raw(&json).unwrap().wakeup_kind(),
+            WakeupKind::Eventfd
+        );
+        let msg =
+            protocol_error(&GOOD.replace("\"version\":1", "\"version\":1,\"wakeup\":\"irq\""));
+        assert!(msg.contains("unknown variant `irq`"), "{msg}");
+        let err = receive_raw(&GOOD.replace("\"version\":1", "\"version\":1,\"abi\":\"32/8\""))
+            .unwrap_err();
+        assert!(matches!(err, HsmError::Abi(_)), "{err}");
+    }
+
+    #[test]
+    fn signal_target_is_parsed_once_complete() {
+        let json = br#"{"pid":10,"tid":11}"#;
+        let mut frame = (json.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(json);
+        for cut in 0..frame.len() {
+            assert_eq!(parse_signal_target(&frame[..cut]).unwrap(), None, "{cut}");
+        }
+        assert_eq!(
+            parse_signal_target(&frame).unwrap(),
+            Some(SignalTargetMsg { pid: 10, tid: 11 })
+        );
+        let mut bad = 3u32.to_le_bytes().to_vec();
+        bad.extend_from_slice(b"{x}");
+        assert!(matches!(
+            parse_signal_target(&bad),
+            Err(HsmError::Protocol(_))
+        ));
+        assert!(parse_signal_target(&u32::MAX.to_le_bytes()).is_err());
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! Every access goes through an atomic view of the shared page, with the orderings of
 //! hvisor-tool's `virtio.c` and hvisor's `virtio_trampoline.rs` (acquire on the index that
-//! publishes, release on the index that frees), plus a SeqCst fence on both sides of the
-//! `need_wakeup` handshake. Indices read from the page are masked, never trusted.
+//! publishes, release on the index that frees). The daemon side has a SeqCst fence in the
+//! `need_wakeup` handshake; the hypervisor side offers hvisor's (none, [`BridgePage::need_wakeup`])
+//! and a corrected one ([`BridgePage::need_wakeup_fenced`]). Indices read from the page are
+//! masked, never trusted. Field offsets come from the page's [`HvisorAbi`].
 
 use std::fmt;
 use std::mem::{offset_of, size_of};
@@ -12,7 +14,7 @@ use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Orderi
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::abi::{DeviceReq, DeviceRes, VirtioBridge, MAX_CPUS, MAX_DEVS, MAX_REQ, MMAP_SIZE};
+use crate::abi::{BridgeLayout, DeviceReq, DeviceRes, HvisorAbi, VirtioBridge, MMAP_SIZE};
 use crate::mmap::{regular_file_size, SharedMapping};
 use crate::HsmError;
 
@@ -22,19 +24,11 @@ pub const RESULT_RING_WAIT: Duration = Duration::from_secs(1);
 /// Busy-wait iterations before a waiter starts yielding its CPU.
 const SPINS_BEFORE_YIELD: u32 = 4096;
 
-const RING_MASK: u32 = MAX_REQ as u32 - 1;
-
+// The four indices are at the same offsets in every variant.
 const REQ_FRONT: usize = offset_of!(VirtioBridge, req_front);
 const REQ_REAR: usize = offset_of!(VirtioBridge, req_rear);
 const RES_FRONT: usize = offset_of!(VirtioBridge, res_front);
 const RES_REAR: usize = offset_of!(VirtioBridge, res_rear);
-const REQ_LIST: usize = offset_of!(VirtioBridge, req_list);
-const RES_LIST: usize = offset_of!(VirtioBridge, res_list);
-const CFG_FLAGS: usize = offset_of!(VirtioBridge, cfg_flags);
-const CFG_VALUES: usize = offset_of!(VirtioBridge, cfg_values);
-const MMIO_ADDRS: usize = offset_of!(VirtioBridge, mmio_addrs);
-const MMIO_AVAIL: usize = offset_of!(VirtioBridge, mmio_avail);
-const NEED_WAKEUP: usize = offset_of!(VirtioBridge, need_wakeup);
 
 /// Waits until `done()` holds: spins first, then yields between checks so that the other
 /// side makes progress even when it shares our CPU. Gives up at `deadline`.
@@ -62,6 +56,9 @@ pub(crate) fn spin_until(mut done: impl FnMut() -> bool, deadline: Option<Instan
 /// A mapped bridge page (owns its mapping, unmaps on drop).
 pub struct BridgePage {
     map: SharedMapping,
+    layout: BridgeLayout,
+    /// `MAX_REQ - 1`.
+    ring_mask: u32,
     /// Serialises result-ring producers (hvisor-tool's `RES_MUTEX`).
     result_lock: Mutex<()>,
 }
@@ -70,6 +67,7 @@ impl fmt::Debug for BridgePage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BridgePage")
             .field("addr", &self.map.as_ptr())
+            .field("abi", &self.layout.abi)
             .field("req_front", &self.u32_at(REQ_FRONT).load(Ordering::Relaxed))
             .field("req_rear", &self.u32_at(REQ_REAR).load(Ordering::Relaxed))
             .field("res_front", &self.u32_at(RES_FRONT).load(Ordering::Relaxed))
@@ -79,8 +77,21 @@ impl fmt::Debug for BridgePage {
 }
 
 impl BridgePage {
-    /// Maps the bridge page of `fd` at `offset` (MAP_SHARED, read-write, 4096 bytes).
+    /// Maps the bridge page of `fd` at `offset` (MAP_SHARED, read-write, 4096 bytes), with
+    /// the layout of [`HvisorAbi::CURRENT`].
     pub fn map(fd: BorrowedFd<'_>, offset: u64) -> Result<BridgePage, HsmError> {
+        BridgePage::map_abi(fd, offset, HvisorAbi::CURRENT)
+    }
+
+    /// [`BridgePage::map`] with the layout of `abi`.
+    pub fn map_abi(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        abi: HvisorAbi,
+    ) -> Result<BridgePage, HsmError> {
+        let abi = abi.validate()?;
+        // A validated MAX_REQ fits the page, so it is far below u32::MAX.
+        let ring_mask = (abi.max_req - 1) as u32;
         // A too-short regular file would SIGBUS on first access: refuse it up front.
         if let Some(file_size) =
             regular_file_size(fd).map_err(|e| HsmError::io("fstat of the bridge fd", e))?
@@ -95,8 +106,15 @@ impl BridgePage {
             .map_err(|e| HsmError::io("mmap of the bridge page", e))?;
         Ok(BridgePage {
             map,
+            layout: abi.layout(),
+            ring_mask,
             result_lock: Mutex::new(()),
         })
+    }
+
+    /// The layout variant this page was mapped with.
+    pub fn abi(&self) -> HvisorAbi {
+        self.layout.abi
     }
 
     fn check_field<T>(&self, offset: usize) {
@@ -131,23 +149,23 @@ impl BridgePage {
         unsafe { &*self.map.as_ptr().add(offset).cast::<AtomicU64>() }
     }
 
-    fn req_slot(index: u32) -> usize {
-        REQ_LIST + (index & RING_MASK) as usize * size_of::<DeviceReq>()
+    fn req_slot(&self, index: u32) -> usize {
+        self.layout.req_list + (index & self.ring_mask) as usize * size_of::<DeviceReq>()
     }
 
-    fn res_slot(index: u32) -> usize {
-        RES_LIST + (index & RING_MASK) as usize * size_of::<DeviceRes>()
+    fn res_slot(&self, index: u32) -> usize {
+        self.layout.res_list + (index & self.ring_mask) as usize * size_of::<DeviceRes>()
     }
 
-    fn cpu_index(cpu: u64) -> Result<usize, HsmError> {
+    fn cpu_index(&self, cpu: u64) -> Result<usize, HsmError> {
         usize::try_from(cpu)
             .ok()
-            .filter(|&c| c < MAX_CPUS)
+            .filter(|&c| c < self.layout.abi.max_cpus)
             .ok_or(HsmError::BadCpu(cpu))
     }
 
     fn read_req(&self, index: u32) -> DeviceReq {
-        let slot = Self::req_slot(index);
+        let slot = self.req_slot(index);
         let field = |name_offset| slot + name_offset;
         DeviceReq {
             src_cpu: self
@@ -178,7 +196,7 @@ impl BridgePage {
     }
 
     fn write_req(&self, index: u32, req: &DeviceReq) {
-        let slot = Self::req_slot(index);
+        let slot = self.req_slot(index);
         let field = |name_offset| slot + name_offset;
         self.u64_at(field(offset_of!(DeviceReq, src_cpu)))
             .store(req.src_cpu, Ordering::Relaxed);
@@ -203,31 +221,31 @@ impl BridgePage {
     /// Takes the oldest request (single consumer). Acquire on `req_rear`, release of the slot
     /// through `req_front`.
     pub fn pop_request(&self) -> Option<DeviceReq> {
-        let front = self.u32_at(REQ_FRONT).load(Ordering::Relaxed) & RING_MASK;
-        let rear = self.u32_at(REQ_REAR).load(Ordering::Acquire) & RING_MASK;
+        let front = self.u32_at(REQ_FRONT).load(Ordering::Relaxed) & self.ring_mask;
+        let rear = self.u32_at(REQ_REAR).load(Ordering::Acquire) & self.ring_mask;
         if front == rear {
             return None;
         }
         let req = self.read_req(front);
         self.u32_at(REQ_FRONT)
-            .store((front + 1) & RING_MASK, Ordering::Release);
+            .store((front + 1) & self.ring_mask, Ordering::Release);
         Some(req)
     }
 
     /// Whether the request ring holds anything.
     pub fn has_requests(&self) -> bool {
-        let front = self.u32_at(REQ_FRONT).load(Ordering::Relaxed) & RING_MASK;
-        let rear = self.u32_at(REQ_REAR).load(Ordering::Acquire) & RING_MASK;
+        let front = self.u32_at(REQ_FRONT).load(Ordering::Relaxed) & self.ring_mask;
+        let rear = self.u32_at(REQ_REAR).load(Ordering::Acquire) & self.ring_mask;
         front != rear
     }
 
     /// Completes the synchronous request of `cpu`: `cfg_values[cpu] = value`, then bumps
     /// `cfg_flags[cpu]` with release ordering.
     pub fn reply(&self, cpu: u64, value: u64) -> Result<(), HsmError> {
-        let cpu = Self::cpu_index(cpu)?;
-        self.u64_at(CFG_VALUES + cpu * 8)
+        let cpu = self.cpu_index(cpu)?;
+        self.u64_at(self.layout.cfg_values + cpu * 8)
             .store(value, Ordering::Release);
-        self.u64_at(CFG_FLAGS + cpu * 8)
+        self.u64_at(self.layout.cfg_flags + cpu * 8)
             .fetch_add(1, Ordering::Release);
         Ok(())
     }
@@ -248,13 +266,13 @@ impl BridgePage {
             .result_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let rear = self.u32_at(RES_REAR).load(Ordering::Relaxed) & RING_MASK;
-        let next = (rear + 1) & RING_MASK;
-        let has_room = || self.u32_at(RES_FRONT).load(Ordering::Acquire) & RING_MASK != next;
+        let rear = self.u32_at(RES_REAR).load(Ordering::Relaxed) & self.ring_mask;
+        let next = (rear + 1) & self.ring_mask;
+        let has_room = || self.u32_at(RES_FRONT).load(Ordering::Acquire) & self.ring_mask != next;
         if !spin_until(has_room, Some(Instant::now() + max_wait)) {
             return Err(HsmError::ResultRingFull);
         }
-        let slot = Self::res_slot(rear);
+        let slot = self.res_slot(rear);
         self.u32_at(slot + offset_of!(DeviceRes, target_zone))
             .store(zone, Ordering::Relaxed);
         self.u32_at(slot + offset_of!(DeviceRes, irq_id))
@@ -266,9 +284,12 @@ impl BridgePage {
     /// Asks for a wakeup before sleeping. Returns true when it is safe to sleep (the ring is
     /// still empty after the flag became visible); otherwise clears the flag and returns false.
     pub fn arm_wakeup(&self) -> bool {
-        self.u8_at(NEED_WAKEUP).store(1, Ordering::Relaxed);
-        // Pairs with the fence in `need_wakeup()`: either we see the new request or the
-        // producer sees our flag (Dekker).
+        self.u8_at(self.layout.need_wakeup)
+            .store(1, Ordering::Relaxed);
+        // Pairs with the fence in `need_wakeup_fenced()`: either we see the new request or
+        // the producer sees our flag (Dekker). hvisor itself has no such fence
+        // (`need_wakeup()`), so a wakeup can still be lost there: the daemon's sleep needs a
+        // timeout.
         fence(Ordering::SeqCst);
         if self.has_requests() {
             self.disarm_wakeup();
@@ -280,25 +301,27 @@ impl BridgePage {
 
     /// Clears `need_wakeup` (the daemon is polling).
     pub fn disarm_wakeup(&self) {
-        self.u8_at(NEED_WAKEUP).store(0, Ordering::Relaxed);
+        self.u8_at(self.layout.need_wakeup)
+            .store(0, Ordering::Relaxed);
     }
 
-    /// Publishes device base addresses (at most [`MAX_DEVS`]) and sets `mmio_avail`.
+    /// Publishes device base addresses (at most `MAX_DEVS`) and sets `mmio_avail`.
     pub fn publish_mmio_addrs(&self, addrs: &[u64]) {
-        for (i, &addr) in addrs.iter().take(MAX_DEVS).enumerate() {
-            self.u64_at(MMIO_ADDRS + i * 8)
+        for (i, &addr) in addrs.iter().take(self.layout.abi.max_devs).enumerate() {
+            self.u64_at(self.layout.mmio_addrs + i * 8)
                 .store(addr, Ordering::Relaxed);
         }
-        self.u8_at(MMIO_AVAIL).store(1, Ordering::Release);
+        self.u8_at(self.layout.mmio_avail)
+            .store(1, Ordering::Release);
     }
 
     // ---- Hypervisor (simulator / rig) side ----
 
     /// Queues a request; false when the ring is full. Producers must be serialised by the caller.
     pub fn push_request(&self, req: &DeviceReq) -> bool {
-        let rear = self.u32_at(REQ_REAR).load(Ordering::Relaxed) & RING_MASK;
-        let front = self.u32_at(REQ_FRONT).load(Ordering::Acquire) & RING_MASK;
-        let next = (rear + 1) & RING_MASK;
+        let rear = self.u32_at(REQ_REAR).load(Ordering::Relaxed) & self.ring_mask;
+        let front = self.u32_at(REQ_FRONT).load(Ordering::Acquire) & self.ring_mask;
+        let next = (rear + 1) & self.ring_mask;
         if next == front {
             return false;
         }
@@ -313,8 +336,9 @@ impl BridgePage {
     /// # Panics
     /// If `cpu >= MAX_CPUS` (hvisor itself would panic on such a CPU).
     pub fn cfg_flag(&self, cpu: u64) -> u64 {
-        let cpu = Self::cpu_index(cpu).expect("cpu id below MAX_CPUS");
-        self.u64_at(CFG_FLAGS + cpu * 8).load(Ordering::Acquire)
+        let cpu = self.cpu_index(cpu).expect("cpu id below MAX_CPUS");
+        self.u64_at(self.layout.cfg_flags + cpu * 8)
+            .load(Ordering::Acquire)
     }
 
     /// `cfg_values[cpu]`, read after [`BridgePage::cfg_flag`] moved.
@@ -322,25 +346,37 @@ impl BridgePage {
     /// # Panics
     /// If `cpu >= MAX_CPUS`.
     pub fn cfg_value(&self, cpu: u64) -> u64 {
-        let cpu = Self::cpu_index(cpu).expect("cpu id below MAX_CPUS");
-        self.u64_at(CFG_VALUES + cpu * 8).load(Ordering::Acquire)
+        let cpu = self.cpu_index(cpu).expect("cpu id below MAX_CPUS");
+        self.u64_at(self.layout.cfg_values + cpu * 8)
+            .load(Ordering::Acquire)
     }
 
-    /// Whether the daemon asked for a wakeup. SeqCst fence before the load: the corrected
-    /// hvisor side of the handshake (a StoreLoad barrier after publishing `req_rear`).
+    /// Whether the daemon asked for a wakeup, read as hvisor's
+    /// `check_need_wakeup_and_send_ipi` does right after publishing `req_rear`: a plain load,
+    /// then an acquire fence, with no StoreLoad barrier in between. The load may be satisfied
+    /// before the `req_rear` store is visible to the daemon, so a daemon that armed its
+    /// wakeup and found the ring empty can be left asleep (a lost wakeup).
     pub fn need_wakeup(&self) -> bool {
+        let armed = self.u8_at(self.layout.need_wakeup).load(Ordering::Relaxed) != 0;
+        fence(Ordering::Acquire);
+        armed
+    }
+
+    /// [`BridgePage::need_wakeup`] with a SeqCst fence before the load: the corrected
+    /// hypervisor side of the handshake, with which no wakeup is lost.
+    pub fn need_wakeup_fenced(&self) -> bool {
         fence(Ordering::SeqCst);
-        self.u8_at(NEED_WAKEUP).load(Ordering::Relaxed) != 0
+        self.u8_at(self.layout.need_wakeup).load(Ordering::Relaxed) != 0
     }
 
     /// Takes the oldest injection result (single consumer).
     pub fn pop_result(&self) -> Option<DeviceRes> {
-        let front = self.u32_at(RES_FRONT).load(Ordering::Relaxed) & RING_MASK;
-        let rear = self.u32_at(RES_REAR).load(Ordering::Acquire) & RING_MASK;
+        let front = self.u32_at(RES_FRONT).load(Ordering::Relaxed) & self.ring_mask;
+        let rear = self.u32_at(RES_REAR).load(Ordering::Acquire) & self.ring_mask;
         if front == rear {
             return None;
         }
-        let slot = Self::res_slot(front);
+        let slot = self.res_slot(front);
         let res = DeviceRes {
             target_zone: self
                 .u32_at(slot + offset_of!(DeviceRes, target_zone))
@@ -350,27 +386,34 @@ impl BridgePage {
                 .load(Ordering::Relaxed),
         };
         self.u32_at(RES_FRONT)
-            .store((front + 1) & RING_MASK, Ordering::Release);
+            .store((front + 1) & self.ring_mask, Ordering::Release);
         Some(res)
     }
 
-    /// `mmio_addrs` as published by the daemon, or `None` before `mmio_avail` is set.
-    pub fn mmio_addrs(&self) -> Option<[u64; MAX_DEVS]> {
-        if self.u8_at(MMIO_AVAIL).load(Ordering::Acquire) == 0 {
+    /// `mmio_addrs` (`MAX_DEVS` entries) as published by the daemon, or `None` before
+    /// `mmio_avail` is set.
+    pub fn mmio_addrs(&self) -> Option<Vec<u64>> {
+        if self.u8_at(self.layout.mmio_avail).load(Ordering::Acquire) == 0 {
             return None;
         }
-        Some(std::array::from_fn(|i| {
-            self.u64_at(MMIO_ADDRS + i * 8).load(Ordering::Relaxed)
-        }))
+        let addrs = (0..self.layout.abi.max_devs)
+            .map(|i| {
+                self.u64_at(self.layout.mmio_addrs + i * 8)
+                    .load(Ordering::Relaxed)
+            })
+            .collect();
+        Some(addrs)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::os::fd::{AsFd, OwnedFd};
+    use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
     use super::*;
+    use crate::abi::{MAX_DEVS, MAX_REQ};
     use crate::mmap::memfd;
 
     fn page_pair() -> (OwnedFd, BridgePage, BridgePage) {
@@ -564,6 +607,57 @@ mod tests {
         assert!(daemon.arm_wakeup());
     }
 
+    /// Races one push (hypervisor) against one `arm_wakeup` (daemon) per round, `rounds`
+    /// times, and counts the rounds where the daemon went to sleep with the request pending
+    /// and the hypervisor did not wake it (a lost wakeup).
+    /// The hypervisor side reads `need_wakeup` with the fence. Unfenced (hvisor's side), the
+    /// store buffer can make a round lose its wakeup, but only when both threads run at the
+    /// same instant: too rare on a shared machine to assert.
+    fn lost_wakeups(rounds: u64) -> u64 {
+        let (fd, daemon, _) = page_pair();
+        let hyp = BridgePage::map(fd.as_fd(), 0).unwrap();
+        // Round numbers each side has reached, for a spinning two-thread barrier.
+        let go = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        let woken = Arc::new(AtomicU8::new(0));
+        let hypervisor = {
+            let (go, done, woken) = (go.clone(), done.clone(), woken.clone());
+            std::thread::spawn(move || {
+                for round in 1..=rounds {
+                    while go.load(Ordering::Acquire) != round {
+                        std::hint::spin_loop();
+                    }
+                    assert!(hyp.push_request(&req(round)));
+                    let armed = hyp.need_wakeup_fenced();
+                    woken.store(armed.into(), Ordering::Relaxed);
+                    done.store(round, Ordering::Release);
+                }
+            })
+        };
+        let mut lost = 0;
+        for round in 1..=rounds {
+            go.store(round, Ordering::Release);
+            let slept = daemon.arm_wakeup();
+            while done.load(Ordering::Acquire) != round {
+                std::hint::spin_loop();
+            }
+            if slept && woken.load(Ordering::Relaxed) == 0 {
+                lost += 1;
+            }
+            daemon.disarm_wakeup();
+            assert_eq!(daemon.pop_request(), Some(req(round)));
+        }
+        hypervisor.join().unwrap();
+        lost
+    }
+
+    /// With a StoreLoad fence on the hypervisor side the handshake is a Dekker pair: no
+    /// round may lose its wakeup.
+    #[test]
+    fn fenced_handshake_never_loses_a_wakeup() {
+        assert_eq!(lost_wakeups(100_000), 0);
+    }
+
     #[test]
     fn mmio_addrs_are_published() {
         let (_fd, daemon, hyp) = page_pair();
@@ -572,6 +666,26 @@ mod tests {
         daemon.publish_mmio_addrs(&addrs);
         let published = hyp.mmio_addrs().unwrap();
         assert_eq!(&published[..], &addrs[..MAX_DEVS]);
+    }
+
+    #[test]
+    fn older_abi_uses_its_own_offsets() {
+        let fd = memfd("bridge-abi", MMAP_SIZE as u64).unwrap();
+        let abi = HvisorAbi::new(32, 4, 4);
+        let daemon = BridgePage::map_abi(fd.as_fd(), 0, abi).unwrap();
+        let raw = BridgePage::map(fd.as_fd(), 0).unwrap();
+        assert_eq!(daemon.abi(), abi);
+        assert!(daemon.arm_wakeup());
+        // hvisor built with 32/4/4 reads need_wakeup at 0x671 and cfg_flags[3] at 0x628.
+        assert_eq!(raw.u8_at(0x671).load(Ordering::Relaxed), 1);
+        daemon.reply(3, 9).unwrap();
+        assert_eq!(raw.u64_at(0x628).load(Ordering::Relaxed), 1);
+        assert_eq!(raw.u64_at(0x648).load(Ordering::Relaxed), 9);
+        assert!(matches!(daemon.reply(4, 1), Err(HsmError::BadCpu(4))));
+        daemon.publish_mmio_addrs(&[1, 2, 3, 4, 5]);
+        assert_eq!(daemon.mmio_addrs(), Some(vec![1, 2, 3, 4]));
+        assert_eq!(raw.u8_at(0x670).load(Ordering::Relaxed), 1, "mmio_avail");
+        assert!(BridgePage::map_abi(fd.as_fd(), 0, HvisorAbi::new(24, 8, 32)).is_err());
     }
 
     #[test]

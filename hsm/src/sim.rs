@@ -1,15 +1,13 @@
-//! hvisor's role played in software: guest RAM in memfds, a memfd bridge page, vCPUs that
+//! hvisor's role played in software: guest RAM and the bridge page in memfds, vCPUs that
 //! trap into the request ring exactly as hvisor's `mmio_virtio_handler` does, and a thread
-//! that drains the result ring into per-zone pending IRQs.
+//! that drains the result ring into per-zone pending IRQs. [`SimOptions`] choose how closely
+//! it follows the real hvisor and hvisor.ko; the defaults follow them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,11 +15,16 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-use crate::abi::{DeviceReq, MAX_CPUS, MAX_PENDING_IRQS, MMAP_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::abi::{DeviceReq, MMAP_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::mmap::{memfd, SharedMapping};
-use crate::provider::{send_handover, Handover, RegionHandover};
+use crate::provider::RegionHandover;
+use crate::provider::{Handover, HandoverMode};
 use crate::ring::spin_until;
+use crate::sim_options::{NotifyAccess, SimOptions, SimOrdering, SimRamLayout, SimWakeup};
+use crate::wakeup::{gettid, send_sighvi, SignalWakeup, WakeupKind};
 use crate::{BridgePage, Hsm, HsmError, RamFd};
+
+pub use crate::sim_server::ProviderServer;
 
 /// hvisor's `MAX_BACKOFF`: the longest spin between retries on a full request ring.
 const MAX_BACKOFF_SPINS: u32 = 1024;
@@ -57,15 +60,23 @@ pub struct SimStats {
     pub async_requests: u64,
     /// Times a vCPU found the ring full and backed off.
     pub ring_full_backoffs: u64,
-    /// Wakeup eventfd writes.
+    /// Wakeups sent: eventfd writes, or signals in [`SimWakeup::Signal`] mode.
     pub wakeups: u64,
+    /// Signal-mode wakeups that had no thread to go to (no bridge registered yet), or whose
+    /// `tgkill` failed (the thread is gone): the bridge's guard timeout must recover them.
+    pub wakeups_undelivered: u64,
+    /// Requests that found `need_wakeup` set and sent no wakeup
+    /// ([`SimOptions::lose_wakeup_every`]): each leaves the bridge asleep on a pending
+    /// request unless something else wakes it.
+    pub wakeups_lost: u64,
     /// Results taken from the result ring for known zones.
     pub irqs_delivered: u64,
     /// Results naming an unknown zone (skipped, as hvisor does).
     pub unknown_zone_results: u64,
     /// Most distinct IRQs ever pending at once in one zone.
     pub max_pending_irqs: usize,
-    /// Times more than [`MAX_PENDING_IRQS`] were pending in one zone (hvisor would panic).
+    /// Times more than `MAX_DEVS - 1` ([`crate::HvisorAbi::max_pending_irqs`]) were pending
+    /// in one zone (hvisor would panic).
     pub pending_limit_violations: u64,
     /// Accesses outside every virtio window (not sent; reads return 0).
     pub unhandled_accesses: u64,
@@ -77,6 +88,10 @@ struct Counters {
     async_requests: AtomicU64,
     ring_full_backoffs: AtomicU64,
     wakeups: AtomicU64,
+    wakeups_undelivered: AtomicU64,
+    /// Requests that found `need_wakeup` set: picks every Nth for `lose_wakeup_every`.
+    armed_pushes: AtomicU64,
+    wakeups_lost: AtomicU64,
     unhandled_accesses: AtomicU64,
 }
 
@@ -94,6 +109,8 @@ struct IrqState {
 struct RamRegion {
     spec: SimRegion,
     fd: Arc<OwnedFd>,
+    /// Where the region starts in `fd`.
+    file_offset: u64,
     map: SharedMapping,
 }
 
@@ -102,18 +119,23 @@ struct Zone {
     id: u32,
     regions: Vec<RamRegion>,
     windows: Vec<(u64, u64)>,
+    /// Listed by `live_zones`: false between `shutdown_zone` and `restart_zone`.
+    running: AtomicBool,
 }
 
 /// State shared with the simulator's threads.
 #[derive(Debug)]
-struct Shared {
-    bridge_fd: OwnedFd,
+pub(crate) struct Shared {
+    options: SimOptions,
+    bridge_fd: Arc<OwnedFd>,
     page: BridgePage,
     /// hvisor's `req_lock`: serialises request producers.
     producer: Mutex<()>,
     /// One synchronous access at a time per physical CPU.
     cpu_locks: Vec<Mutex<()>>,
     wakeup: EventFd,
+    /// Signal mode: the thread to wake, `pid << 32 | tid`, or 0 before a bridge registered.
+    signal_target: AtomicU64,
     finish: EventFd,
     zones: Vec<Zone>,
     irqs: Mutex<IrqState>,
@@ -162,7 +184,7 @@ fn acquire<T>(mutex: &Mutex<T>, caller: Caller) -> MutexGuard<'_, T> {
     }
 }
 
-fn borrow_eventfd(evt: &EventFd) -> BorrowedFd<'_> {
+pub(crate) fn borrow_eventfd(evt: &EventFd) -> BorrowedFd<'_> {
     // SAFETY: the eventfd is owned by `evt`, which outlives the borrow.
     unsafe { BorrowedFd::borrow_raw(evt.as_raw_fd()) }
 }
@@ -171,9 +193,13 @@ fn ranges_overlap(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.0 + b.1 && b.0 < a.0 + a.1
 }
 
-fn validate(zones: &[SimZoneSpec]) -> Result<(), HsmError> {
+fn validate(zones: &[SimZoneSpec], ram: SimRamLayout) -> Result<(), HsmError> {
     let bad = |msg: String| Err(HsmError::SimConfig(msg));
     let mut all_zone0 = Vec::new();
+    if ram == SimRamLayout::Physical {
+        // The bridge page is the first physical page of the simulated machine.
+        all_zone0.push((0, MMAP_SIZE as u64));
+    }
     for (i, zone) in zones.iter().enumerate() {
         if zones[..i].iter().any(|z| z.id == zone.id) {
             return bad(format!("zone {} listed twice", zone.id));
@@ -187,6 +213,14 @@ fn validate(zones: &[SimZoneSpec]) -> Result<(), HsmError> {
                 && i64::try_from(r.size).is_ok();
             if !fits {
                 return bad(format!("zone {}: bad region {r:?}", zone.id));
+            }
+            let page = MMAP_SIZE as u64 - 1;
+            if ram == SimRamLayout::Physical && (r.zone0_ipa | r.size) & page != 0 {
+                return bad(format!(
+                    "zone {}: region {r:?} is not page-aligned (it is mapped at its physical \
+                     address)",
+                    zone.id
+                ));
             }
             if zonex
                 .iter()
@@ -232,13 +266,22 @@ impl Shared {
     /// hvisor's `push_req`: retry a full ring with exponential backoff outside the lock.
     fn push(&self, req: &DeviceReq, caller: Caller) {
         let mut backoff = 1;
-        loop {
-            let pushed = {
+        let armed = loop {
+            let armed = {
                 let _producer = acquire(&self.producer, caller);
-                self.page.push_request(req)
+                // hvisor reads `need_wakeup` after releasing its spin lock, a plain release
+                // store that does not order the `req_rear` store before the load. Our
+                // unlock is an atomic swap, a full barrier on x86 that would hide the race:
+                // so the flag is read before the unlock.
+                self.page
+                    .push_request(req)
+                    .then(|| match self.options.ordering {
+                        SimOrdering::Hvisor => self.page.need_wakeup(),
+                        SimOrdering::Fenced => self.page.need_wakeup_fenced(),
+                    })
             };
-            if pushed {
-                break;
+            if let Some(armed) = armed {
+                break armed;
             }
             self.counters
                 .ring_full_backoffs
@@ -251,18 +294,51 @@ impl Shared {
                 std::thread::yield_now();
             }
             backoff = (backoff * 2).min(MAX_BACKOFF_SPINS);
-        }
+        };
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        if self.page.need_wakeup() {
-            match self.wakeup.write(1) {
-                // A signal handler may not log; the bridge's guard timeout covers a lost wakeup.
-                Err(e) if caller == Caller::Thread => {
-                    log::warn!("sim: cannot write the wakeup eventfd: {e}")
-                }
-                _ => {}
-            }
-            self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+        if armed && self.loses_this_wakeup() {
+            self.counters.wakeups_lost.fetch_add(1, Ordering::Relaxed);
+        } else if armed {
+            self.wake(caller);
         }
+    }
+
+    /// True for every `lose_wakeup_every`th request that found `need_wakeup` set.
+    fn loses_this_wakeup(&self) -> bool {
+        let every = u64::from(self.options.lose_wakeup_every);
+        every != 0
+            && (self.counters.armed_pushes.fetch_add(1, Ordering::Relaxed) + 1)
+                .is_multiple_of(every)
+    }
+
+    /// The wakeup IRQ and what hvisor.ko makes of it. hvisor sends it once per push that
+    /// found `need_wakeup` set, and never re-checks.
+    fn wake(&self, caller: Caller) {
+        self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+        let result = match self.options.wakeup {
+            SimWakeup::Eventfd => self.wakeup.write(1),
+            SimWakeup::Signal => match self.signal_target.load(Ordering::Acquire) {
+                // The old module with no task recorded yet sends nothing.
+                0 => Err(io::ErrorKind::NotFound.into()),
+                target => send_sighvi((target >> 32) as i32, target as u32 as i32),
+            },
+        };
+        if let Err(e) = result {
+            self.counters
+                .wakeups_undelivered
+                .fetch_add(1, Ordering::Relaxed);
+            // A signal handler may not log; the bridge's guard timeout covers a lost wakeup.
+            if caller == Caller::Thread {
+                log::warn!("sim: wakeup not delivered: {e}");
+            }
+        }
+    }
+
+    /// Signal mode: from now on, wakeups go to thread `tid` of process `pid` (hvisor.ko's
+    /// `task = get_current()` at INIT_VIRTIO; the last caller wins).
+    pub(crate) fn set_signal_target(&self, pid: i32, tid: i32) {
+        let target = (u64::from(pid as u32) << 32) | u64::from(tid as u32);
+        self.signal_target.store(target, Ordering::Release);
     }
 
     /// hvisor's `hv_virtio_inject_irq`: take every result and mark its IRQ pending.
@@ -279,9 +355,10 @@ impl Shared {
             pending.insert(res.irq_id);
             let count = pending.len();
             irqs.max_pending = irqs.max_pending.max(count);
-            if count > MAX_PENDING_IRQS {
+            let limit = self.options.abi.max_pending_irqs();
+            if count > limit {
                 log::error!(
-                    "sim: zone {} has {count} distinct pending IRQs (hvisor allows {MAX_PENDING_IRQS})",
+                    "sim: zone {} has {count} distinct pending IRQs (hvisor allows {limit})",
                     res.target_zone
                 );
                 irqs.violations += 1;
@@ -291,7 +368,17 @@ impl Shared {
         self.irq_arrived.notify_all();
     }
 
-    fn handover(&self) -> Handover<'_> {
+    pub(crate) fn handover_mode(&self) -> HandoverMode {
+        HandoverMode {
+            abi: self.options.abi,
+            wakeup: match self.options.wakeup {
+                SimWakeup::Eventfd => WakeupKind::Eventfd,
+                SimWakeup::Signal => WakeupKind::Signal,
+            },
+        }
+    }
+
+    pub(crate) fn handover(&self) -> Handover<'_> {
         Handover {
             bridge: (self.bridge_fd.as_fd(), 0),
             wakeup: borrow_eventfd(&self.wakeup),
@@ -304,7 +391,7 @@ impl Shared {
                     zone0_ipa: r.spec.zone0_ipa,
                     size: r.spec.size,
                     fd: r.fd.as_fd(),
-                    offset: 0,
+                    offset: r.file_offset,
                 })
                 .collect(),
         }
@@ -321,18 +408,21 @@ impl Shared {
             })
             .map(|r| RamFd {
                 fd: r.fd.clone(),
-                offset: zone0_ipa - r.spec.zone0_ipa,
+                offset: r.file_offset + (zone0_ipa - r.spec.zone0_ipa),
             })
             .ok_or(HsmError::NoRamRegion { zone0_ipa, size })
     }
 }
 
-const EVENT_EXIT: u64 = 0;
+pub(crate) const EVENT_EXIT: u64 = 0;
 const EVENT_FINISH: u64 = 1;
-const EVENT_LISTENER: u64 = 1;
-const FIRST_CONNECTION: u64 = 2;
 
-fn watch(epoll: &Epoll, fd: BorrowedFd<'_>, events: EventSet, token: u64) -> io::Result<()> {
+pub(crate) fn watch(
+    epoll: &Epoll,
+    fd: BorrowedFd<'_>,
+    events: EventSet,
+    token: u64,
+) -> io::Result<()> {
     epoll.ctl(
         ControlOperation::Add,
         fd.as_raw_fd(),
@@ -340,7 +430,7 @@ fn watch(epoll: &Epoll, fd: BorrowedFd<'_>, events: EventSet, token: u64) -> io:
     )
 }
 
-fn wait_events(epoll: &Epoll, events: &mut [EpollEvent]) -> io::Result<usize> {
+pub(crate) fn wait_events(epoll: &Epoll, events: &mut [EpollEvent]) -> io::Result<usize> {
     loop {
         match epoll.wait(-1, events) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -378,31 +468,60 @@ fn drain_loop(shared: Arc<Shared>, epoll: Epoll) {
 /// drain thread.
 #[derive(Debug)]
 pub struct SimHypervisor {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     exit: EventFd,
     drain: Option<JoinHandle<()>>,
 }
 
 impl SimHypervisor {
-    /// Creates the zones' RAM and the bridge page and starts the result drain thread.
+    /// Creates the zones' RAM and the bridge page and starts the result drain thread, with
+    /// the options of [`SimOptions::from_env`] (hvisor's behaviour unless the environment
+    /// says otherwise).
     pub fn new(zones: Vec<SimZoneSpec>) -> Result<Arc<Self>, HsmError> {
-        validate(&zones)?;
+        SimHypervisor::with_options(zones, SimOptions::from_env()?)
+    }
+
+    /// [`SimHypervisor::new`] with explicit options.
+    pub fn with_options(
+        zones: Vec<SimZoneSpec>,
+        options: SimOptions,
+    ) -> Result<Arc<Self>, HsmError> {
+        validate(&zones, options.ram)?;
         let setup = |what| move |e| HsmError::io(what, e);
-        let bridge_fd = memfd("hvisor-sim-bridge", MMAP_SIZE as u64)
-            .map_err(setup("creating the bridge memfd"))?;
-        let page = BridgePage::map(bridge_fd.as_fd(), 0)?;
+        // Physical: one file is the machine's memory, as /dev/hvisor is. Its size is where
+        // the highest region ends; it stays sparse.
+        let physical_size = zones
+            .iter()
+            .flat_map(|z| &z.regions)
+            .map(|r| r.zone0_ipa + r.size)
+            .fold(MMAP_SIZE as u64, u64::max);
+        let bridge_fd = Arc::new(
+            match options.ram {
+                SimRamLayout::Physical => memfd("hvisor-sim-physical", physical_size),
+                SimRamLayout::MemfdPerRegion => memfd("hvisor-sim-bridge", MMAP_SIZE as u64),
+            }
+            .map_err(setup("creating the bridge memfd"))?,
+        );
+        let page = BridgePage::map_abi(bridge_fd.as_fd(), 0, options.abi)?;
         let mut sim_zones = Vec::with_capacity(zones.len());
         for spec in zones {
             let mut regions = Vec::with_capacity(spec.regions.len());
             for (i, r) in spec.regions.iter().enumerate() {
-                let fd = memfd(&format!("hvisor-sim-zone{}-ram{i}", spec.id), r.size)
-                    .map_err(setup("creating a guest RAM memfd"))?;
+                let (fd, file_offset) = match options.ram {
+                    SimRamLayout::Physical => (bridge_fd.clone(), r.zone0_ipa),
+                    SimRamLayout::MemfdPerRegion => {
+                        let fd = memfd(&format!("hvisor-sim-zone{}-ram{i}", spec.id), r.size)
+                            .map_err(setup("creating a guest RAM memfd"))?;
+                        (Arc::new(fd), 0)
+                    }
+                };
                 // Size checked to fit usize by `validate`.
-                let map = SharedMapping::new(fd.as_fd(), 0, r.size as usize)
+                let map = SharedMapping::new(fd.as_fd(), file_offset, r.size as usize)
                     .map_err(setup("mapping guest RAM"))?;
                 regions.push(RamRegion {
                     spec: *r,
-                    fd: Arc::new(fd),
+                    fd,
+                    file_offset,
                     map,
                 });
             }
@@ -410,16 +529,19 @@ impl SimHypervisor {
                 id: spec.id,
                 regions,
                 windows: spec.windows,
+                running: AtomicBool::new(true),
             });
         }
         let eventfd =
             || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(setup("eventfd creation"));
         let shared = Arc::new(Shared {
+            options,
             bridge_fd,
             page,
             producer: Mutex::new(()),
-            cpu_locks: (0..MAX_CPUS).map(|_| Mutex::new(())).collect(),
+            cpu_locks: (0..options.abi.max_cpus).map(|_| Mutex::new(())).collect(),
             wakeup: eventfd()?,
+            signal_target: AtomicU64::new(0),
             finish: eventfd()?,
             zones: sim_zones,
             irqs: Mutex::new(IrqState::default()),
@@ -451,40 +573,43 @@ impl SimHypervisor {
         }))
     }
 
-    /// An in-process [`Hsm`] for a bridge.
-    pub fn hsm(self: &Arc<Self>) -> Arc<dyn Hsm> {
-        Arc::new(SimHsm { sim: self.clone() })
+    /// The options this simulator runs with.
+    pub fn options(&self) -> SimOptions {
+        self.shared.options
     }
 
-    /// Listens on `socket` and hands the fds to every bridge that connects (provider
-    /// protocol). A stale socket file at that path is replaced.
-    pub fn serve(self: &Arc<Self>, socket: &Path) -> Result<ProviderServer, HsmError> {
-        let setup = |what| move |e| HsmError::io(what, e);
-        if std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
-            std::fs::remove_file(socket).map_err(setup("removing a stale provider socket"))?;
+    /// Signal mode: the `(pid, tid)` wakeups go to, once a bridge registered.
+    pub fn signal_target(&self) -> Option<(i32, i32)> {
+        match self.shared.signal_target.load(Ordering::Acquire) {
+            0 => None,
+            target => Some(((target >> 32) as i32, target as u32 as i32)),
         }
-        let listener = UnixListener::bind(socket).map_err(setup("binding the provider socket"))?;
-        let server = (|| {
-            listener.set_nonblocking(true)?;
-            let exit = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
-            let exit_for_thread = exit.try_clone()?;
-            let epoll = Epoll::new()?;
-            watch(&epoll, borrow_eventfd(&exit), EventSet::IN, EVENT_EXIT)?;
-            watch(&epoll, listener.as_fd(), EventSet::IN, EVENT_LISTENER)?;
-            let shared = self.shared.clone();
-            let thread = std::thread::Builder::new()
-                .name("sim-provider".into())
-                .spawn(move || serve_loop(&shared, &listener, &epoll, &exit_for_thread))?;
-            Ok(ProviderServer {
-                path: socket.to_owned(),
-                exit,
-                thread: Some(thread),
-            })
-        })();
-        server.map_err(|e| {
-            let _ = std::fs::remove_file(socket);
-            HsmError::io("starting the provider server", e)
-        })
+    }
+
+    /// An in-process [`Hsm`] for a bridge. In [`SimWakeup::Signal`] mode, the calling thread
+    /// blocks signal 10, becomes the wakeup's target, and must be the one that polls
+    /// [`Hsm::wakeup_fd`].
+    pub fn hsm(self: &Arc<Self>) -> Arc<dyn Hsm> {
+        self.try_hsm().expect("signal wakeup set-up")
+    }
+
+    /// [`SimHypervisor::hsm`], with the signal set-up's failure returned.
+    pub fn try_hsm(self: &Arc<Self>) -> Result<Arc<dyn Hsm>, HsmError> {
+        let signal = match self.shared.options.wakeup {
+            SimWakeup::Eventfd => None,
+            SimWakeup::Signal => {
+                let signal = SignalWakeup::new()
+                    .map_err(|e| HsmError::io("setting up the signal wakeup", e))?;
+                // SAFETY: getpid has no arguments and cannot fail.
+                self.shared
+                    .set_signal_target(unsafe { libc::getpid() }, gettid());
+                Some(signal)
+            }
+        };
+        Ok(Arc::new(SimHsm {
+            sim: self.clone(),
+            signal,
+        }))
     }
 
     /// A vCPU of `zone` on physical CPU `cpu`.
@@ -492,7 +617,8 @@ impl SimHypervisor {
     /// # Panics
     /// If `cpu >= MAX_CPUS` (hvisor's `cfg_*` arrays have no such slot).
     pub fn vcpu(self: &Arc<Self>, zone: u32, cpu: u64) -> SimVcpu {
-        assert!(cpu < MAX_CPUS as u64, "cpu {cpu} out of range");
+        let max_cpus = self.shared.options.abi.max_cpus;
+        assert!(cpu < max_cpus as u64, "cpu {cpu} out of range");
         SimVcpu {
             sim: self.clone(),
             zone,
@@ -507,14 +633,15 @@ impl SimHypervisor {
     pub fn restart_zone(&self, zone: u32) -> Result<(), HsmError> {
         let z = self.shared.zone(zone).ok_or(HsmError::UnknownZone(zone))?;
         for region in &z.regions {
-            let len = libc::off_t::try_from(region.spec.size)
-                .map_err(|_| HsmError::SimConfig("region too large".into()))?;
+            let too_large = |_| HsmError::SimConfig("region too large".into());
+            let len = libc::off_t::try_from(region.spec.size).map_err(too_large)?;
+            let start = libc::off_t::try_from(region.file_offset).map_err(too_large)?;
             // SAFETY: fallocate on a memfd this simulator owns; it only releases pages.
             let rc = unsafe {
                 libc::fallocate(
                     region.fd.as_raw_fd(),
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    0,
+                    start,
                     len,
                 )
             };
@@ -525,6 +652,17 @@ impl SimHypervisor {
                 });
             }
         }
+        lock(&self.shared.irqs).pending.remove(&zone);
+        z.running.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Shuts `zone` down, as `hvisor zone shutdown` does: it leaves the zone list that
+    /// `Hsm::live_zones` reports and its pending IRQs are dropped, and nothing tells the
+    /// bridge. [`SimHypervisor::restart_zone`] starts it again.
+    pub fn shutdown_zone(&self, zone: u32) -> Result<(), HsmError> {
+        let z = self.shared.zone(zone).ok_or(HsmError::UnknownZone(zone))?;
+        z.running.store(false, Ordering::SeqCst);
         lock(&self.shared.irqs).pending.remove(&zone);
         Ok(())
     }
@@ -558,6 +696,12 @@ impl SimHypervisor {
         }
     }
 
+    /// Whether the bridge has asked for a wakeup (`need_wakeup` set, read with a fence): it
+    /// is asleep, or about to sleep once its re-check finds the request ring empty.
+    pub fn wakeup_armed(&self) -> bool {
+        self.shared.page.need_wakeup_fenced()
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> SimStats {
         let counters = &self.shared.counters;
@@ -567,6 +711,8 @@ impl SimHypervisor {
             async_requests: counters.async_requests.load(Ordering::Relaxed),
             ring_full_backoffs: counters.ring_full_backoffs.load(Ordering::Relaxed),
             wakeups: counters.wakeups.load(Ordering::Relaxed),
+            wakeups_undelivered: counters.wakeups_undelivered.load(Ordering::Relaxed),
+            wakeups_lost: counters.wakeups_lost.load(Ordering::Relaxed),
             irqs_delivered: irqs.delivered,
             unknown_zone_results: irqs.unknown_zone,
             max_pending_irqs: irqs.max_pending,
@@ -586,115 +732,12 @@ impl Drop for SimHypervisor {
     }
 }
 
-/// The provider thread: hands the fds to each connection and keeps it open until the peer
-/// leaves or the server stops.
-fn serve_loop(shared: &Shared, listener: &UnixListener, epoll: &Epoll, exit: &EventFd) {
-    let mut connections: HashMap<u64, UnixStream> = HashMap::new();
-    let mut next_token = FIRST_CONNECTION;
-    let mut events = [EpollEvent::default(); 16];
-    loop {
-        let ready = match wait_events(epoll, &mut events) {
-            Ok(n) => n,
-            Err(e) => {
-                log::error!("sim: provider epoll failed: {e}");
-                return;
-            }
-        };
-        for event in &events[..ready] {
-            match event.data() {
-                EVENT_EXIT => {
-                    let _ = exit.read();
-                    return;
-                }
-                EVENT_LISTENER => loop {
-                    let stream = match listener.accept() {
-                        Ok((stream, _)) => stream,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            log::warn!("sim: accept failed: {e}");
-                            break;
-                        }
-                    };
-                    let handed = send_handover(&stream, &shared.handover())
-                        .and_then(|()| {
-                            stream
-                                .set_nonblocking(true)
-                                .map_err(|e| HsmError::io("provider socket setup", e))
-                        })
-                        .and_then(|()| {
-                            let events = EventSet::IN | EventSet::READ_HANG_UP;
-                            watch(epoll, stream.as_fd(), events, next_token)
-                                .map_err(|e| HsmError::io("provider socket setup", e))
-                        });
-                    match handed {
-                        Ok(()) => {
-                            log::debug!("sim: handed the fds to a bridge");
-                            connections.insert(next_token, stream);
-                            next_token += 1;
-                        }
-                        Err(e) => log::warn!("sim: handover failed: {e}"),
-                    }
-                },
-                token => {
-                    if connections.get(&token).is_some_and(peer_gone) {
-                        if let Some(stream) = connections.remove(&token) {
-                            let _ = epoll.ctl(
-                                ControlOperation::Delete,
-                                stream.as_raw_fd(),
-                                EpollEvent::default(),
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Bridges send nothing: data is discarded, EOF or an error ends the connection.
-fn peer_gone(mut stream: &UnixStream) -> bool {
-    let mut buf = [0u8; 64];
-    match io::Read::read(&mut stream, &mut buf) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => !matches!(
-            e.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-        ),
-    }
-}
-
-/// A running provider socket; dropping it stops the thread, closes the bridges' connections
-/// and removes the socket file.
-#[derive(Debug)]
-pub struct ProviderServer {
-    path: PathBuf,
-    exit: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl ProviderServer {
-    /// The socket path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for ProviderServer {
-    fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            if self.exit.write(1).is_ok() {
-                let _ = thread.join();
-            }
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 /// The in-process [`Hsm`] of a [`SimHypervisor`].
 #[derive(Debug)]
 struct SimHsm {
     sim: Arc<SimHypervisor>,
+    /// Signal mode: signal 10 blocked in the thread that made this, read here.
+    signal: Option<SignalWakeup>,
 }
 
 impl Hsm for SimHsm {
@@ -703,12 +746,20 @@ impl Hsm for SimHsm {
     }
 
     fn wakeup_fd(&self) -> BorrowedFd<'_> {
-        borrow_eventfd(&self.sim.shared.wakeup)
+        match &self.signal {
+            Some(signal) => signal.fd(),
+            None => borrow_eventfd(&self.sim.shared.wakeup),
+        }
     }
 
     fn ack_wakeup(&self) {
-        // Non-blocking: EAGAIN just means the counter was already clear.
-        let _ = self.sim.shared.wakeup.read();
+        match &self.signal {
+            Some(signal) => signal.drain(),
+            // Non-blocking: EAGAIN just means the counter was already clear.
+            None => {
+                let _ = self.sim.shared.wakeup.read();
+            }
+        }
     }
 
     fn finish_req(&self) -> Result<(), HsmError> {
@@ -722,6 +773,12 @@ impl Hsm for SimHsm {
     fn ram_region(&self, zone0_ipa: u64, size: u64) -> Result<RamFd, HsmError> {
         self.sim.shared.ram_region(zone0_ipa, size)
     }
+
+    fn live_zones(&self) -> Option<Vec<u32>> {
+        let zones = &self.sim.shared.zones;
+        let running = zones.iter().filter(|z| z.running.load(Ordering::SeqCst));
+        Some(running.map(|z| z.id).collect())
+    }
 }
 
 /// A guest vCPU pinned to one physical CPU: its MMIO accesses trap like hvisor's.
@@ -734,7 +791,8 @@ pub struct SimVcpu {
 
 impl SimVcpu {
     /// A trapped read of `size` bytes. Returns the bridge's reply unmasked, as hvisor does on
-    /// aarch64; 0 outside every virtio window.
+    /// aarch64; 0 outside every virtio window, and 0 at once at window offset 0x50 (hvisor
+    /// sends that read asynchronously, unless [`NotifyAccess::WritesOnly`]).
     pub fn read(&self, addr: u64, size: u8) -> u64 {
         self.access(addr, size, None, None, Caller::Thread)
             .expect("no deadline, so no timeout")
@@ -780,10 +838,10 @@ impl SimVcpu {
 
     /// One trapped access (`write` is `Some(value)` for a store), for a `SIGSEGV` handler that
     /// emulates a faulting load or store. Same semantics as [`SimVcpu::read_within`] and
-    /// [`SimVcpu::write_within`] (a write at window offset 0x50 is asynchronous), but it
+    /// [`SimVcpu::write_within`] (an access at window offset 0x50 is asynchronous), but it
     /// neither allocates, logs nor sleeps on a lock: it spins on the simulator's locks and on
     /// the reply slot, and makes no system calls but `sched_yield`, `clock_gettime` and the
-    /// wakeup eventfd's `write`.
+    /// wakeup (the eventfd's `write`, or `tgkill` in signal mode).
     ///
     /// The handler must not have interrupted this simulator's own code on the same thread (a
     /// fault raised by guest code never does), or the spin on its locks would never end.
@@ -826,8 +884,10 @@ impl SimVcpu {
             return Ok(0);
         };
         // Relative to the window, not the device: in a shared window only the first device's
-        // notify is asynchronous.
-        let need_interrupt = write.is_some() && addr - base == QUEUE_NOTIFY_OFFSET;
+        // notify is asynchronous. hvisor does not look at the direction: a read there is
+        // asynchronous too, and returns 0 without a reply.
+        let async_access = write.is_some() || shared.options.notify == NotifyAccess::Any;
+        let need_interrupt = async_access && addr - base == QUEUE_NOTIFY_OFFSET;
         let _cpu = acquire(&shared.cpu_locks[self.cpu as usize], caller);
         let old_flag = shared.page.cfg_flag(self.cpu);
         shared.push(
@@ -990,12 +1050,15 @@ fn atomic_store(ptr: *mut u8, data: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::mem::offset_of;
+    use std::os::unix::net::UnixListener;
     use std::sync::atomic::AtomicBool;
     use std::sync::mpsc;
 
     use vmm_sys_util::tempdir::TempDir;
 
     use super::*;
+    use crate::abi::MAX_PENDING_IRQS;
     use crate::mmap::SharedMapping;
     use crate::ProviderHsm;
 
@@ -1141,10 +1204,28 @@ mod tests {
         vcpu.write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 0);
         assert_eq!(responder.next().need_interrupt, 1);
         assert_eq!(hsm.bridge().cfg_flag(0), 0);
-        // A read of that offset is synchronous.
-        vcpu.read(WINDOW + QUEUE_NOTIFY_OFFSET, 4);
+        // hvisor sends a read of that offset asynchronously too: 0 at once, no reply.
+        assert_eq!(vcpu.read(WINDOW + QUEUE_NOTIFY_OFFSET, 4), 0);
+        let req = responder.next();
+        assert_eq!((req.is_write, req.need_interrupt), (0, 1));
+        assert_eq!(hsm.bridge().cfg_flag(0), 0);
+        assert_eq!(sim.stats().async_requests, 3);
+    }
+
+    #[test]
+    fn notify_reads_are_sync_in_writes_only_mode() {
+        let options = SimOptions {
+            notify: NotifyAccess::WritesOnly,
+            ..SimOptions::default()
+        };
+        let sim = SimHypervisor::with_options(vec![zone(vec![(WINDOW, 0x4000)])], options).unwrap();
+        let responder = Responder::start(sim.hsm());
+        let vcpu = sim.vcpu(1, 0);
+        let got = vcpu.read(WINDOW + QUEUE_NOTIFY_OFFSET, 4);
+        assert_eq!(got, (WINDOW + QUEUE_NOTIFY_OFFSET) ^ 0xffff);
         assert_eq!(responder.next().need_interrupt, 0);
-        assert_eq!(hsm.bridge().cfg_flag(0), 1);
+        vcpu.write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 0);
+        assert_eq!(responder.next().need_interrupt, 1);
     }
 
     #[test]
@@ -1254,6 +1335,127 @@ mod tests {
     }
 
     #[test]
+    fn every_nth_requested_wakeup_is_lost_when_asked() {
+        let options = SimOptions {
+            lose_wakeup_every: 2,
+            ..SimOptions::default()
+        };
+        let sim = SimHypervisor::with_options(vec![zone(vec![(WINDOW, 0x4000)])], options).unwrap();
+        let hsm = sim.hsm();
+        let vcpu = sim.vcpu(1, 0);
+        // Not armed: nothing sent, nothing lost, and the count of armed pushes stays.
+        vcpu.write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 0);
+        hsm.bridge().pop_request().unwrap();
+        let mut woken = Vec::new();
+        for _ in 0..4 {
+            assert!(hsm.bridge().arm_wakeup());
+            assert!(sim.wakeup_armed());
+            vcpu.write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 0);
+            woken.push(poll_readable(hsm.wakeup_fd()));
+            hsm.ack_wakeup();
+            hsm.bridge().disarm_wakeup();
+            hsm.bridge().pop_request().unwrap();
+        }
+        assert_eq!(woken, [true, false, true, false]);
+        let stats = sim.stats();
+        assert_eq!((stats.wakeups, stats.wakeups_lost), (2, 2));
+    }
+
+    fn signal_sim() -> Arc<SimHypervisor> {
+        let options = SimOptions {
+            wakeup: SimWakeup::Signal,
+            ..SimOptions::default()
+        };
+        SimHypervisor::with_options(vec![zone(vec![(WINDOW, 0x4000)])], options).unwrap()
+    }
+
+    /// Runs `f` on a fresh thread, so that the signal mask it changes dies with it.
+    fn on_own_thread(f: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(f).join().unwrap();
+    }
+
+    #[test]
+    fn signal_mode_wakes_the_registered_thread() {
+        on_own_thread(|| {
+            let sim = signal_sim();
+            let hsm = sim.hsm();
+            // SAFETY: getpid has no arguments and cannot fail.
+            let me = (unsafe { libc::getpid() }, gettid());
+            assert_eq!(sim.signal_target(), Some(me));
+            assert!(hsm.bridge().arm_wakeup());
+            // The vCPU runs on another thread; the signal still goes to this one.
+            let vcpu = sim.vcpu(1, 0);
+            std::thread::spawn(move || vcpu.write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 0))
+                .join()
+                .unwrap();
+            assert!(poll_readable(hsm.wakeup_fd()));
+            hsm.ack_wakeup();
+            assert!(!poll_readable(hsm.wakeup_fd()));
+            let stats = sim.stats();
+            assert_eq!((stats.wakeups, stats.wakeups_undelivered), (1, 0));
+        });
+    }
+
+    #[test]
+    fn signal_to_a_gone_thread_is_counted_undelivered() {
+        let sim = signal_sim();
+        let registering = sim.clone();
+        let hsm = std::thread::spawn(move || registering.hsm())
+            .join()
+            .unwrap();
+        assert!(hsm.bridge().arm_wakeup());
+        sim.vcpu(1, 0).write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 0);
+        let stats = sim.stats();
+        assert_eq!((stats.wakeups, stats.wakeups_undelivered), (1, 1));
+    }
+
+    #[test]
+    fn provider_in_signal_mode_learns_the_bridge_thread() {
+        on_own_thread(|| {
+            let sim = signal_sim();
+            let dir = TempDir::new().unwrap();
+            let socket = dir.as_path().join("hsm.sock");
+            let _server = sim.serve(&socket).unwrap();
+            let hsm = ProviderHsm::connect(&socket).unwrap();
+            assert_eq!(hsm.wakeup_kind(), WakeupKind::Signal);
+            // SAFETY: getpid has no arguments and cannot fail.
+            let me = (unsafe { libc::getpid() }, gettid());
+            let deadline = Some(Instant::now() + LONG);
+            assert!(spin_until(|| sim.signal_target() == Some(me), deadline));
+            assert!(hsm.bridge().arm_wakeup());
+            sim.vcpu(1, 0).write(WINDOW + QUEUE_NOTIFY_OFFSET, 4, 0);
+            assert!(poll_readable(hsm.wakeup_fd()));
+            hsm.ack_wakeup();
+            assert!(!poll_readable(hsm.wakeup_fd()));
+        });
+    }
+
+    #[test]
+    fn provider_hands_over_the_abi_variant() {
+        let abi = crate::HvisorAbi::new(32, 4, 4);
+        let options = SimOptions {
+            abi,
+            ..SimOptions::default()
+        };
+        let sim = SimHypervisor::with_options(vec![zone(vec![(WINDOW, 0x4000)])], options).unwrap();
+        let dir = TempDir::new().unwrap();
+        let socket = dir.as_path().join("hsm.sock");
+        let _server = sim.serve(&socket).unwrap();
+        let hsm: Arc<dyn Hsm> = Arc::new(ProviderHsm::connect(&socket).unwrap());
+        assert_eq!(hsm.bridge().abi(), abi);
+        let responder = Responder::start(hsm.clone());
+        assert_eq!(sim.vcpu(1, 3).read(WINDOW + 8, 4), (WINDOW + 8) ^ 0xffff);
+        assert_eq!(responder.next().src_cpu, 3);
+        // Three distinct pending IRQs are hvisor's limit with MAX_DEVS = 4.
+        for irq in [1, 2, 3, 4] {
+            hsm.bridge().push_result(1, irq).unwrap();
+        }
+        hsm.finish_req().unwrap();
+        assert!(sim.wait_irq(1, 4, LONG));
+        assert_eq!(sim.stats().pending_limit_violations, 1);
+    }
+
+    #[test]
     fn full_ring_backs_off_until_the_daemon_resumes() {
         let sim = per_device_window_sim();
         let hsm = sim.hsm();
@@ -1353,6 +1555,75 @@ mod tests {
         ));
     }
 
+    /// Reads 4 bytes at `offset` of a fresh mapping of `fd`.
+    fn read_fd(fd: BorrowedFd<'_>, offset: u64) -> [u8; 4] {
+        let page = offset & !0xfff;
+        let map = SharedMapping::new(fd, page, 0x1000).unwrap();
+        let mut got = [0u8; 4];
+        // SAFETY: 4 bytes inside the 4 KiB mapping; nothing else writes them now.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                map.as_ptr().add((offset - page) as usize),
+                got.as_mut_ptr(),
+                4,
+            )
+        };
+        got
+    }
+
+    #[test]
+    fn ram_is_one_physical_file_by_default() {
+        let sim = shared_window_sim();
+        let hsm = sim.hsm();
+        sim.ram(1).write(RAM_GPA + 0x10, &[9, 8, 7, 6]).unwrap();
+        let region = hsm.ram_region(RAM_ZONE0, RAM_SIZE).unwrap();
+        // As from /dev/hvisor: the offset is the physical address...
+        assert_eq!(region.offset, RAM_ZONE0);
+        assert_eq!(read_fd(region.fd.as_fd(), RAM_ZONE0 + 0x10), [9, 8, 7, 6]);
+        // ...and offset 0 of the same file is the bridge page, followed by memory that is
+        // not the zone's (root Linux's, here a hole).
+        hsm.bridge().reply(0, 0x0403_0201).unwrap();
+        let cfg_values = offset_of!(crate::VirtioBridge, cfg_values) as u64;
+        assert_eq!(read_fd(region.fd.as_fd(), cfg_values), [1, 2, 3, 4]);
+        assert_eq!(read_fd(region.fd.as_fd(), 0x10_0010), [0; 4]);
+        let second = hsm.ram_region(RAM_ZONE0 + 0x100_0000, 0x1000).unwrap();
+        assert_eq!(second.offset, RAM_ZONE0 + 0x100_0000);
+
+        // The old layout: a memfd per region, mapped from 0.
+        let options = SimOptions {
+            ram: SimRamLayout::MemfdPerRegion,
+            ..SimOptions::default()
+        };
+        let sim = SimHypervisor::with_options(vec![zone(vec![])], options).unwrap();
+        sim.ram(1).write(RAM_GPA + 0x10, &[9, 8, 7, 6]).unwrap();
+        let region = sim.hsm().ram_region(RAM_ZONE0, RAM_SIZE).unwrap();
+        assert_eq!(region.offset, 0);
+        assert_eq!(read_fd(region.fd.as_fd(), 0x10), [9, 8, 7, 6]);
+
+        // Mapped at its physical address, a region must be page-aligned and clear of the
+        // bridge page.
+        for (zone0_ipa, size) in [(0x1800, 0x1000), (0x2000, 0x1800), (0, 0x1000)] {
+            let spec = SimZoneSpec {
+                id: 1,
+                regions: vec![SimRegion {
+                    zone0_ipa,
+                    zonex_ipa: 0,
+                    size,
+                }],
+                windows: vec![],
+            };
+            assert!(matches!(
+                SimHypervisor::with_options(vec![spec.clone()], SimOptions::default()),
+                Err(HsmError::SimConfig(_))
+            ));
+            let per_region = SimOptions {
+                ram: SimRamLayout::MemfdPerRegion,
+                ..SimOptions::default()
+            };
+            assert!(SimHypervisor::with_options(vec![spec], per_region).is_ok());
+        }
+    }
+
     #[test]
     fn ram_region_maps_the_guest_ram() {
         let sim = shared_window_sim();
@@ -1363,7 +1634,7 @@ mod tests {
         let region = hsm
             .ram_region(RAM_ZONE0 + 0x100_0000 + 0x2000, 0x1000)
             .unwrap();
-        assert_eq!(region.offset, 0x2000);
+        assert_eq!(region.offset, RAM_ZONE0 + 0x100_0000 + 0x2000);
         let map = SharedMapping::new(region.fd.as_fd(), region.offset, 0x1000).unwrap();
         let mut got = [0u8; 4];
         // SAFETY: 0x10..0x14 lies inside the 4 KiB mapping; nothing else writes it now.

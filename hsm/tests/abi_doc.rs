@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
 
-use hvisor_hsm::abi::{DeviceReq, DeviceRes, VirtioBridge};
+use hvisor_hsm::abi::{DeviceReq, DeviceRes, HvisorAbi, VirtioBridge};
 
 /// `(offset, size)` of each field, from the compiler.
 fn layout() -> BTreeMap<(&'static str, &'static str), (usize, usize)> {
@@ -112,4 +112,50 @@ fn abi_doc_matches_structs() {
     assert_eq!(totals["device_req"], size_of::<DeviceReq>());
     assert_eq!(totals["device_res"], size_of::<DeviceRes>());
     assert_eq!(totals["virtio_bridge"], size_of::<VirtioBridge>());
+}
+
+/// The "Layout variants" table: every preset has a row, and every row's offsets, size and
+/// pending-IRQ limit are what `HvisorAbi::layout` computes.
+#[test]
+fn abi_doc_variants_match_the_layout_code() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/abi.md"))
+        .expect("docs/abi.md");
+    let mut in_section = false;
+    let mut seen = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("## ") {
+            in_section = line == "## Layout variants";
+            continue;
+        }
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if !in_section || cells.len() != 10 {
+            continue;
+        }
+        let Ok(abi) = cells[1].parse::<HvisorAbi>() else {
+            continue;
+        };
+        let l = abi.layout();
+        let documented: Vec<usize> = cells[2..9].iter().map(|c| parse_number(c)).collect();
+        assert_eq!(
+            documented,
+            [
+                l.cfg_flags,
+                l.cfg_values,
+                l.mmio_addrs,
+                l.mmio_avail,
+                l.need_wakeup,
+                l.size,
+                abi.max_pending_irqs()
+            ],
+            "row {abi}"
+        );
+        seen.push(abi);
+    }
+    for preset in HvisorAbi::PRESETS {
+        assert!(
+            seen.contains(&preset),
+            "docs/abi.md has no row for {preset}"
+        );
+    }
+    assert_eq!(seen.len(), HvisorAbi::PRESETS.len());
 }
