@@ -58,6 +58,10 @@ pub trait BlockStorage: Debug + Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Makes the range read back as zeroes, deallocating it if `unmap` allows.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+    /// Says whether the kernel can pin the guest memory now in use (get_user_pages), which
+    /// storage that hands guest buffers to the kernel for DMA (O_DIRECT) needs. Storage that
+    /// only copies has nothing to do.
+    fn set_guest_memory_pinnable(&self, _pinnable: bool) {}
 }
 
 /// Why a request completed with a status other than OK.
@@ -453,6 +457,8 @@ pub(crate) mod tests {
         pub flushes: AtomicUsize,
         pub fail_io: AtomicBool,
         pub discards: Mutex<Vec<(u64, u64, Option<bool>)>>,
+        /// What the last memory table said about pinning.
+        pub pinnable: Mutex<Option<bool>>,
     }
 
     impl MemStorage {
@@ -465,6 +471,7 @@ pub(crate) mod tests {
                 flushes: AtomicUsize::new(0),
                 fail_io: AtomicBool::new(false),
                 discards: Mutex::new(Vec::new()),
+                pinnable: Mutex::new(None),
             }
         }
 
@@ -529,6 +536,9 @@ pub(crate) mod tests {
                 .unwrap()
                 .push((offset, len, Some(unmap)));
             Ok(())
+        }
+        fn set_guest_memory_pinnable(&self, pinnable: bool) {
+            *self.pinnable.lock().unwrap() = Some(pinnable);
         }
     }
 

@@ -5,9 +5,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use log::warn;
+use log::{info, warn};
 use vm_memory::VolatileSlice;
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
@@ -83,6 +83,11 @@ pub struct FileStorage {
     logical_block_size: u32,
     physical_block_size: u32,
     direct: bool,
+    /// Whether O_DIRECT may take guest buffers as they are. Memory without struct pages (a
+    /// `VM_PFNMAP` mapping, such as zone RAM mapped from hvisor's `/dev/hvisor`) cannot be
+    /// pinned by get_user_pages, so O_DIRECT on it fails with EFAULT: such memory always
+    /// goes through the bounce buffer.
+    guest_memory_pinnable: AtomicBool,
     engine: IoEngine,
 }
 
@@ -173,6 +178,7 @@ impl FileStorage {
             logical_block_size,
             physical_block_size,
             direct,
+            guest_memory_pinnable: AtomicBool::new(true),
             engine: IoEngine::Sync,
         };
         storage.refresh_capacity().map_err(OpenError::Probe)?;
@@ -200,16 +206,44 @@ impl FileStorage {
         Ok(capacity)
     }
 
-    /// O_DIRECT needs memory aligned to the logical block size; other buffers go through a
-    /// bounce buffer.
+    /// O_DIRECT needs memory aligned to the logical block size that the kernel can pin;
+    /// other buffers go through a bounce buffer.
     fn needs_bounce(&self, bufs: &[VolatileSlice<'_>]) -> bool {
         if !self.direct {
             return false;
+        }
+        if !self.guest_memory_pinnable.load(Ordering::Relaxed) {
+            return true;
         }
         // The logical block size is a power of two (checked when opening).
         let mask = self.logical_block_size as usize - 1;
         bufs.iter()
             .any(|buf| (buf.ptr_guard().as_ptr() as usize | buf.len()) & mask != 0)
+    }
+
+    /// The safety net behind the memory table's up-front check: EFAULT from an O_DIRECT
+    /// transfer on guest memory that passed the checks means get_user_pages refused it, so
+    /// the memory cannot be pinned. The request is redone by `bounce` (a retried read or
+    /// write moves the same bytes to the same place), and every later one bounces too.
+    fn bounce_on_efault(
+        &self,
+        result: io::Result<()>,
+        bounce: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        match result {
+            Err(error) if self.direct && error.raw_os_error() == Some(libc::EFAULT) => {
+                // Only the first EFAULT after a memory table is logged: the flag stays off
+                // until the next memory table.
+                if self.guest_memory_pinnable.swap(false, Ordering::Relaxed) {
+                    warn!(
+                        "O_DIRECT refused guest memory (EFAULT): it cannot be pinned; \
+                         guest data goes through a bounce buffer from now on"
+                    );
+                }
+                bounce()
+            }
+            other => other,
+        }
     }
 
     fn bounce_read(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
@@ -238,6 +272,46 @@ impl FileStorage {
             done += chunk.len();
         }
         Ok(())
+    }
+
+    /// Reads into the guest buffers themselves.
+    fn read_in_place(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+        let guards: Vec<_> = bufs.iter().map(VolatileSlice::ptr_guard_mut).collect();
+        let mut iovecs: Vec<libc::iovec> = guards
+            .iter()
+            .zip(bufs)
+            .map(|(guard, buf)| libc::iovec {
+                iov_base: guard.as_ptr().cast(),
+                iov_len: buf.len(),
+            })
+            .collect();
+        transfer_vectored(
+            &mut iovecs,
+            offset,
+            io::ErrorKind::UnexpectedEof,
+            |iov, at| {
+                // SAFETY: every iovec covers a guest-memory slice that `bufs` keeps mapped and
+                // `guards` keeps writable until this function returns.
+                unsafe { self.transfer(Direction::Read, iov, at) }
+            },
+        )
+    }
+
+    /// Writes from the guest buffers themselves.
+    fn write_in_place(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+        let guards: Vec<_> = bufs.iter().map(VolatileSlice::ptr_guard).collect();
+        let mut iovecs: Vec<libc::iovec> = guards
+            .iter()
+            .zip(bufs)
+            .map(|(guard, buf)| libc::iovec {
+                iov_base: guard.as_ptr().cast_mut().cast(),
+                iov_len: buf.len(),
+            })
+            .collect();
+        transfer_vectored(&mut iovecs, offset, io::ErrorKind::WriteZero, |iov, at| {
+            // SAFETY: as for reads; a write only reads through the iovecs.
+            unsafe { self.transfer(Direction::Write, iov, at) }
+        })
     }
 
     /// Writes zero bytes over the range, for filesystems without FALLOC_FL_ZERO_RANGE.
@@ -288,44 +362,24 @@ impl BlockStorage for FileStorage {
         if self.needs_bounce(bufs) {
             return self.bounce_read(offset, bufs);
         }
-        let guards: Vec<_> = bufs.iter().map(VolatileSlice::ptr_guard_mut).collect();
-        let mut iovecs: Vec<libc::iovec> = guards
-            .iter()
-            .zip(bufs)
-            .map(|(guard, buf)| libc::iovec {
-                iov_base: guard.as_ptr().cast(),
-                iov_len: buf.len(),
-            })
-            .collect();
-        transfer_vectored(
-            &mut iovecs,
-            offset,
-            io::ErrorKind::UnexpectedEof,
-            |iov, at| {
-                // SAFETY: every iovec covers a guest-memory slice that `bufs` keeps mapped and
-                // `guards` keeps writable until this function returns.
-                unsafe { self.transfer(Direction::Read, iov, at) }
-            },
-        )
+        let result = self.read_in_place(offset, bufs);
+        self.bounce_on_efault(result, || self.bounce_read(offset, bufs))
     }
 
     fn write_vectored_at(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
         if self.needs_bounce(bufs) {
             return self.bounce_write(offset, bufs);
         }
-        let guards: Vec<_> = bufs.iter().map(VolatileSlice::ptr_guard).collect();
-        let mut iovecs: Vec<libc::iovec> = guards
-            .iter()
-            .zip(bufs)
-            .map(|(guard, buf)| libc::iovec {
-                iov_base: guard.as_ptr().cast_mut().cast(),
-                iov_len: buf.len(),
-            })
-            .collect();
-        transfer_vectored(&mut iovecs, offset, io::ErrorKind::WriteZero, |iov, at| {
-            // SAFETY: as for reads; a write only reads through the iovecs.
-            unsafe { self.transfer(Direction::Write, iov, at) }
-        })
+        let result = self.write_in_place(offset, bufs);
+        self.bounce_on_efault(result, || self.bounce_write(offset, bufs))
+    }
+
+    fn set_guest_memory_pinnable(&self, pinnable: bool) {
+        if self.direct && !pinnable {
+            info!("Guest memory cannot be pinned: O_DIRECT transfers go through a bounce buffer");
+        }
+        self.guest_memory_pinnable
+            .store(pinnable, Ordering::Relaxed);
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -667,6 +721,114 @@ mod tests {
         mem.read_slice(&mut rest, GuestAddress(0x30_0000)).unwrap();
         got.extend(rest);
         assert_eq!(got, pattern);
+    }
+
+    fn anonymous_slices(mem: &GuestMemoryMmap) -> Vec<VolatileSlice<'_>> {
+        slices(mem, &[(0x1000, 4096)])
+    }
+
+    #[test]
+    fn unpinnable_guest_memory_always_bounces() {
+        let (_temp, mut storage) = image(1 << 16);
+        storage.direct = true;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let aligned = anonymous_slices(&mem);
+        assert!(!storage.needs_bounce(&aligned));
+        storage.set_guest_memory_pinnable(false);
+        assert!(storage.needs_bounce(&aligned));
+        // The next memory table decides again.
+        storage.set_guest_memory_pinnable(true);
+        assert!(!storage.needs_bounce(&aligned));
+    }
+
+    #[test]
+    fn efault_from_direct_io_retries_through_the_bounce_buffer() {
+        let (_temp, mut storage) = image(1 << 16);
+        storage.direct = true;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let aligned = anonymous_slices(&mem);
+        let efault = || Err(io::Error::from_raw_os_error(libc::EFAULT));
+
+        // Another error is the request's own.
+        let mut bounced = false;
+        let eio = storage.bounce_on_efault(Err(io::Error::from_raw_os_error(libc::EIO)), || {
+            bounced = true;
+            Ok(())
+        });
+        assert_eq!(eio.unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert!(!bounced && !storage.needs_bounce(&aligned));
+
+        // EFAULT: the request is retried through the bounce buffer, and so are later ones.
+        let result = storage.bounce_on_efault(efault(), || {
+            bounced = true;
+            Ok(())
+        });
+        result.unwrap();
+        assert!(bounced);
+        assert!(storage.needs_bounce(&aligned));
+        // The retry's own result is the request's.
+        let retry = storage.bounce_on_efault(efault(), efault);
+        assert_eq!(retry.unwrap_err().raw_os_error(), Some(libc::EFAULT));
+
+        // Without O_DIRECT the kernel only copies: EFAULT is a real fault, not retried.
+        storage.direct = false;
+        storage.set_guest_memory_pinnable(true);
+        let mut bounced = false;
+        let result = storage.bounce_on_efault(efault(), || {
+            bounced = true;
+            Ok(())
+        });
+        assert_eq!(result.unwrap_err().raw_os_error(), Some(libc::EFAULT));
+        assert!(!bounced);
+    }
+
+    /// The first page of this process's `[vvar]`: a read-only `VM_PFNMAP` mapping that every
+    /// Linux process has, the only unpinnable memory a test can get without a device.
+    fn vvar_page() -> VolatileSlice<'static> {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps
+            .lines()
+            .find(|line| line.ends_with("[vvar]"))
+            .expect("a [vvar] mapping");
+        let start = usize::from_str_radix(line.split('-').next().unwrap(), 16).unwrap();
+        // SAFETY: [vvar] stays mapped and readable for the life of the process, and the
+        // slice is only read from.
+        unsafe { VolatileSlice::new(start as *mut u8, 4096) }
+    }
+
+    #[test]
+    fn direct_write_from_pfnmap_memory_falls_back_to_the_bounce_buffer() {
+        let page = vvar_page();
+        for engine in ENGINES {
+            let temp = TempFile::new().unwrap();
+            temp.as_file().set_len(1 << 16).unwrap();
+            let options = StorageOptions {
+                direct: true,
+                engine,
+                ..Default::default()
+            };
+            let storage = FileStorage::open(temp.as_path(), &options).unwrap();
+            // What the engine meets on its own: the kernel cannot pin the page.
+            let iov = [libc::iovec {
+                iov_base: page.ptr_guard().as_ptr().cast_mut().cast(),
+                iov_len: page.len(),
+            }];
+            // SAFETY: the iovec covers the readable vvar page; a write only reads it.
+            let raw = unsafe { storage.transfer(Direction::Write, &iov, 0) };
+            assert_eq!(
+                raw.unwrap_err().raw_os_error(),
+                Some(libc::EFAULT),
+                "{engine:?}"
+            );
+
+            storage.write_vectored_at(4096, &[page]).unwrap();
+            // The page holds the clock data, which moves: only check that it arrived.
+            let mut on_disk = vec![0u8; 4096];
+            temp.as_file().read_exact_at(&mut on_disk, 4096).unwrap();
+            assert!(on_disk.iter().any(|&b| b != 0), "{engine:?}");
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+            assert!(storage.needs_bounce(&anonymous_slices(&mem)), "{engine:?}");
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::blk::{BlockDevice, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+use crate::pinning;
 use crate::virtio_blk::{BlkConfig, CONFIG_SPACE_SIZE, WCE_OFFSET};
 
 /// Largest single data segment the driver may use (SIZE_MAX).
@@ -462,6 +463,9 @@ impl VhostUserBackend for VhostUserBlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        // Once per memory table, off the data path.
+        let pinnable = pinning::guest_memory_pinnable(&mem.memory());
+        self.device.storage().set_guest_memory_pinnable(pinnable);
         *self
             .mem
             .write()
@@ -503,7 +507,7 @@ mod tests {
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
-    use vm_memory::{Address, Bytes, GuestAddress};
+    use vm_memory::{Address, Bytes, FileOffset, GuestAddress};
 
     use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
 
@@ -665,6 +669,27 @@ mod tests {
         assert_eq!(config_field::<1>(&backend, WCE_OFFSET), [0]);
         backend.reset_device();
         assert!(!backend.device().writethrough());
+    }
+
+    #[test]
+    fn the_memory_table_tells_the_storage_whether_it_can_be_pinned() {
+        let (storage, backend) = backend();
+        backend
+            .update_memory(GuestMemoryAtomic::new(guest_memory()))
+            .unwrap();
+        assert_eq!(*storage.pinnable.lock().unwrap(), Some(true));
+        // A character device, as /dev/hvisor is.
+        let zero = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/zero")
+            .unwrap();
+        let range = (GuestAddress(0), 0x1000, Some(FileOffset::new(zero, 0)));
+        let device_memory = GuestMemoryMmap::from_ranges_with_files([range]).unwrap();
+        backend
+            .update_memory(GuestMemoryAtomic::new(device_memory))
+            .unwrap();
+        assert_eq!(*storage.pinnable.lock().unwrap(), Some(false));
     }
 
     #[test]
