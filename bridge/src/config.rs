@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use hvisor_hsm::abi::{MAX_CPUS, MAX_DEVS};
+use hvisor_hsm::abi::{HvisorAbi, MAX_CPUS};
 use serde_json::{Map, Value};
 
 /// The smallest device window: registers end at 0x100, where config space starts.
@@ -327,6 +327,11 @@ impl Config {
     /// Reads and validates a config file. Relative `img` and `socket` paths are resolved
     /// against the file's directory, as a user editing the file expects.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        Self::from_file_for(path, HvisorAbi::CURRENT)
+    }
+
+    /// [`Config::from_file`] for an hvisor built with `abi`'s limits (devices, pending IRQs).
+    pub fn from_file_for(path: &Path, abi: HvisorAbi) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             zone: None,
             device: None,
@@ -340,18 +345,23 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| Path::new("."));
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
-        Self::parse(&text, &base)
+        Self::parse_for(&text, &base, abi)
     }
 
     /// Parses and validates config text; `base_dir` resolves relative paths.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        Self::parse_for(text, base_dir, HvisorAbi::CURRENT)
+    }
+
+    /// [`Config::parse`] for an hvisor built with `abi`'s limits.
+    pub fn parse_for(text: &str, base_dir: &Path, abi: HvisorAbi) -> Result<Config, ConfigError> {
         let root: Value = serde_json::from_str(text).map_err(|e| ConfigError {
             zone: None,
             device: None,
             field: "<json>".into(),
             reason: format!("invalid JSON: {e}"),
         })?;
-        let parser = Parser { base_dir };
+        let parser = Parser { base_dir, abi };
         parser.config(&root)
     }
 
@@ -365,6 +375,7 @@ impl Config {
 
 struct Parser<'a> {
     base_dir: &'a Path,
+    abi: HvisorAbi,
 }
 
 /// Error-building context: which zone and device we are in.
@@ -495,7 +506,8 @@ impl Parser<'_> {
             // all zones together.
             for d in &z.devices {
                 enabled += 1;
-                if enabled > MAX_DEVS {
+                let max_devs = self.abi.max_devs;
+                if enabled > max_devs {
                     let dctx = Ctx {
                         zone: ctx.zone.clone(),
                         device: Some(device_name(d.index, d.device_type.name)),
@@ -503,13 +515,14 @@ impl Parser<'_> {
                     return Err(dctx.err(
                         "status",
                         format!(
-                            "enabled device number {enabled}; hvisor serves at most {MAX_DEVS} \
+                            "enabled device number {enabled}; hvisor serves at most {max_devs} \
                              across all zones"
                         ),
                     ));
                 }
                 check_image_sharing(&mut images, z.id, d, &ctx)?;
             }
+            check_zone_irqs(&z, self.abi, &ctx)?;
             config.zones.push(z);
         }
         Ok(config)
@@ -1065,6 +1078,27 @@ fn check_image_sharing(
         ));
     }
     seen.push((canonical, *read_only, format!("zone {zone} device {name}")));
+    Ok(())
+}
+
+/// hvisor queues a zone's virtio interrupts on the zone's first CPU and keeps at most
+/// `MAX_DEVS - 1` distinct pending ones per CPU: one more trips an assertion at EL2, which
+/// stops that CPU for good. A zone with more distinct device IRQs than that could reach it
+/// whenever all its devices complete at once, so it is refused here.
+fn check_zone_irqs(zone: &ZoneConfig, abi: HvisorAbi, ctx: &Ctx) -> Result<(), ConfigError> {
+    let limit = abi.max_pending_irqs();
+    let irqs: BTreeSet<u32> = zone.devices.iter().map(|d| d.irq).collect();
+    if irqs.len() > limit {
+        return Err(ctx.err(
+            "devices",
+            format!(
+                "{} distinct device IRQs; hvisor keeps at most {limit} pending virtio IRQs per \
+                 CPU (MAX_DEVS {} - 1) and sends all of a zone's to its first CPU",
+                irqs.len(),
+                abi.max_devs
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -2147,6 +2181,18 @@ mod tests {
             Some("#3 (blk)"),
             "status",
         ),
+        // hvisor's pending-IRQ list per CPU holds MAX_DEVS - 1, and a zone's IRQs share one CPU.
+        (
+            "eight device irqs in one zone",
+            |c| {
+                *devices(c) = (0..8)
+                    .map(|i| blk_ro(0xa000000 + i * 0x200, 40 + i as u32))
+                    .collect();
+            },
+            Some("1"),
+            None,
+            "devices",
+        ),
     ];
 
     #[test]
@@ -2648,7 +2694,55 @@ mod tests {
         zone2["devices"].as_array_mut().unwrap().push(disabled);
         config["zones"].as_array_mut().unwrap().push(zone2);
         let parsed = parse_ok(&config);
-        assert_eq!(parsed.devices().count(), MAX_DEVS);
+        assert_eq!(parsed.devices().count(), hvisor_hsm::abi::MAX_DEVS);
+    }
+
+    #[test]
+    fn seven_device_irqs_in_one_zone_are_allowed() {
+        let mut config = base();
+        *devices(&mut config) = (0..7)
+            .map(|i| blk_ro(0xa000000 + i * 0x200, 40 + i as u32))
+            .collect();
+        assert_eq!(parse_ok(&config).devices().count(), 7);
+    }
+
+    #[test]
+    fn zone_irq_limit_follows_the_stated_abi() {
+        // hvisor branches built with MAX_DEVS 4 keep three pending IRQs per CPU.
+        let small: HvisorAbi = "32/4/32".parse().unwrap();
+        let mut config = base();
+        *devices(&mut config) = (0..4)
+            .map(|i| blk_ro(0xa000000 + i * 0x200, 40 + i as u32))
+            .collect();
+        let text = config.to_string();
+        assert_eq!(
+            Config::parse_for(&text, manifest_dir(), HvisorAbi::CURRENT)
+                .unwrap()
+                .devices()
+                .count(),
+            4
+        );
+        let err = Config::parse_for(&text, manifest_dir(), small).expect_err("4 > 3");
+        assert_eq!(
+            (err.field.as_str(), err.zone.as_deref()),
+            ("devices", Some("1"))
+        );
+        assert!(err.reason.contains("at most 3 pending"), "{err}");
+    }
+
+    #[test]
+    fn too_many_zone_irqs_error_names_the_count_and_the_limit() {
+        let mut config = base();
+        *devices(&mut config) = (0..8)
+            .map(|i| blk_ro(0xa000000 + i * 0x200, 40 + i as u32))
+            .collect();
+        let err = parse(&config).expect_err("eight irqs in one zone");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("zone 1: field `devices`: 8 distinct device IRQs")
+                && text.contains("at most 7 pending"),
+            "{text}"
+        );
     }
 
     #[test]

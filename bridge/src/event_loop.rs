@@ -2,10 +2,11 @@
 //! from each device's transport, turns call eventfds into guest interrupts and watches the
 //! backend sockets.
 
+use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hvisor_hsm::{DeviceReq, Hsm};
@@ -14,8 +15,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{BackendSpec, DeviceConfig};
-use crate::frontend::{self, VhostUserDevice};
-use crate::irq::{self, MAX_PENDING_IRQS};
+use crate::frontend::{self, FrontendError, VhostUserDevice};
+use crate::irq;
 use crate::ratelimit::RateLimited;
 use crate::supervisor::{SpawnedBackend, Supervisor};
 use crate::transport::MmioTransport;
@@ -41,6 +42,9 @@ pub struct LoopOptions {
     pub spin: Duration,
     /// Sleep at most this long: the guard against a wakeup the hypervisor never sends.
     pub guard_timeout: Duration,
+    /// Ask the hypervisor which zones run at most this often, and only when idle: hvisor
+    /// does not tell the daemon that a zone shut down. `None`: never ask.
+    pub zone_poll: Option<Duration>,
 }
 
 impl Default for LoopOptions {
@@ -48,6 +52,7 @@ impl Default for LoopOptions {
         Self {
             spin: Duration::from_micros(50),
             guard_timeout: Duration::from_millis(100),
+            zone_poll: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -64,6 +69,34 @@ pub struct Reconnect {
     pub device: DeviceConfig,
     /// Give up after this long.
     pub timeout: Duration,
+}
+
+/// Tells reconnect threads that the bridge is stopping, and wakes them from their back-off.
+#[derive(Debug, Default)]
+struct Cancel {
+    stopping: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Cancel {
+    fn cancel(&self) {
+        *self.stopping.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.changed.notify_all();
+    }
+
+    fn is_cancelled(&self) -> bool {
+        *self.stopping.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sleeps up to `delay`; true when the bridge is stopping.
+    fn sleep(&self, delay: Duration) -> bool {
+        let stopping = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
+        let (stopping, _) = self
+            .changed
+            .wait_timeout_while(stopping, delay, |stopping| !*stopping)
+            .unwrap_or_else(|p| p.into_inner());
+        *stopping
+    }
 }
 
 /// A reconnect thread's outcome.
@@ -153,6 +186,8 @@ pub struct LoopStats {
     pub guard_wakeups: u64,
     /// Backends brought back after a hang-up.
     pub reconnects: u64,
+    /// Zones seen running and then gone, whose devices were reset.
+    pub zone_resets: u64,
 }
 
 /// The bridge: devices plus the HSM, driven by [`Bridge::run`].
@@ -171,13 +206,26 @@ pub struct Bridge {
     reconnect_event: EventFd,
     reconnect_tx: Sender<Reconnected>,
     reconnect_rx: Receiver<Reconnected>,
-    cancel: Arc<AtomicBool>,
+    reconnect_threads: Vec<JoinHandle<()>>,
+    cancel: Arc<Cancel>,
+    /// A stop signal arrived: backends that go away now are not restarted.
+    stopping: bool,
+    /// When to ask the hypervisor about running zones next.
+    next_zone_poll: Instant,
+    /// Zones with devices that the hypervisor has reported running.
+    seen_live: BTreeSet<u32>,
 }
 
 impl Drop for Bridge {
     fn drop(&mut self) {
-        // Reconnect threads still running give up at their next attempt.
-        self.cancel.store(true, Ordering::Release);
+        // Reconnect threads give up at once, and are waited for: a backend one of them just
+        // restarted must be stopped with the others, not outlive the bridge.
+        self.cancel.cancel();
+        for thread in self.reconnect_threads.drain(..) {
+            let _ = thread.join();
+        }
+        // Results nobody will use: dropping them stops their backend processes.
+        while self.reconnect_rx.try_recv().is_ok() {}
     }
 }
 
@@ -242,7 +290,11 @@ impl Bridge {
             reconnect_event,
             reconnect_tx,
             reconnect_rx,
-            cancel: Arc::new(AtomicBool::new(false)),
+            reconnect_threads: Vec::new(),
+            cancel: Arc::new(Cancel::default()),
+            stopping: false,
+            next_zone_poll: Instant::now(),
+            seen_live: BTreeSet::new(),
         })
     }
 
@@ -289,6 +341,8 @@ impl Bridge {
                 std::hint::spin_loop();
                 continue;
             }
+            // Idle (and at least once per guard timeout while idle): off the hot path.
+            self.poll_zones(now);
             // need_wakeup=1, SeqCst fence, re-check: a request pushed before the flag was
             // visible is caught here instead of being slept on.
             if !ring.arm_wakeup() {
@@ -322,15 +376,23 @@ impl Bridge {
 
     /// Handles ready fds; true when the loop must stop.
     fn dispatch(&mut self, events: &[EpollEvent]) -> bool {
+        // The stop fd first: a backend hang-up seen in the same batch as a stop signal (both
+        // can come from one signal to the process group) must not start a restart.
         let mut stop = false;
+        if events.iter().any(|e| e.data() == TOKEN_STOP) {
+            let signal = self.stop_fd.and_then(read_stop_signal);
+            self.reload_requested = signal == Some(libc::SIGHUP as u32);
+            if !self.reload_requested {
+                self.stopping = true;
+                self.cancel.cancel();
+                return true;
+            }
+            stop = true;
+        }
         for event in events {
             match event.data() {
                 TOKEN_WAKEUP => self.hsm.ack_wakeup(),
-                TOKEN_STOP => {
-                    let signal = self.stop_fd.and_then(read_stop_signal);
-                    self.reload_requested = signal == Some(libc::SIGHUP as u32);
-                    stop = true;
-                }
+                TOKEN_STOP => {}
                 TOKEN_RECONNECT => {
                     let _ = self.reconnect_event.read();
                     while let Ok(done) = self.reconnect_rx.try_recv() {
@@ -412,6 +474,10 @@ impl Bridge {
         }
         dev.transport.backend_mut().mark_disconnected();
         let label = dev.transport.backend().label().to_string();
+        if self.stopping {
+            log::info!("{label}: backend hung up while the bridge is stopping");
+            return;
+        }
         let Some(plan) = dev.reconnect.clone() else {
             log::error!("{label}: backend hung up; the device needs a reset");
             if dev.transport.fail() {
@@ -419,6 +485,7 @@ impl Bridge {
             }
             return;
         };
+        dev.transport.backend_mut().begin_restore();
         if dev.reconnecting {
             return;
         }
@@ -443,29 +510,41 @@ impl Bridge {
                     let _ = wake.write(1);
                 }
             });
-        if let Err(e) = spawned {
-            log::error!("cannot start a reconnect thread: {e}");
-            self.devices[index].reconnecting = false;
-            if self.devices[index].transport.fail() {
-                self.raise(index);
+        match spawned {
+            Ok(thread) => self.reconnect_threads.push(thread),
+            Err(e) => {
+                log::error!("cannot start a reconnect thread: {e}");
+                self.devices[index].reconnecting = false;
+                self.devices[index].transport.backend_mut().end_restore();
+                if self.devices[index].transport.fail() {
+                    self.raise(index);
+                }
             }
         }
     }
 
     fn finish_reconnect(&mut self, done: Reconnected) {
+        self.reconnect_threads.retain(|t| !t.is_finished());
         let index = done.index;
         let Some(dev) = self.devices.get_mut(index) else {
             return;
         };
         dev.reconnecting = false;
+        // A restore that fails from here on fails the device, even an activation that was
+        // waiting for it; one that is retried begins again in `backend_gone`.
+        dev.transport.backend_mut().end_restore();
         let label = dev.transport.backend().label().to_string();
-        let outcome = done.result.and_then(|(frontend, process)| {
-            dev.process = process;
-            dev.transport
-                .backend_mut()
-                .reattach(frontend)
-                .map_err(|e| error_chain(&e))
-        });
+        // An error, and whether it came from a new backend that died during its restore.
+        let outcome = match done.result {
+            Err(e) => Err((e, false)),
+            Ok((frontend, process)) => {
+                dev.process = process;
+                dev.transport
+                    .backend_mut()
+                    .reattach(frontend)
+                    .map_err(|e| (error_chain(&e), connection_lost(&e)))
+            }
+        };
         match outcome {
             Ok(()) => {
                 self.stats.reconnects += 1;
@@ -491,14 +570,65 @@ impl Bridge {
                 log::info!(
                     "{label}: backend restored; its queues resume where the guest left them"
                 );
+                // The old backend may have published used entries and died before its call
+                // (inside its interrupt-coalescing window, say); the new one starts from the
+                // guest's used index and has nothing to announce. An interrupt now tells the
+                // driver about them; a spurious one costs the driver one empty look.
+                if self.devices[index].transport.signal_used_buffer() {
+                    self.raise(index);
+                }
             }
-            Err(e) => {
+            // A backend that dies while it is being restored crashed like the first one: the
+            // device can still be restored, by the next backend.
+            Err((e, true)) if self.devices[index].reconnect.is_some() => {
+                log::error!("{label}: the backend died while being restored ({e})");
+                self.backend_gone(index);
+            }
+            Err((e, _)) => {
                 log::error!("{label}: cannot restore the backend: {e}; the device needs a reset");
                 if self.devices[index].transport.fail() {
                     self.raise(index);
                 }
             }
         }
+    }
+
+    /// Asks the hypervisor which zones run, when it is time to; resets the devices of a zone
+    /// that was seen running and is gone (`hvisor zone shutdown`), so that no backend
+    /// touches its RAM any more, exactly as if its guest had written Status=0. The zone's
+    /// next guest resets and initialises its devices as usual.
+    fn poll_zones(&mut self, now: Instant) {
+        let Some(period) = self.options.zone_poll else {
+            return;
+        };
+        if now < self.next_zone_poll {
+            return;
+        }
+        self.next_zone_poll = now + period;
+        let Some(live) = self.hsm.live_zones() else {
+            return;
+        };
+        let served: BTreeSet<u32> = self.devices.iter().map(|d| d.zone).collect();
+        for zone in served {
+            if live.contains(&zone) {
+                if self.seen_live.insert(zone) {
+                    log::info!("zone {zone} is running");
+                }
+            } else if self.seen_live.remove(&zone) {
+                log::warn!("zone {zone} is no longer running; resetting its devices");
+                self.reset_zone(zone);
+            }
+        }
+    }
+
+    /// Resets every device of `zone` through the same path as a guest writing Status=0.
+    fn reset_zone(&mut self, zone: u32) {
+        let status = u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS);
+        for dev in self.devices.iter_mut().filter(|d| d.zone == zone) {
+            dev.transport.write(status, 4, 0);
+            dev.deferred = false;
+        }
+        self.stats.zone_resets += 1;
     }
 
     /// Injects device `index`'s line (the transport said it was not asserted).
@@ -510,7 +640,7 @@ impl Bridge {
             .filter(|d| d.zone == zone && d.transport.line_asserted())
             .count();
         let dev = &mut self.devices[index];
-        if asserted >= MAX_PENDING_IRQS {
+        if asserted >= self.hsm.bridge().abi().max_pending_irqs() {
             dev.deferred = true;
         } else if irq::inject(self.hsm.as_ref(), zone, dev.irq) {
             dev.transport.mark_line_asserted();
@@ -609,12 +739,15 @@ impl Bridge {
 fn reconnect(
     plan: &Reconnect,
     label: &str,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
 ) -> Result<(Frontend, Option<SpawnedBackend>), String> {
     let deadline = Instant::now() + plan.timeout;
     let mut delay = Duration::from_millis(50);
     let mut attempt = 0u32;
     loop {
+        if cancel.is_cancelled() {
+            return Err("the bridge is stopping".into());
+        }
         attempt += 1;
         let outcome = match &plan.device.backend {
             BackendSpec::External { socket } => {
@@ -638,6 +771,8 @@ fn reconnect(
                 }),
         };
         match outcome {
+            // Dropping the result stops a backend started just now.
+            Ok(_) if cancel.is_cancelled() => return Err("the bridge is stopping".into()),
             Ok(done) => {
                 if attempt > 1 {
                     log::info!("{label}: backend back after {attempt} attempts");
@@ -645,9 +780,6 @@ fn reconnect(
                 return Ok(done);
             }
             Err(e) => {
-                if cancel.load(Ordering::Acquire) {
-                    return Err("the bridge is stopping".into());
-                }
                 if Instant::now() + delay > deadline {
                     return Err(format!("gave up after {attempt} attempts: {e}"));
                 }
@@ -658,8 +790,30 @@ fn reconnect(
                 }
             }
         }
-        std::thread::sleep(delay);
+        if cancel.sleep(delay) {
+            return Err("the bridge is stopping".into());
+        }
         delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// True when `e` says the connection to the backend broke (it died), not that the backend
+/// refused something: a restore that fails this way is worth another backend.
+fn connection_lost(e: &FrontendError) -> bool {
+    use vhost::vhost_user::Error as Protocol;
+    match e {
+        FrontendError::Disconnected => true,
+        FrontendError::Request {
+            source: vhost::Error::VhostUserProtocol(e),
+            ..
+        } => matches!(
+            e,
+            Protocol::PartialMessage
+                | Protocol::Disconnected
+                | Protocol::SocketBroken(_)
+                | Protocol::SocketError(_)
+        ),
+        _ => false,
     }
 }
 
@@ -684,4 +838,32 @@ fn read_stop_signal(fd: RawFd) -> Option<u32> {
     let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
     // signalfd_siginfo starts with ssi_signo (u32).
     (n == 128).then(|| u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vhost::vhost_user::Error as Protocol;
+
+    #[test]
+    fn only_a_broken_connection_is_worth_another_backend() {
+        let request = |e| FrontendError::Request {
+            request: "GET_FEATURES",
+            source: vhost::Error::VhostUserProtocol(e),
+        };
+        assert!(connection_lost(&FrontendError::Disconnected));
+        assert!(connection_lost(&request(Protocol::PartialMessage)));
+        assert!(connection_lost(&request(Protocol::SocketBroken(
+            std::io::ErrorKind::ConnectionReset.into()
+        ))));
+        assert!(!connection_lost(&request(Protocol::InvalidMessage)));
+        assert!(!connection_lost(&FrontendError::QueueCount {
+            offered: 1,
+            wanted: 2
+        }));
+        assert!(!connection_lost(&FrontendError::FeaturesLost {
+            before: 1,
+            after: 0
+        }));
+    }
 }

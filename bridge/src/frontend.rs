@@ -18,6 +18,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::backend_maps::{self, Checked, StrayMapping};
 use crate::transport::{BackendError, QueueConfig, VirtioBackend};
 
 /// Feature bits the bridge passes through to the guest: the device-specific range, the ring
@@ -122,6 +123,9 @@ pub enum FrontendError {
         /// The configured size.
         size: u16,
     },
+    /// The backend maps guest memory outside zone RAM, which on hvisor is root Linux's.
+    #[error("Refusing the backend: it maps memory outside zone RAM")]
+    StrayMapping(#[source] StrayMapping),
     /// A restarted backend no longer offers features the guest acked.
     #[error("Restarted backend offers features {after:#x}, the guest acked some of {before:#x}")]
     FeaturesLost {
@@ -183,6 +187,55 @@ pub fn connect(
     }
 }
 
+/// The frontend's side of a backend restore. While one is under way the device is served
+/// from cached state, and a guest that resets and re-activates it is told DRIVER_OK worked:
+/// the activation waits for the restored backend, as QEMU's vhost-user-blk defers its start.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Restore {
+    /// The backend hung up and the event loop is bringing it back.
+    under_way: bool,
+    /// The guest activated the device while no backend ran. Its driver set the queues up
+    /// afresh, so they start at 0: the used ring's memory may still hold an earlier
+    /// driver's index.
+    fresh_activation: bool,
+    /// Config bytes the guest wrote while no backend ran, `[start, end)`, for the restored
+    /// backend.
+    unsent_config: Option<(usize, usize)>,
+}
+
+impl Restore {
+    /// DRIVER_OK with no backend: true when the activation can wait for the restore (it is
+    /// then marked fresh), false when there is nothing to wait for and it fails.
+    fn defer_activation(&mut self) -> bool {
+        self.fresh_activation |= self.under_way;
+        self.under_way
+    }
+
+    /// Whether the restored backend resumes each queue at the guest's used index (it had
+    /// been started before the crash) or starts it at 0 (a deferred, fresh activation).
+    fn resumes_at_used_index(&self) -> bool {
+        !self.fresh_activation
+    }
+
+    /// The queues run on a backend now; a later crash resumes them at the used index.
+    fn queues_started(&mut self) {
+        self.fresh_activation = false;
+    }
+
+    /// The guest reset the device: no activation is pending any more.
+    fn device_reset(&mut self) {
+        self.fresh_activation = false;
+    }
+
+    /// Records a config write of `[start, end)` for the restored backend.
+    fn config_written(&mut self, start: usize, end: usize) {
+        self.unsent_config = Some(match self.unsent_config {
+            Some((s, e)) => (s.min(start), e.max(end)),
+            None => (start, end),
+        });
+    }
+}
+
 /// One device's vhost-user frontend.
 pub struct VhostUserDevice {
     spec: DeviceSpec,
@@ -201,6 +254,9 @@ pub struct VhostUserDevice {
     disconnected: bool,
     acked_features: u64,
     active_queues: Vec<QueueConfig>,
+    /// A warning that the mapping check could not be made was logged (once is enough).
+    maps_warned: bool,
+    restore: Restore,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -212,6 +268,7 @@ impl std::fmt::Debug for VhostUserDevice {
             .field("started", &self.started)
             .field("activated", &self.activated)
             .field("disconnected", &self.disconnected)
+            .field("restore", &self.restore)
             .finish_non_exhaustive()
     }
 }
@@ -315,6 +372,12 @@ impl VhostUserDevice {
         frontend: Frontend,
         memory: GuestMemoryMmap,
     ) -> Result<Self, FrontendError> {
+        if let Err(error) = backend_maps::register_zone_memory(&memory) {
+            log::warn!(
+                "{}: cannot examine zone RAM's fds, so how backends map it is not checked: {error}",
+                spec.label
+            );
+        }
         let config_changed = Arc::new(ConfigChanged::default());
         let n = negotiate(&spec, frontend, &config_changed)?;
         let queues = usize::from(spec.num_queues);
@@ -342,6 +405,8 @@ impl VhostUserDevice {
             disconnected: false,
             acked_features: 0,
             active_queues: Vec::new(),
+            maps_warned: false,
+            restore: Restore::default(),
         })
     }
 
@@ -349,7 +414,9 @@ impl VhostUserDevice {
     /// protocol features and config on connect, then, if the guest had activated the device,
     /// features, memory table and every started vring with its base at the guest's used
     /// index, and one kick per queue. Requests after that index are executed again, which is
-    /// what a backend that completes each queue in order needs.
+    /// what a backend that completes each queue in order needs. An activation deferred during
+    /// the restore starts its queues at 0 instead. Config bytes the guest wrote meanwhile are
+    /// sent to the new backend first.
     pub fn reattach(&mut self, frontend: Frontend) -> Result<(), FrontendError> {
         let n = negotiate(&self.spec, frontend, &self.config_changed)?;
         let old_features = self.backend_features;
@@ -357,12 +424,24 @@ impl VhostUserDevice {
         self.backend_features = n.backend_features;
         self.protocol = n.protocol;
         self.backend_req = n.backend_req;
-        if n.config != self.config {
+        let mut config = n.config;
+        if let Some((start, end)) = self.restore.unsent_config {
+            if let Some(written) = self.config.get(start..end) {
+                self.frontend
+                    .set_config(start as u32, VhostUserConfigFlags::WRITABLE, written)
+                    .map_err(request("SET_CONFIG"))?;
+                if let Some(fresh) = config.get_mut(start..end) {
+                    fresh.copy_from_slice(written);
+                }
+            }
+            self.restore.unsent_config = None;
+        }
+        if config != self.config {
             log::warn!(
                 "{}: the restarted backend reports a different config",
                 self.spec.label
             );
-            self.config = n.config;
+            self.config = config;
         }
         self.disconnected = false;
         if !self.activated {
@@ -376,9 +455,19 @@ impl VhostUserDevice {
             });
         }
         let queues = std::mem::take(&mut self.active_queues);
-        let result = self.start_all(acked, &queues, true);
+        let resume = self.restore.resumes_at_used_index();
+        let result = self.start_all(acked, &queues, resume);
         self.active_queues = queues;
-        result
+        result?;
+        if !resume {
+            log::info!(
+                "{}: deferred activation completed with features {:#x}",
+                self.spec.label,
+                acked
+            );
+        }
+        self.restore.queues_started();
+        Ok(())
     }
 
     /// The guest's used index of `queue`: where a restarted backend resumes.
@@ -464,7 +553,8 @@ impl VhostUserDevice {
         Ok(())
     }
 
-    /// The backend hung up: every later activation fails until the device is recreated.
+    /// The backend hung up: a later activation fails unless a restore is under way (see
+    /// [`Self::begin_restore`]).
     pub fn mark_disconnected(&mut self) {
         // `activated` and the saved queues stay: they are what a reconnect replays.
         self.disconnected = true;
@@ -474,6 +564,17 @@ impl VhostUserDevice {
     /// True once the backend hung up.
     pub fn is_disconnected(&self) -> bool {
         self.disconnected
+    }
+
+    /// The event loop is bringing the backend back: until [`Self::end_restore`], a DRIVER_OK
+    /// waits for [`Self::reattach`] instead of failing, and config writes are kept for it.
+    pub fn begin_restore(&mut self) {
+        self.restore.under_way = true;
+    }
+
+    /// The restore is over, whether or not a backend came back.
+    pub fn end_restore(&mut self) {
+        self.restore.under_way = false;
     }
 
     fn memory_table(&self) -> Result<Vec<VhostUserMemoryRegionInfo>, FrontendError> {
@@ -564,7 +665,15 @@ impl VhostUserDevice {
 
     fn try_activate(&mut self, acked: u64, queues: &[QueueConfig]) -> Result<(), FrontendError> {
         if self.disconnected {
-            return Err(FrontendError::Disconnected);
+            if !self.restore.defer_activation() {
+                return Err(FrontendError::Disconnected);
+            }
+            // What `reattach` replays; the transport sees a device that runs, and the kicks
+            // wait in the eventfds the bridge owns.
+            self.acked_features = acked;
+            self.active_queues = queues.iter().filter(|q| q.ready).copied().collect();
+            self.activated = true;
+            return Ok(());
         }
         self.start_all(acked, queues, false)?;
         self.acked_features = acked;
@@ -593,6 +702,7 @@ impl VhostUserDevice {
             .set_mem_table(&table)
             .map_err(request("SET_MEM_TABLE"))?;
         self.started.iter_mut().for_each(|s| *s = false);
+        self.check_backend_mappings()?;
         for q in queues.iter().filter(|q| q.ready) {
             let base = if resume { self.used_index(q)? } else { 0 };
             self.start_queue(q, base)?;
@@ -614,8 +724,42 @@ impl VhostUserDevice {
         Ok(())
     }
 
+    /// Refuses a backend that mapped more than zone RAM (see [`backend_maps`]), before any
+    /// vring lets it touch guest memory. The backend must have applied SET_MEM_TABLE: with
+    /// REPLY_ACK its reply says so, otherwise the reply to a later request does.
+    fn check_backend_mappings(&mut self) -> Result<(), FrontendError> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            self.frontend
+                .get_features()
+                .map_err(request("GET_FEATURES"))?;
+        }
+        let problem = match backend_maps::check_backend(self.socket_fd()) {
+            Err(stray) => return Err(FrontendError::StrayMapping(stray)),
+            Ok(Checked::Clean { pid, mappings: 0 }) => format!(
+                "backend process {pid} shows no mapping of guest memory, so how it maps \
+                 memory cannot be checked"
+            ),
+            Ok(Checked::Clean { pid, mappings }) => {
+                log::info!(
+                    "{}: backend process {pid} maps guest memory only inside zone RAM \
+                     ({mappings} mappings)",
+                    self.spec.label
+                );
+                return Ok(());
+            }
+            Ok(Checked::Skipped(error)) => {
+                format!("cannot check how the backend maps guest memory: {error}")
+            }
+        };
+        if !std::mem::replace(&mut self.maps_warned, true) {
+            log::warn!("{}: {problem}", self.spec.label);
+        }
+        Ok(())
+    }
+
     fn try_reset(&mut self) -> Result<(), FrontendError> {
         self.active_queues.clear();
+        self.restore.device_reset();
         if self.disconnected {
             // Nothing to tell a backend that is gone; the next one starts from scratch.
             self.started.iter_mut().for_each(|s| *s = false);
@@ -697,6 +841,15 @@ impl VirtioBackend for VhostUserDevice {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(BackendError::new("backend has no CONFIG protocol feature"));
         }
+        if self.disconnected {
+            if !self.restore.under_way {
+                return Err(BackendError::from_error(FrontendError::Disconnected));
+            }
+            // Nothing to send to: the restored backend gets the bytes.
+            self.restore.config_written(offset, end);
+            self.config[offset..end].copy_from_slice(data);
+            return Ok(());
+        }
         self.frontend
             .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
             .map_err(|e| BackendError::from_error(request("SET_CONFIG")(e)))?;
@@ -712,6 +865,15 @@ impl VirtioBackend for VhostUserDevice {
         let started = Instant::now();
         self.try_activate(acked_features, queues)
             .map_err(BackendError::from_error)?;
+        if self.disconnected {
+            log::info!(
+                "{}: DRIVER_OK while the backend is being restored; activation with features \
+                 {:#x} deferred until it is back",
+                self.spec.label,
+                acked_features
+            );
+            return Ok(());
+        }
         log::info!(
             "{}: activated with features {:#x} in {:?}",
             self.spec.label,
@@ -733,5 +895,50 @@ impl VirtioBackend for VhostUserDevice {
             // then plenty of pending kicks already.
             let _ = kick.write(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Restore;
+
+    #[test]
+    fn an_activation_deferred_during_a_restore_starts_its_queues_at_0() {
+        let mut restore = Restore {
+            under_way: true,
+            ..Restore::default()
+        };
+        assert!(restore.defer_activation());
+        restore.under_way = false;
+        assert!(!restore.resumes_at_used_index());
+        // Once running on a backend, a later crash resumes where the guest left the queues.
+        restore.queues_started();
+        assert!(restore.resumes_at_used_index());
+    }
+
+    #[test]
+    fn a_reset_while_an_activation_is_deferred_cancels_it() {
+        let mut restore = Restore {
+            under_way: true,
+            ..Restore::default()
+        };
+        assert!(restore.defer_activation());
+        restore.device_reset();
+        assert!(restore.resumes_at_used_index());
+    }
+
+    #[test]
+    fn an_activation_with_no_restore_under_way_is_not_deferred() {
+        let mut restore = Restore::default();
+        assert!(!restore.defer_activation());
+        assert!(restore.resumes_at_used_index());
+    }
+
+    #[test]
+    fn config_writes_during_a_restore_are_kept_as_one_range() {
+        let mut restore = Restore::default();
+        restore.config_written(0x20, 0x21);
+        restore.config_written(0x10, 0x14);
+        assert_eq!(restore.unsent_config, Some((0x10, 0x21)));
     }
 }

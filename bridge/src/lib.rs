@@ -17,6 +17,7 @@ use std::time::Duration;
 use hvisor_hsm::Hsm;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
+pub mod backend_maps;
 pub mod config;
 pub mod event_loop;
 pub mod frontend;

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use hvisor_bridge::config::Config;
+use hvisor_bridge::config::{Config, ConfigError};
 use hvisor_bridge::event_loop::LoopOptions;
 use hvisor_bridge::supervisor::BackendPrograms;
 use hvisor_bridge::BridgeOptions;
-use hvisor_hsm::{DevHvisor, Hsm, ProviderHsm};
+use hvisor_hsm::{DevHvisor, Hsm, HvisorAbi, ProviderHsm};
 
 /// hvisor virtio-mmio to vhost-user bridge.
 #[derive(Debug, Parser)]
@@ -54,6 +54,19 @@ struct Args {
     /// Seconds to keep trying to restore a backend that died before failing its device.
     #[arg(long, default_value_t = 30)]
     reconnect_timeout_s: u64,
+    /// Write the bridge's pid to this file once every device is ready to serve (and log
+    /// "ready" at that moment); removed when the bridge exits. Start zones after it appears.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Ask the hypervisor which zones run at most this often (only while idle), and reset the
+    /// devices of a zone that shut down. 0: never ask.
+    #[arg(long, default_value_t = 1000)]
+    zone_poll_ms: u64,
+    /// The hvisor build's bridge-page limits, MAX_REQ/MAX_DEVS/MAX_CPUS (e.g. 32/8/32, the
+    /// default, or 32/4/32). They size the ring and bound the devices and pending IRQs a
+    /// config may have.
+    #[arg(long)]
+    hvisor_abi: Option<HvisorAbi>,
     /// Validate the config, print a summary and exit.
     #[arg(long)]
     check: bool,
@@ -72,19 +85,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let config = Config::from_file(&args.config)?;
-    for (zone, dev) in config.devices() {
-        log::info!(
-            "zone {}: {} irq {} queues {}x{} backend {:?}",
-            zone.id,
-            dev.label(),
-            dev.irq,
-            dev.num_queues,
-            dev.queue_size,
-            dev.backend
-        );
-    }
     if args.check {
+        // `--check` never touches the hypervisor device.
+        let config = load_config(&args.config, args.hvisor_abi.unwrap_or_default())?;
         println!(
             "{}: {} zones, {} devices: OK",
             args.config.display(),
@@ -96,17 +99,46 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Block the stop signals before any thread or child exists, and read them from a signalfd
     // inside the event loop.
     let signals = block_stop_signals()?;
+    // The HSM is opened (INIT_VIRTIO on /dev/hvisor) before the config is read, as
+    // hvisor-tool's daemon does: the usual start order is `bridge &` then `hvisor zone
+    // start`, and a zone's first virtio access panics hvisor ("VirtioBridge not enabled") when
+    // no daemon ever did INIT_VIRTIO. With the bridge page in place, a config the bridge
+    // rejects leaves the zone waiting for a daemon instead.
+    //
+    // The event loop must run on this thread, the one that opens /dev/hvisor: an hvisor.ko
+    // without SET_EVENTFD wakes the daemon with a signal directed at the thread that did
+    // INIT_VIRTIO.
     let (hsm, control): (Arc<dyn Hsm>, Option<Arc<ProviderHsm>>) = match &args.hsm_socket {
         Some(socket) => {
             let provider = Arc::new(ProviderHsm::connect(socket)?);
-            log::info!("HSM: provider at {}", socket.display());
+            log::info!(
+                "HSM: provider at {} connected; reading the config next",
+                socket.display()
+            );
             (provider.clone(), Some(provider))
         }
         None => {
-            log::info!("HSM: {}", args.hsm_dev.display());
-            (Arc::new(DevHvisor::open(&args.hsm_dev)?), None)
+            let dev = DevHvisor::open_abi(&args.hsm_dev, args.hvisor_abi)?;
+            log::info!(
+                "HSM: {} initialised (INIT_VIRTIO); reading the config next",
+                args.hsm_dev.display()
+            );
+            (Arc::new(dev), None)
         }
     };
+    // The limits of the page the HSM mapped: what was stated, or what hvisor implies.
+    let abi = hsm.bridge().abi();
+    if let Some(stated) = args.hvisor_abi.filter(|&stated| stated != abi) {
+        return Err(
+            format!("--hvisor-abi {stated} was stated, but the HSM's page is {abi}").into(),
+        );
+    }
+    let config = load_config(&args.config, abi).inspect_err(|_| {
+        log::error!(
+            "the config was rejected after the HSM was initialised: zones wait for a daemon \
+             instead of faulting; fix the config and start the bridge again"
+        );
+    })?;
     let runtime_dir = args.runtime_dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("hvisor-vhost-{}", std::process::id()))
     });
@@ -124,35 +156,106 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         loop_options: LoopOptions {
             spin: Duration::from_micros(args.spin_us),
             guard_timeout: Duration::from_millis(args.guard_timeout_ms.max(1)),
+            zone_poll: (args.zone_poll_ms > 0).then(|| Duration::from_millis(args.zone_poll_ms)),
         },
     };
     let control_fd: Option<BorrowedFd<'_>> = control.as_deref().map(|c| c.control_fd());
     let mut running =
         hvisor_bridge::build(&config, hsm, &options, Some(signals.as_fd()), control_fd)?;
-    log::info!("serving {} devices", running.bridge.devices().len());
+    // Every backend is started and negotiated and the loop is built: requests that arrive
+    // from now on are served (those queued meanwhile are drained when the loop starts).
+    let _pid_file = args.pid_file.as_deref().map(PidFile::create).transpose()?;
+    log::info!(
+        "ready: serving {} devices{}",
+        running.bridge.devices().len(),
+        args.pid_file
+            .as_ref()
+            .map(|p| format!("; pid file {}", p.display()))
+            .unwrap_or_default()
+    );
     let stats = loop {
         let stats = running.bridge.run()?;
         if !running.bridge.reload_requested() {
             break stats;
         }
-        report_config_changes(&args.config, &config);
+        report_config_changes(&args.config, &config, abi);
     };
     log::info!(
-        "stopping: {} requests, {} interrupts, {} sleeps, {} guard wakeups",
+        "stopping: {} requests, {} interrupts, {} sleeps, {} guard wakeups, {} zone resets",
         stats.requests,
         stats.interrupts,
         stats.sleeps,
-        stats.guard_wakeups
+        stats.guard_wakeups,
+        stats.zone_resets
     );
     drop(running);
     let _ = std::fs::remove_dir(&runtime_dir);
     Ok(())
 }
 
+/// The `--pid-file`, removed when dropped.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    /// Writes our pid atomically: a reader never sees a partial file.
+    fn create(path: &std::path::Path) -> Result<PidFile, PidFileError> {
+        let err = |source| PidFileError {
+            path: path.to_owned(),
+            source,
+        };
+        let name = path
+            .file_name()
+            .ok_or_else(|| err(std::io::ErrorKind::InvalidInput.into()))?;
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(name);
+        temp_name.push(format!(".{}.tmp", std::process::id()));
+        let temp = path.with_file_name(temp_name);
+        std::fs::write(&temp, format!("{}\n", std::process::id()))
+            .and_then(|()| std::fs::rename(&temp, path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&temp);
+                err(e)
+            })?;
+        Ok(PidFile(path.to_owned()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The pid file could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the pid file {}", path.display())]
+struct PidFileError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Parses and validates the config and logs its devices.
+fn load_config(path: &std::path::Path, abi: HvisorAbi) -> Result<Config, ConfigError> {
+    let config = Config::from_file_for(path, abi)?;
+    for (zone, dev) in config.devices() {
+        log::info!(
+            "zone {}: {} irq {} queues {}x{} backend {:?}",
+            zone.id,
+            dev.label(),
+            dev.irq,
+            dev.num_queues,
+            dev.queue_size,
+            dev.backend
+        );
+    }
+    Ok(config)
+}
+
 /// SIGHUP: re-reads the config and says what would change. Devices are not hot-plugged:
 /// applying a change needs a bridge restart.
-fn report_config_changes(path: &std::path::Path, running: &Config) {
-    let new = match Config::from_file(path) {
+fn report_config_changes(path: &std::path::Path, running: &Config, abi: HvisorAbi) {
+    let new = match Config::from_file_for(path, abi) {
         Ok(new) => new,
         Err(e) => {
             log::warn!(

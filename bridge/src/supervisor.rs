@@ -2,8 +2,11 @@
 //! (`"img": ...` spawns `vhost-user-blk`), and stops them when the bridge exits.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::config::{BackendSpec, DeviceConfig};
@@ -57,8 +60,14 @@ impl SpawnedBackend {
 
 impl Drop for SpawnedBackend {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            // Already reaped: its pid may belong to another process by now.
+            let _ = std::fs::remove_file(&self.socket);
+            return;
+        }
         // SIGTERM lets the backend flush; SIGKILL only if it does not exit in time.
-        // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
+        // SAFETY: kill(2) on our own child, not reaped yet (checked above), so the pid is
+        // still ours; no memory is touched.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -196,9 +205,29 @@ impl Supervisor {
         cmd.arg("--socket-path")
             .arg(&socket)
             .args(&args)
-            .stdin(Stdio::null());
-        let child = cmd
-            .spawn()
+            .stdin(Stdio::null())
+            // Its own process group: a signal to the bridge's group (Ctrl-C, `kill %1`, a
+            // service manager) must reach the bridge alone, which then stops its backends
+            // itself; a backend killed by it would otherwise be restarted by the bridge.
+            .process_group(0);
+        let bridge_pid = std::process::id();
+        // SAFETY: the closure runs in the child between fork and exec and only makes
+        // async-signal-safe system calls (prctl, getppid), allocating nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The backend must not outlive a bridge that is killed (SIGKILL, OOM, a
+                // panic): no Drop runs then.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The bridge may have died before the prctl took effect.
+                if libc::getppid() as u32 != bridge_pid {
+                    return Err(std::io::ErrorKind::BrokenPipe.into());
+                }
+                Ok(())
+            });
+        }
+        let child = spawn_from_spawner(cmd)
             .map_err(|e| SupervisorError::Spawn(program.to_path_buf(), e))?;
         let mut backend = SpawnedBackend {
             child,
@@ -238,4 +267,39 @@ impl Supervisor {
         }
         Ok(())
     }
+}
+
+/// A spawn request for the spawner thread: the command and where to send the child.
+type SpawnRequest = (Command, Sender<std::io::Result<Child>>);
+
+/// Forks `cmd` from one thread that lives as long as the bridge process.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the process:
+/// a backend forked by a short-lived reconnect thread would get its SIGTERM as soon as that
+/// thread ended. The spawner thread never returns (its request sender lives in a static), so
+/// the signal comes only when the whole bridge exits.
+fn spawn_from_spawner(cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Option<Sender<SpawnRequest>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = channel::<SpawnRequest>();
+        let started = std::thread::Builder::new()
+            .name("spawner".into())
+            .spawn(move || {
+                while let Ok((mut cmd, reply)) = rx.recv() {
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        match started {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                log::error!("cannot start the backend spawner thread: {e}");
+                None
+            }
+        }
+    });
+    let unavailable = || std::io::Error::other("the backend spawner thread is not running");
+    let spawner = spawner.as_ref().ok_or_else(unavailable)?;
+    let (reply_tx, reply_rx) = channel();
+    spawner.send((cmd, reply_tx)).map_err(|_| unavailable())?;
+    reply_rx.recv().map_err(|_| unavailable())?
 }

@@ -173,6 +173,98 @@ fn missing_hvisor_device_is_a_clear_error() {
     );
 }
 
+/// A stand-in for hvisor's side: a provider socket that hands over a bridge page, the two
+/// eventfds and no RAM, and reports on `handed` once a bridge has taken them.
+fn fake_provider(
+    dir: &TempDir,
+) -> (
+    PathBuf,
+    std::sync::mpsc::Receiver<()>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixListener;
+    use vmm_sys_util::eventfd::EventFd;
+
+    let socket = dir.0.join("hsm.sock");
+    let listener = UnixListener::bind(&socket).expect("bind provider socket");
+    let page = dir.write("bridge-page", &"\0".repeat(4096));
+    let (handed, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let page = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(page)
+            .expect("open bridge page");
+        let wakeup = EventFd::new(0).expect("eventfd");
+        let finish = EventFd::new(0).expect("eventfd");
+        let (stream, _) = listener.accept().expect("accept");
+        // SAFETY: both eventfds outlive the borrows, which end with this scope.
+        let (wakeup_fd, finish_fd) = unsafe {
+            use std::os::fd::{AsRawFd, BorrowedFd};
+            (
+                BorrowedFd::borrow_raw(wakeup.as_raw_fd()),
+                BorrowedFd::borrow_raw(finish.as_raw_fd()),
+            )
+        };
+        let handover = hvisor_hsm::provider::Handover {
+            bridge: (page.as_fd(), 0),
+            wakeup: wakeup_fd,
+            finish: finish_fd,
+            regions: Vec::new(),
+        };
+        hvisor_hsm::provider::send_handover(&stream, &handover).expect("handover");
+        let _ = handed.send(());
+        // Hold the connection until the bridge leaves.
+        let _ = std::io::Read::read(&mut &stream, &mut [0u8; 1]);
+    });
+    (socket, rx, thread)
+}
+
+#[test]
+fn hsm_is_initialised_before_a_rejected_config_is_read() {
+    // On a board, INIT_VIRTIO must happen even when the config is then refused: a zone whose
+    // first virtio access finds no bridge page panics hvisor.
+    let dir = TempDir::new("order");
+    let config = dir.write("virtio_cfg.json", &one_zone(DISK0)); // disk.img is missing
+    let (socket, handed, provider) = fake_provider(&dir);
+    let out = run(&[
+        "-c",
+        config.to_str().unwrap(),
+        "--hsm-socket",
+        socket.to_str().unwrap(),
+        "--runtime-dir",
+        dir.0.join("run").to_str().unwrap(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // The bridge waits for the handover once connected, so a bridge that exited having
+    // connected has taken it.
+    assert!(
+        handed.try_recv().is_ok(),
+        "the bridge exited without initialising the HSM: {stderr}"
+    );
+    provider.join().unwrap();
+    let opened = stderr.find("HSM: provider at").expect("HSM log line");
+    let rejected = stderr.find("field `img`").expect("config error");
+    assert!(opened < rejected, "{stderr}");
+}
+
+#[test]
+fn check_never_opens_the_hsm() {
+    let dir = TempDir::new("checkdev");
+    dir.write("disk.img", "");
+    let config = dir.write("virtio_cfg.json", &one_zone(DISK0));
+    let out = run(&[
+        "--check",
+        "-c",
+        config.to_str().unwrap(),
+        "--hsm-dev",
+        "/nonexistent/hvisor",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 /// The `img` values of a config, wherever they are.
 fn image_paths(config: &Value) -> Vec<String> {
     let mut images = Vec::new();
