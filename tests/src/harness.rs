@@ -5,13 +5,13 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hvisor_bridge::config::Config;
 use hvisor_hsm::sim::ProviderServer;
-use hvisor_hsm::{SimHypervisor, SimRam, SimRegion, SimVcpu, SimZoneSpec};
+use hvisor_hsm::{SimHypervisor, SimOptions, SimRam, SimRegion, SimVcpu, SimZoneSpec};
 
 use crate::blk_backend::BlkBackend;
 use crate::driver::{GuestMemory, Interrupts, MmioBus};
@@ -128,27 +128,66 @@ impl GuestMemory for Ram {
 }
 
 /// One device's interrupt line, delivered by the simulator's result-ring drain.
+///
+/// It counts the completions drivers report published without an interrupt (lost
+/// interrupts, see [`Interrupts::lost`]); clones share the count, and the lines of a
+/// [`SimBridge`] share the bridge's.
 #[derive(Debug, Clone)]
 pub struct Irq {
     sim: Arc<SimHypervisor>,
     zone: u32,
     irq: u32,
+    lost: Arc<AtomicU64>,
+    swallow: Arc<AtomicU32>,
 }
 
 impl Irq {
-    /// The line `irq` of `zone`.
+    /// The line `irq` of `zone`, with a count of its own.
     pub fn new(sim: &Arc<SimHypervisor>, zone: u32, irq: u32) -> Irq {
+        Irq::counted_in(sim, zone, irq, Arc::new(AtomicU64::new(0)))
+    }
+
+    fn counted_in(sim: &Arc<SimHypervisor>, zone: u32, irq: u32, lost: Arc<AtomicU64>) -> Irq {
         Irq {
             sim: Arc::clone(sim),
             zone,
             irq,
+            lost,
+            swallow: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// Completions reported without an interrupt on every line sharing this one's count.
+    pub fn lost_interrupts(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Makes the guest miss the next `count` deliveries on this line, as if the hypervisor
+    /// had dropped them: it checks that a lost interrupt is seen, and by the right tests.
+    pub fn swallow_next(&self, count: u32) {
+        self.swallow.fetch_add(count, Ordering::Relaxed);
     }
 }
 
 impl Interrupts for Irq {
     fn wait(&self, timeout: Duration) -> bool {
-        self.sim.wait_irq(self.zone, self.irq, timeout)
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !self.sim.wait_irq(self.zone, self.irq, left) {
+                return false;
+            }
+            let swallowed = self
+                .swallow
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            if swallowed.is_err() {
+                return true;
+            }
+        }
+    }
+
+    fn lost(&self, completions: u64) {
+        self.lost.fetch_add(completions, Ordering::Relaxed);
     }
 }
 
@@ -236,11 +275,16 @@ pub struct SimBridge {
     _server: ProviderServer,
     /// Scratch directory: config, sockets, images.
     pub dir: Arc<TempDir>,
+    /// Shared by the lines [`SimBridge::irq`] hands out.
+    lost_interrupts: Arc<AtomicU64>,
+    /// Why this test may see lost interrupts, if it may.
+    lost_interrupts_allowed: Option<&'static str>,
 }
 
 impl SimBridge {
     /// Writes `config_json` into `dir`, starts the simulator from it and the bridge on it.
-    /// `extra_args` go to the bridge (e.g. `--spin-us 0`).
+    /// `extra_args` go to the bridge (e.g. `--spin-us 0`; a `--blk-backend` of its own replaces
+    /// our `vhost-user-blk`).
     pub fn start(dir: Arc<TempDir>, config_json: &str, extra_args: &[&str]) -> SimBridge {
         SimBridge::start_with(dir, config_json, extra_args, None)
     }
@@ -255,10 +299,25 @@ impl SimBridge {
         extra_args: &[&str],
         stderr: Option<File>,
     ) -> SimBridge {
+        let options = SimOptions::from_env().expect("simulator options");
+        SimBridge::start_with_options(dir, config_json, extra_args, stderr, options)
+    }
+
+    /// [`SimBridge::start_with`] with the simulator in `options` whatever the environment
+    /// says: for a test that needs one mode (the environment is process-wide, and tests
+    /// run in parallel threads).
+    pub fn start_with_options(
+        dir: Arc<TempDir>,
+        config_json: &str,
+        extra_args: &[&str],
+        stderr: Option<File>,
+        options: SimOptions,
+    ) -> SimBridge {
         let config_path = dir.path().join("virtio_cfg.json");
         std::fs::write(&config_path, config_json).expect("write config");
         let config = Config::from_file(&config_path).unwrap_or_else(|e| panic!("test config: {e}"));
-        let sim = SimHypervisor::new(sim_zones(&config)).expect("simulated hypervisor");
+        let sim =
+            SimHypervisor::with_options(sim_zones(&config), options).expect("simulated hypervisor");
         let socket = dir.path().join("hsm.sock");
         let server = sim.serve(&socket).expect("provider socket");
         let mut cmd = Command::new(bin_path("hvisor-vhost-bridge"));
@@ -267,10 +326,12 @@ impl SimBridge {
             .arg("--hsm-socket")
             .arg(&socket)
             .arg("--runtime-dir")
-            .arg(dir.path().join("run"))
-            .arg("--blk-backend")
-            .arg(bin_path("vhost-user-blk"))
-            .args(extra_args);
+            .arg(dir.path().join("run"));
+        // A test may name its own blk backend, e.g. a wrapper that adds options.
+        if !extra_args.contains(&"--blk-backend") {
+            cmd.arg("--blk-backend").arg(bin_path("vhost-user-blk"));
+        }
+        cmd.args(extra_args);
         if let Some(file) = stderr {
             cmd.env("RUST_LOG", "info").stderr(file);
         }
@@ -282,6 +343,8 @@ impl SimBridge {
             extra: Vec::new(),
             _server: server,
             dir,
+            lost_interrupts: Arc::new(AtomicU64::new(0)),
+            lost_interrupts_allowed: None,
         }
     }
 
@@ -310,10 +373,67 @@ impl SimBridge {
         Ram(self.sim.ram(zone))
     }
 
-    /// The interrupt line `irq` of `zone`.
+    /// The interrupt line `irq` of `zone`; its lost interrupts count in
+    /// [`SimBridge::lost_interrupts`].
     pub fn irq(&self, zone: u32, irq: u32) -> Irq {
-        Irq::new(&self.sim, zone, irq)
+        Irq::counted_in(&self.sim, zone, irq, Arc::clone(&self.lost_interrupts))
     }
+
+    /// Completions the drivers on this bridge's lines found without their interrupt.
+    pub fn lost_interrupts(&self) -> u64 {
+        self.lost_interrupts.load(Ordering::Relaxed)
+    }
+
+    /// Lets this test end with lost interrupts; `why` says what in the scenario may
+    /// legitimately lose one. Otherwise dropping the bridge fails the test if any was lost.
+    pub fn allow_lost_interrupts(&mut self, why: &'static str) {
+        self.lost_interrupts_allowed = Some(why);
+    }
+}
+
+impl Drop for SimBridge {
+    /// Every end-to-end test on a [`SimBridge`] checks, at its end, that no interrupt was
+    /// lost: drivers go on after one (they poll once their wait times out), so only this
+    /// count shows it, and a Linux guest would have hung.
+    fn drop(&mut self) {
+        let lost = self.lost_interrupts();
+        if lost == 0 || std::thread::panicking() {
+            return;
+        }
+        match self.lost_interrupts_allowed {
+            Some(why) => log::warn!("{lost} lost interrupt(s), allowed: {why}"),
+            None => panic!(
+                "{lost} completion(s) came without their interrupt (lost interrupts): a Linux \
+                 guest would have hung"
+            ),
+        }
+    }
+}
+
+/// Live (not zombie) children of process `parent`, from any of its threads, whose command
+/// line contains `program`.
+pub fn children_running(parent: u32, program: &str) -> Vec<u32> {
+    // A process forks from any thread: read every thread's children.
+    let children: String = std::fs::read_dir(format!("/proc/{parent}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .collect::<Vec<_>>()
+        .join(" ");
+    children
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.contains(program))
+        })
+        .filter(|pid| {
+            // A killed child stays a zombie until its parent reaps it.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+        })
+        .collect()
 }
 
 /// A file of `size` bytes filled with a deterministic pattern, for images.

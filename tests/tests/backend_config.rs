@@ -99,8 +99,13 @@ fn a_resize_pushed_by_the_backend_reaches_the_guest() {
         .open(dir.path().join("disk.img"))
         .unwrap();
     image.set_len(DISK_SIZE * 2).unwrap();
-    let children =
-        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", sb.bridge.pid())).unwrap();
+    // The bridge forks its backends from a dedicated thread: read every thread's children.
+    let children: String = std::fs::read_dir(format!("/proc/{}/task", sb.bridge.pid()))
+        .unwrap()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .collect::<Vec<_>>()
+        .join(" ");
     let backend: i32 = children
         .split_whitespace()
         .next()

@@ -68,6 +68,7 @@ fn bridge_library_serves_an_in_process_simulated_zone() {
             let mut back = vec![0u8; data.len()];
             assert_eq!(blk.read(64, &mut back).unwrap(), BlkStatus::Ok);
             assert_eq!(back, data);
+            assert_eq!(irq.lost_interrupts(), 0, "an interrupt was lost");
         }
         stop.write(1).unwrap();
         let stats = bridge.join().unwrap();

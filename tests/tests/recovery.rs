@@ -22,8 +22,14 @@ const KILLS: usize = 20;
 
 /// Backend processes the bridge started: its children running vhost-user-blk.
 fn backend_pids(bridge: u32) -> Vec<u32> {
-    let children = std::fs::read_to_string(format!("/proc/{bridge}/task/{bridge}/children"))
-        .unwrap_or_default();
+    // The bridge forks its backends from a dedicated thread: read every thread's children.
+    let children: String = std::fs::read_dir(format!("/proc/{bridge}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .collect::<Vec<_>>()
+        .join(" ");
     children
         .split_whitespace()
         .filter_map(|p| p.parse().ok())

@@ -135,6 +135,10 @@ pub struct DeviceState {
     pub interrupt_status: u32,
     /// Interrupt deliveries not yet consumed by `Interrupts::wait`.
     pub deliveries: u32,
+    /// Raise this many more interrupts without delivering them (a lost interrupt).
+    pub swallow_deliveries: u32,
+    /// Completions the driver reported through `Interrupts::lost`.
+    pub reported_lost: u64,
     pub config: Vec<u8>,
     pub generation: u32,
     /// Bump the generation on this many more ConfigGeneration reads.
@@ -193,6 +197,8 @@ impl FakeBlk {
                 ],
                 interrupt_status: 0,
                 deliveries: 0,
+                swallow_deliveries: 0,
+                reported_lost: 0,
                 config,
                 generation: 0,
                 generation_churn: 0,
@@ -243,7 +249,11 @@ impl DeviceState {
     fn raise(&mut self, bits: u32) {
         // A level line: one delivery per rising edge, as the bridge coalesces.
         if self.interrupt_status == 0 {
-            self.deliveries += 1;
+            if self.swallow_deliveries > 0 {
+                self.swallow_deliveries -= 1;
+            } else {
+                self.deliveries += 1;
+            }
         }
         self.interrupt_status |= bits;
     }
@@ -574,5 +584,9 @@ impl Interrupts for FakeBlk {
         }
         state.deliveries -= 1;
         true
+    }
+
+    fn lost(&self, completions: u64) {
+        self.state().reported_lost += completions;
     }
 }

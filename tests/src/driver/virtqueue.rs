@@ -177,6 +177,9 @@ pub struct SplitQueue<'a, M: GuestMemory> {
     chains_in_flight: u16,
     avail_idx: u16,
     last_used: u16,
+    /// The device's used index when the driver last took an interrupt (or accounted for a
+    /// lost one): entries up to it were announced.
+    announced_used: u16,
     /// Buffers made available since the last `kick_needed`.
     num_added: u32,
     event_idx: bool,
@@ -225,6 +228,7 @@ impl<'a, M: GuestMemory> SplitQueue<'a, M> {
             chains_in_flight: 0,
             avail_idx: 0,
             last_used: 0,
+            announced_used: 0,
             num_added: 0,
             event_idx: false,
             broken: false,
@@ -496,6 +500,29 @@ impl<'a, M: GuestMemory> SplitQueue<'a, M> {
             vring_need_event(self.read_u16(self.avail_event_addr()), new, old)
         } else {
             self.read_u16(self.memory.device) & VRING_USED_F_NO_NOTIFY == 0
+        }
+    }
+
+    /// Records that the driver took an interrupt (or accounted for a lost one): every used
+    /// entry published so far has been announced.
+    pub fn note_interrupt(&mut self) {
+        // The index must be read after the interrupt that announced it.
+        fence(Ordering::Acquire);
+        self.announced_used = self.read_u16(self.memory.device + 2);
+    }
+
+    /// Used entries not taken yet that the device published after the driver last took an
+    /// interrupt: if a wait for one times out, the device never announced them.
+    pub fn unannounced_used(&self) -> u16 {
+        let pending = self
+            .read_u16(self.memory.device + 2)
+            .wrapping_sub(self.last_used);
+        let announced = self.announced_used.wrapping_sub(self.last_used);
+        // `announced` wraps past `pending` once the driver took every announced entry.
+        if announced <= pending {
+            pending - announced
+        } else {
+            pending
         }
     }
 
@@ -872,6 +899,33 @@ mod tests {
         assert_eq!(mem.read_u16(used_event), 1);
         queue.set_used_event(9);
         assert_eq!(mem.read_u16(used_event), 9);
+    }
+
+    #[test]
+    fn used_entries_published_after_the_last_interrupt_are_unannounced() {
+        let mem = ram();
+        let mut queue = queue(&mem, 4);
+        let heads: Vec<u16> = (0..3)
+            .map(|_| queue.add_chain(&[BufferSegment::writable(0, 4)]).unwrap())
+            .collect();
+        complete(&mem, &queue, u32::from(heads[0]), 4);
+        assert_eq!(queue.unannounced_used(), 1);
+        queue.note_interrupt();
+        assert_eq!(queue.unannounced_used(), 0, "announced, not yet taken");
+        complete(&mem, &queue, u32::from(heads[1]), 4);
+        assert_eq!(
+            queue.unannounced_used(),
+            1,
+            "only the entry after the interrupt"
+        );
+        queue.pop_used().unwrap();
+        queue.pop_used().unwrap();
+        complete(&mem, &queue, u32::from(heads[2]), 4);
+        assert_eq!(
+            queue.unannounced_used(),
+            1,
+            "an interrupt behind the taken entries announces nothing new"
+        );
     }
 
     #[test]
