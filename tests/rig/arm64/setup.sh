@@ -25,94 +25,15 @@ die() { echo "[rig-setup] error: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (it installs Debian packages)"
 mkdir -p "$CACHE"
 
-# shellcheck source=/dev/null
-CODENAME=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-[ -n "$CODENAME" ] || die "cannot tell the Debian codename from /etc/os-release"
-
-# The Debian mirror this machine already uses, read at run time (deb822 first, then one-line).
-mirror_uri() {
-    local f uri=""
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] || continue
-        uri=$(awk -v suite="$CODENAME" '
-            BEGIN { RS = ""; FS = "\n" }
-            {
-                uris = ""; suites = ""
-                for (i = 1; i <= NF; i++) {
-                    if ($i ~ /^URIs:/) { uris = $i; sub(/^URIs:[ \t]*/, "", uris) }
-                    if ($i ~ /^Suites:/) { suites = " " $i " " }
-                }
-                if (uris != "" && suites ~ (" " suite " ")) { split(uris, u, /[ \t]+/); print u[1]; exit }
-            }' "$f")
-        [ -n "$uri" ] && break
-    done
-    if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
-        uri=$(awk -v suite="$CODENAME" '$1 == "deb" && $3 == suite { print $2; exit }' /etc/apt/sources.list)
-    fi
-    [ -n "$uri" ] || die "no Debian mirror for $CODENAME found in the APT sources"
-    echo "$uri"
-}
-
-has_backports() {
-    grep -rqs -- "$CODENAME-backports" /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null
-}
-
-apt_retry() {
-    # Another apt/dpkg process may hold the lock for a while.
-    local n
-    for n in $(seq 1 30); do
-        if apt-get -o DPkg::Lock::Timeout=60 "$@"; then return 0; fi
-        log "apt-get $1 failed (try $n), retrying in 10 s"
-        sleep 10
-    done
-    die "apt-get $* kept failing"
-}
-
-MIRROR=$(mirror_uri)
-APT_UPDATED=0
-apt_update_once() {
-    if [ "$APT_UPDATED" = 0 ]; then
-        apt_retry update -q
-        APT_UPDATED=1
-    fi
-}
+# shellcheck disable=SC2034 # read by lib/apt.sh
+RIG_APT_TAG=rig-setup
+# shellcheck source-path=SCRIPTDIR source=../lib/apt.sh
+. "$RIG_DIR/../lib/apt.sh"
 
 # ---- 1. host packages ----------------------------------------------------------------------
-if ! has_backports; then
-    log "adding $CODENAME-backports ($MIRROR) to the APT sources"
-    cat > "/etc/apt/sources.list.d/$CODENAME-backports.sources" <<EOF
-Types: deb
-URIs: $MIRROR
-Suites: $CODENAME-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-    APT_UPDATED=0
-fi
-
-# command -> Debian package that provides it
-HOST_TOOLS="qemu-system-aarch64:qemu-system-arm aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu
-    aarch64-linux-gnu-objcopy:binutils-aarch64-linux-gnu dtc:device-tree-compiler depmod:kmod cpio:cpio
-    xz:xz-utils make:make python3:python3 ip:iproute2"
-missing=""
-for t in $HOST_TOOLS; do
-    command -v "${t%%:*}" >/dev/null 2>&1 || missing="$missing ${t#*:}"
-done
-if [ -n "$missing" ]; then
-    log "installing host packages:$missing"
-    apt_update_once
-    case " $missing " in
-    *" qemu-system-arm "*) apt_retry install -y -q --no-install-recommends -t "$CODENAME-backports" qemu-system-arm ;;
-    esac
-    others=$(echo "$missing" | tr ' ' '\n' | grep -v '^qemu-system-arm$' | tr '\n' ' ')
-    if [ -n "${others// /}" ]; then
-        # shellcheck disable=SC2086
-        apt_retry install -y -q --no-install-recommends $others
-    fi
-fi
-for t in $HOST_TOOLS; do
-    command -v "${t%%:*}" >/dev/null 2>&1 || die "${t%%:*} still missing after installing ${t#*:}"
-done
+rig_apt_install_tools -b qemu-system-aarch64:qemu-system-arm
+rig_apt_install_tools aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu aarch64-linux-gnu-objcopy:binutils-aarch64-linux-gnu \
+    dtc:device-tree-compiler depmod:kmod cpio:cpio xz:xz-utils make:make python3:python3 ip:iproute2
 
 # ---- 2. arm64 kernel + busybox through a private arm64-only APT configuration ----------------
 APT64=$CACHE/apt64
@@ -120,32 +41,16 @@ DEBS=$CACHE/debs
 KSTAMP=$CACHE/kernel.stamp
 if [ ! -f "$KSTAMP" ]; then
     log "fetching the arm64 kernel and busybox-static (private arm64 APT config in $APT64)"
-    mkdir -p "$APT64/state/lists/partial" "$APT64/cache/archives/partial" "$APT64/sources" "$DEBS"
-    touch "$APT64/status"
-    cp /etc/apt/sources.list.d/*.sources "$APT64/sources/" 2>/dev/null || true
-    [ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$APT64/sources/host.list"
-    if ! grep -rqs -- "$CODENAME-backports" "$APT64/sources"; then
-        printf 'Types: deb\nURIs: %s\nSuites: %s-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-            "$MIRROR" "$CODENAME" > "$APT64/sources/backports.sources"
-    fi
-    cat > "$APT64/apt.conf" <<EOF
-Dir::State "$APT64/state";
-Dir::State::status "$APT64/status";
-Dir::Cache "$APT64/cache";
-Dir::Etc::sourceparts "$APT64/sources";
-Dir::Etc::sourcelist "/dev/null";
-APT::Architecture "arm64";
-APT::Architectures { "arm64"; };
-APT::Sandbox::User "root";
-EOF
-    export APT_CONFIG=$APT64/apt.conf
-    apt_retry update -q
+    export APT_CONFIG
+    APT_CONFIG=$(rig_apt_private "$APT64" arm64)
+    rig_apt_retry update
+    mkdir -p "$DEBS"
     # The meta package's candidate (not backports) names the current ABI, e.g. linux-image-6.1.0-56-arm64.
     KPKG=$(apt-cache depends "$KERNEL_META" | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
     [ -n "$KPKG" ] || die "cannot resolve the kernel package behind $KERNEL_META"
     log "kernel package: $KPKG"
     rm -f "$DEBS"/*.deb
-    (cd "$DEBS" && apt_retry download "$KPKG" busybox-static)
+    (cd "$DEBS" && rig_apt_retry download "$KPKG" busybox-static)
     unset APT_CONFIG
 
     KROOT=$CACHE/kernel
