@@ -45,6 +45,12 @@ pub struct LoopOptions {
     /// Ask the hypervisor which zones run at most this often, and only when idle: hvisor
     /// does not tell the daemon that a zone shut down. `None`: never ask.
     pub zone_poll: Option<Duration>,
+    /// Inject an asserted line again when its backend signals once more (at most once per
+    /// batch of events), and when the guest has not ACKed it this long after the last
+    /// injection: hvisor drops an injection that finds the IRQ active in the guest (see
+    /// [`crate::irq`]). `None`: inject once per assertion (enough for a simulator that
+    /// delivers every injection).
+    pub reinject: Option<Duration>,
 }
 
 impl Default for LoopOptions {
@@ -53,6 +59,7 @@ impl Default for LoopOptions {
             spin: Duration::from_micros(50),
             guard_timeout: Duration::from_millis(100),
             zone_poll: Some(Duration::from_secs(1)),
+            reinject: Some(Duration::from_millis(10)),
         }
     }
 }
@@ -120,6 +127,11 @@ pub struct BridgeDevice {
     pub transport: MmioTransport<VhostUserDevice>,
     /// An interrupt is owed but the zone was at hvisor's pending limit.
     deferred: bool,
+    /// The backend signalled while the line was asserted: inject it again once this batch
+    /// of events is handled.
+    reinject_owed: bool,
+    /// When the line was last injected (the re-injection timer counts from here).
+    last_injection: Instant,
     /// How to bring the backend back; `None` fails the device on hang-up instead.
     reconnect: Option<Reconnect>,
     /// The backend process, when the bridge started it.
@@ -143,6 +155,8 @@ impl BridgeDevice {
             irq,
             transport,
             deferred: false,
+            reinject_owed: false,
+            last_injection: Instant::now(),
             reconnect: None,
             process: None,
             reconnecting: false,
@@ -180,6 +194,8 @@ pub struct LoopStats {
     pub requests: u64,
     /// Interrupts pushed to the hypervisor.
     pub interrupts: u64,
+    /// Asserted lines injected again (see [`LoopOptions::reinject`]).
+    pub reinjections: u64,
     /// Times the loop went to sleep.
     pub sleeps: u64,
     /// Sleeps that ended by the guard timeout with requests pending (lost wakeups).
@@ -333,6 +349,7 @@ impl Bridge {
                 }
             }
             let now = Instant::now();
+            self.reinject_overdue(now);
             if busy {
                 last_activity = now;
                 continue;
@@ -349,7 +366,13 @@ impl Bridge {
                 continue;
             }
             self.stats.sleeps += 1;
-            let timeout = self.options.guard_timeout.as_millis().min(i32::MAX as u128) as i32;
+            // Wake for the next re-injection too; rounded up so that it is due on waking.
+            let sleep = self
+                .next_reinjection(now)
+                .map_or(self.options.guard_timeout, |due| {
+                    due.min(self.options.guard_timeout)
+                });
+            let timeout = sleep.as_micros().div_ceil(1000).clamp(1, i32::MAX as u128) as i32;
             let n = self.epoll_wait(&mut events, timeout)?;
             ring.disarm_wakeup();
             if n == 0 && ring.has_requests() {
@@ -409,6 +432,7 @@ impl Bridge {
                 token => self.device_event(token),
             }
         }
+        self.reinject_owed();
         stop
     }
 
@@ -438,6 +462,8 @@ impl Bridge {
                     );
                     if dev.transport.signal_config_change() {
                         self.raise(index - 1);
+                    } else {
+                        self.owe_reinjection(index - 1);
                     }
                 }
                 Ok(false) => {}
@@ -452,8 +478,76 @@ impl Bridge {
             }
             return;
         }
-        if dev.transport.backend().take_call(slot as usize) && dev.transport.signal_used_buffer() {
-            self.raise(index - 1);
+        if dev.transport.backend().take_call(slot as usize) {
+            if dev.transport.signal_used_buffer() {
+                self.raise(index - 1);
+            } else {
+                self.owe_reinjection(index - 1);
+            }
+        }
+    }
+
+    /// The backend of device `index` signalled while its line may be asserted: when
+    /// re-injection is on, the line is injected again after this batch of events, in case
+    /// hvisor dropped the injection that asserted it.
+    fn owe_reinjection(&mut self, index: usize) {
+        let dev = &mut self.devices[index];
+        if self.options.reinject.is_some() && dev.transport.line_asserted() {
+            dev.reinject_owed = true;
+        }
+    }
+
+    /// Injects again the asserted lines whose backends signalled in the last batch.
+    fn reinject_owed(&mut self) {
+        let now = Instant::now();
+        for index in 0..self.devices.len() {
+            let dev = &mut self.devices[index];
+            if std::mem::take(&mut dev.reinject_owed)
+                && dev.transport.line_asserted()
+                && dev.transport.interrupt_status() != 0
+            {
+                self.reinject(index, now);
+            }
+        }
+    }
+
+    /// Injects again the asserted lines the guest has left unACKed for the re-injection
+    /// period since their last injection.
+    fn reinject_overdue(&mut self, now: Instant) {
+        let Some(period) = self.options.reinject else {
+            return;
+        };
+        for index in 0..self.devices.len() {
+            let dev = &self.devices[index];
+            if irq::reinjection_due(
+                dev.transport.line_asserted(),
+                dev.transport.interrupt_status(),
+                now.saturating_duration_since(dev.last_injection),
+                period,
+            ) {
+                self.reinject(index, now);
+            }
+        }
+    }
+
+    /// How long until the re-injection timer of some asserted line runs out, if one runs.
+    fn next_reinjection(&self, now: Instant) -> Option<Duration> {
+        let period = self.options.reinject?;
+        self.devices
+            .iter()
+            .filter(|d| d.transport.line_asserted() && d.transport.interrupt_status() != 0)
+            .map(|d| (d.last_injection + period).saturating_duration_since(now))
+            .min()
+    }
+
+    /// Injects device `index`'s asserted line again. It already counts against the zone's
+    /// pending limit, and hvisor keeps one pending entry per IRQ, so the limit holds.
+    fn reinject(&mut self, index: usize, now: Instant) {
+        let dev = &mut self.devices[index];
+        // A failed push is retried by the timer, which restarts here either way.
+        dev.last_injection = now;
+        if irq::inject(self.hsm.as_ref(), dev.zone, dev.irq) {
+            self.stats.reinjections += 1;
         }
     }
 
@@ -645,6 +739,7 @@ impl Bridge {
         } else if irq::inject(self.hsm.as_ref(), zone, dev.irq) {
             dev.transport.mark_line_asserted();
             dev.deferred = false;
+            dev.last_injection = Instant::now();
             self.stats.interrupts += 1;
         }
     }

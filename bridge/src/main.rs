@@ -35,6 +35,12 @@ struct Args {
     /// Longest sleep without a wakeup (guards against a lost hypervisor wakeup).
     #[arg(long, default_value_t = 100)]
     guard_timeout_ms: u64,
+    /// Inject an interrupt again when the guest has not acknowledged it this many
+    /// milliseconds after the last injection, and whenever the device signals again before
+    /// the acknowledgement: hvisor drops an injection that finds the interrupt still active
+    /// in the guest. 0: inject once per assertion.
+    #[arg(long, default_value_t = 10)]
+    reinject_ms: u64,
     /// Directory for the sockets of spawned backends (created with mode 0700).
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
@@ -157,6 +163,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             spin: Duration::from_micros(args.spin_us),
             guard_timeout: Duration::from_millis(args.guard_timeout_ms.max(1)),
             zone_poll: (args.zone_poll_ms > 0).then(|| Duration::from_millis(args.zone_poll_ms)),
+            reinject: (args.reinject_ms > 0).then(|| Duration::from_millis(args.reinject_ms)),
         },
     };
     let control_fd: Option<BorrowedFd<'_>> = control.as_deref().map(|c| c.control_fd());
@@ -181,12 +188,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         report_config_changes(&args.config, &config, abi);
     };
     log::info!(
-        "stopping: {} requests, {} interrupts, {} sleeps, {} guard wakeups, {} zone resets",
+        "stopping: {} requests, {} interrupts, {} sleeps, {} guard wakeups, {} zone resets, \
+         {} re-injections",
         stats.requests,
         stats.interrupts,
         stats.sleeps,
         stats.guard_wakeups,
-        stats.zone_resets
+        stats.zone_resets,
+        stats.reinjections
     );
     drop(running);
     let _ = std::fs::remove_dir(&runtime_dir);

@@ -73,6 +73,9 @@ pub struct SimStats {
     pub irqs_delivered: u64,
     /// Results naming an unknown zone (skipped, as hvisor does).
     pub unknown_zone_results: u64,
+    /// Results dropped because the guest was still handling their IRQ
+    /// ([`SimOptions::drop_while_active`]).
+    pub irqs_dropped_active: u64,
     /// Most distinct IRQs ever pending at once in one zone.
     pub max_pending_irqs: usize,
     /// Times more than `MAX_DEVS - 1` ([`crate::HvisorAbi::max_pending_irqs`]) were pending
@@ -99,7 +102,11 @@ struct Counters {
 struct IrqState {
     /// Distinct pending IRQs per zone, cleared as `wait_irq` consumes them.
     pending: HashMap<u32, BTreeSet<u32>>,
+    /// IRQs per zone that `wait_irq` handed to the guest and that it has not finished
+    /// handling (it waits on the line again): only kept with `drop_while_active`.
+    active: HashMap<u32, BTreeSet<u32>>,
     delivered: u64,
+    dropped_active: u64,
     unknown_zone: u64,
     max_pending: usize,
     violations: u64,
@@ -351,6 +358,14 @@ impl Shared {
                 continue;
             }
             irqs.delivered += 1;
+            if irqs
+                .active
+                .get(&res.target_zone)
+                .is_some_and(|a| a.contains(&res.irq_id))
+            {
+                irqs.dropped_active += 1;
+                continue;
+            }
             let pending = irqs.pending.entry(res.target_zone).or_default();
             pending.insert(res.irq_id);
             let count = pending.len();
@@ -652,7 +667,9 @@ impl SimHypervisor {
                 });
             }
         }
-        lock(&self.shared.irqs).pending.remove(&zone);
+        let mut irqs = lock(&self.shared.irqs);
+        irqs.pending.remove(&zone);
+        irqs.active.remove(&zone);
         z.running.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -663,7 +680,9 @@ impl SimHypervisor {
     pub fn shutdown_zone(&self, zone: u32) -> Result<(), HsmError> {
         let z = self.shared.zone(zone).ok_or(HsmError::UnknownZone(zone))?;
         z.running.store(false, Ordering::SeqCst);
-        lock(&self.shared.irqs).pending.remove(&zone);
+        let mut irqs = lock(&self.shared.irqs);
+        irqs.pending.remove(&zone);
+        irqs.active.remove(&zone);
         Ok(())
     }
 
@@ -675,12 +694,20 @@ impl SimHypervisor {
         }
     }
 
-    /// Waits up to `timeout` for `irq` to be pending in `zone`, and consumes it.
+    /// Waits up to `timeout` for `irq` to be pending in `zone`, and consumes it. With
+    /// [`SimOptions::drop_while_active`], the guest is handling `irq` from the moment this
+    /// returns true until it waits on the line again (its EOI).
     pub fn wait_irq(&self, zone: u32, irq: u32, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut irqs = lock(&self.shared.irqs);
+        if let Some(active) = irqs.active.get_mut(&zone) {
+            active.remove(&irq);
+        }
         loop {
             if irqs.pending.get_mut(&zone).is_some_and(|p| p.remove(&irq)) {
+                if self.shared.options.drop_while_active {
+                    irqs.active.entry(zone).or_default().insert(irq);
+                }
                 return true;
             }
             let now = Instant::now();
@@ -715,6 +742,7 @@ impl SimHypervisor {
             wakeups_lost: counters.wakeups_lost.load(Ordering::Relaxed),
             irqs_delivered: irqs.delivered,
             unknown_zone_results: irqs.unknown_zone,
+            irqs_dropped_active: irqs.dropped_active,
             max_pending_irqs: irqs.max_pending,
             pending_limit_violations: irqs.violations,
             unhandled_accesses: counters.unhandled_accesses.load(Ordering::Relaxed),
@@ -1499,6 +1527,36 @@ mod tests {
         assert!(!sim.wait_irq(1, 78, Duration::from_millis(10)), "consumed");
         assert!(!sim.wait_irq(2, 78, Duration::from_millis(10)));
         assert_eq!(sim.stats().irqs_delivered, 1);
+    }
+
+    #[test]
+    fn an_injection_while_the_guest_handles_the_irq_can_be_dropped() {
+        let options = SimOptions {
+            drop_while_active: true,
+            ..SimOptions::default()
+        };
+        let sim = SimHypervisor::with_options(vec![zone(vec![(WINDOW, 0x4000)])], options).unwrap();
+        let hsm = sim.hsm();
+        // 76 goes in the same drain batch, after 78: once it is pending, 78 was handled.
+        let inject = || {
+            hsm.bridge().push_result(1, 78).unwrap();
+            hsm.bridge().push_result(1, 76).unwrap();
+            hsm.finish_req().unwrap();
+            assert!(sim.wait_irq(1, 76, LONG));
+        };
+        inject();
+        assert!(sim.wait_irq(1, 78, LONG));
+        // The guest is inside its handler: hvisor finds the IRQ active and drops this one.
+        inject();
+        assert_eq!(sim.stats().irqs_dropped_active, 1);
+        // Waiting again ends the handler; the dropped injection never arrives.
+        assert!(!sim.wait_irq(1, 78, Duration::from_millis(10)));
+        inject();
+        assert!(
+            sim.wait_irq(1, 78, LONG),
+            "delivered once the guest is done"
+        );
+        assert_eq!(sim.stats().irqs_dropped_active, 1);
     }
 
     #[test]

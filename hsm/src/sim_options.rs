@@ -57,7 +57,8 @@ pub enum SimRamLayout {
 ///
 /// `FromStr` takes a comma-separated list of words, each overriding one default:
 /// `fenced`, `sync-notify-reads`, `signal-wakeup`, `memfd-per-region`, `abi=R/D/C`,
-/// `lose-wakeup-every=N`; the empty string and `hvisor` give the defaults.
+/// `lose-wakeup-every=N`, `drop-while-active`; the empty string and `hvisor` give the
+/// defaults.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SimOptions {
     /// `need_wakeup` ordering.
@@ -74,6 +75,11 @@ pub struct SimOptions {
     /// outcome of hvisor's missing StoreLoad fence (its load returned the stale 0), made
     /// deterministic so that a test can count each loss and the guard that recovers it.
     pub lose_wakeup_every: u32,
+    /// Drop an injection whose IRQ the guest has taken and not yet finished handling, as
+    /// hvisor's GICv3 `inject_irq` does when a list register holds the IRQ active. The
+    /// simulated guest takes a line's IRQ in [`crate::SimHypervisor::wait_irq`] and finishes
+    /// with it when it waits on that line again. Off: every injection is delivered.
+    pub drop_while_active: bool,
 }
 
 impl SimOptions {
@@ -103,6 +109,7 @@ impl FromStr for SimOptions {
                 "sync-notify-reads" => options.notify = NotifyAccess::WritesOnly,
                 "signal-wakeup" => options.wakeup = SimWakeup::Signal,
                 "memfd-per-region" => options.ram = SimRamLayout::MemfdPerRegion,
+                "drop-while-active" => options.drop_while_active = true,
                 _ => {
                     if let Some(abi) = word.strip_prefix("abi=") {
                         options.abi = abi.parse()?;
@@ -114,7 +121,7 @@ impl FromStr for SimOptions {
                         return Err(HsmError::SimConfig(format!(
                             "unknown simulator option {word:?} (known: hvisor, fenced, \
                              sync-notify-reads, signal-wakeup, memfd-per-region, abi=R/D/C, \
-                             lose-wakeup-every=N)"
+                             lose-wakeup-every=N, drop-while-active)"
                         )));
                     }
                 }
@@ -145,6 +152,9 @@ impl fmt::Display for SimOptions {
         if self.lose_wakeup_every != 0 {
             words.push(format!("lose-wakeup-every={}", self.lose_wakeup_every));
         }
+        if self.drop_while_active {
+            words.push("drop-while-active".into());
+        }
         f.write_str(&words.join(","))
     }
 }
@@ -161,7 +171,8 @@ mod tests {
             SimOptions::default()
         );
         let all: SimOptions =
-            "fenced, sync-notify-reads,signal-wakeup,memfd-per-region,abi=32/4/4,lose-wakeup-every=7"
+            "fenced, sync-notify-reads,signal-wakeup,memfd-per-region,abi=32/4/4,lose-wakeup-every=7,\
+             drop-while-active"
                 .parse()
                 .unwrap();
         assert_eq!(
@@ -173,6 +184,7 @@ mod tests {
                 ram: SimRamLayout::MemfdPerRegion,
                 abi: HvisorAbi::new(32, 4, 4),
                 lose_wakeup_every: 7,
+                drop_while_active: true,
             }
         );
         assert_eq!(all.to_string().parse::<SimOptions>().unwrap(), all);

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
+use hvisor_hsm::SimOptions;
 use hvisor_vhost_tests::driver::{BlkDriver, BlkOptions, BlkStatus, DriverError, GuestMemory};
 use hvisor_vhost_tests::harness::{bin_path, children_running, Irq, Ram, SimBridge, Vcpu};
 
@@ -54,6 +55,48 @@ fn a_swallowed_interrupt_is_counted_per_driver_and_per_bridge() {
     assert_eq!(blk.read(8, &mut back).unwrap(), BlkStatus::Ok);
     assert_eq!(back, data);
     assert_eq!(sb.lost_interrupts(), 1);
+}
+
+/// hvisor drops an injection that finds the IRQ still active in the guest, i.e. one that
+/// lands between the handler's ACK and its EOI. The bridge then holds the line asserted, so
+/// without a repeated injection the device would never interrupt again (zone1's network
+/// stalled this way on the real hypervisor).
+#[test]
+fn an_injection_dropped_while_the_guest_handles_the_irq_is_repeated() {
+    let dir = dir_with_images("lost-irq-active", &["disk.img"]);
+    let cfg = config(&[zone(1, &[blk_entry(BLK, IRQ, "disk.img", "")], None)]);
+    let sim_options = SimOptions {
+        drop_while_active: true,
+        ..SimOptions::default()
+    };
+    let sb = SimBridge::start_with_options(dir, &cfg, &["--reinject-ms", "10"], None, sim_options);
+    let g = Guest::new(&sb, 1, 0, IRQ);
+    let mut blk = g.blk(BLK, 0x10_0000, &options());
+    let data = vec![0x3cu8; 4096];
+    // The guest takes this write's interrupt and, for the simulator, is still in its
+    // handler until it waits on the line again.
+    assert_eq!(blk.write(0, &data).unwrap(), BlkStatus::Ok);
+    let tag = blk.submit_write(8, &data).unwrap();
+    blk.kick();
+    // Nothing signals the drop to the guest: poll the simulator's count of it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sb.sim.stats().irqs_dropped_active == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the completion was never injected"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Waiting ends the handler; only a repeated injection can wake the guest now.
+    let done = blk.complete(Duration::from_secs(1)).unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].tag, tag);
+    assert_eq!(done[0].status, BlkStatus::Ok);
+    assert_eq!(
+        blk.lost_interrupts(),
+        0,
+        "the dropped injection was repeated"
+    );
 }
 
 #[test]

@@ -10,14 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
-# b17d9dd (eventfd wakeup):
-#   net: intermittent (1 pass in 9 boots): zone1's TCP stalls after a few hundred packets
-#        (zone1 stops receiving: its eth0 RX counters stop while zone0's TAP keeps sending);
-#        ping works. hvisor-tool's own daemon passed the same check (run.sh --daemon
-#        hvisor-tool --test net).
-XFAIL_b17d9dd=${XFAIL_b17d9dd-net}
-# 7e55b1b (signal wakeup): the same net stall.
-XFAIL_7e55b1b=${XFAIL_7e55b1b-net}
+# b17d9dd (eventfd wakeup): none.
+XFAIL_b17d9dd=${XFAIL_b17d9dd-}
+# 7e55b1b (signal wakeup): none.
+XFAIL_7e55b1b=${XFAIL_7e55b1b-}
 
 tests/rig/hvisor/setup.sh
 rc=0
