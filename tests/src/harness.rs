@@ -320,17 +320,7 @@ impl SimBridge {
             SimHypervisor::with_options(sim_zones(&config), options).expect("simulated hypervisor");
         let socket = dir.path().join("hsm.sock");
         let server = sim.serve(&socket).expect("provider socket");
-        let mut cmd = Command::new(bin_path("hvisor-vhost-bridge"));
-        cmd.arg("--config")
-            .arg(&config_path)
-            .arg("--hsm-socket")
-            .arg(&socket)
-            .arg("--runtime-dir")
-            .arg(dir.path().join("run"));
-        // A test may name its own blk backend, e.g. a wrapper that adds options.
-        if !extra_args.contains(&"--blk-backend") {
-            cmd.arg("--blk-backend").arg(bin_path("vhost-user-blk"));
-        }
+        let mut cmd = bridge_command(&config_path, &socket, dir.path(), extra_args);
         // The simulator delivers every injection, so the bridge's re-injection (its remedy
         // for hvisor dropping one) would only turn a lost interrupt, which these tests count
         // as a bug, into a late one. A test that wants it passes its own `--reinject-ms`.
@@ -414,6 +404,23 @@ impl Drop for SimBridge {
             ),
         }
     }
+}
+
+/// The bridge on `config` and the provider `socket`, its runtime directory under `dir`, and
+/// our `vhost-user-blk` unless `extra_args` names a `--blk-backend` of its own (e.g. a wrapper
+/// that adds options). `extra_args` are not added: the caller adds them last.
+pub fn bridge_command(config: &Path, socket: &Path, dir: &Path, extra_args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin_path("hvisor-vhost-bridge"));
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--hsm-socket")
+        .arg(socket)
+        .arg("--runtime-dir")
+        .arg(dir.join("run"));
+    if !extra_args.contains(&"--blk-backend") {
+        cmd.arg("--blk-backend").arg(bin_path("vhost-user-blk"));
+    }
+    cmd
 }
 
 /// Live (not zombie) children of process `parent`, from any of its threads, whose command

@@ -32,7 +32,7 @@ use hvisor_vhost_tests::driver::mmio::{status, VIRTIO_F_VERSION_1};
 use hvisor_vhost_tests::driver::{
     BlkDriver, BlkOptions, BlkStatus, GuestAllocator, VirtioMmioDevice,
 };
-use hvisor_vhost_tests::harness::{bin_path, sim_zones, Irq, Process, Ram, TempDir, Vcpu};
+use hvisor_vhost_tests::harness::{bridge_command, sim_zones, Irq, Process, Ram, TempDir, Vcpu};
 
 /// The environment of the raw backend process: its socket, how it maps memory
 /// ([`FROM_ZERO`] or [`AT_OFFSET`]) and whether it offers REPLY_ACK (`1` or `0`).
@@ -70,16 +70,8 @@ impl OffsetBridge {
         let socket = dir.path().join("hsm.sock");
         let server = sim.serve(&socket).unwrap();
         let log = dir.path().join("bridge.log");
-        let mut cmd = Command::new(bin_path("hvisor-vhost-bridge"));
-        cmd.arg("--config")
-            .arg(&config_path)
-            .arg("--hsm-socket")
-            .arg(&socket)
-            .arg("--runtime-dir")
-            .arg(dir.path().join("run"))
-            .arg("--blk-backend")
-            .arg(bin_path("vhost-user-blk"))
-            .env("RUST_LOG", "info")
+        let mut cmd = bridge_command(&config_path, &socket, dir.path(), &[]);
+        cmd.env("RUST_LOG", "info")
             .stderr(File::create(&log).unwrap());
         let bridge = Process::spawn("hvisor-vhost-bridge", &mut cmd);
         OffsetBridge {

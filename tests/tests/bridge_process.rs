@@ -7,7 +7,6 @@ mod common;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use common::*;
 use hvisor_bridge::config::Config;
 use hvisor_hsm::{ProviderServer, SimHypervisor};
 use hvisor_vhost_tests::driver::{BlkDriver, BlkOptions, BlkStatus, GuestAllocator};
-use hvisor_vhost_tests::harness::{bin_path, sim_zones, Irq, Process, Ram, TempDir, Vcpu};
+use hvisor_vhost_tests::harness::{bridge_command, sim_zones, Irq, Process, Ram, TempDir, Vcpu};
 
 const BLK0: u64 = 0xa003c00;
 const BLK1: u64 = 0xa003e00;
@@ -43,18 +42,8 @@ impl Rig {
         let socket = dir.path().join("hsm.sock");
         let server = sim.serve(&socket).unwrap();
         let pid_file = dir.path().join("bridge.pid");
-        let mut cmd = Command::new(bin_path("hvisor-vhost-bridge"));
-        cmd.arg("--config")
-            .arg(&config_path)
-            .arg("--hsm-socket")
-            .arg(&socket)
-            .arg("--runtime-dir")
-            .arg(dir.path().join("run"))
-            .arg("--blk-backend")
-            .arg(bin_path("vhost-user-blk"))
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .args(extra_args);
+        let mut cmd = bridge_command(&config_path, &socket, dir.path(), extra_args);
+        cmd.arg("--pid-file").arg(&pid_file).args(extra_args);
         if own_group {
             cmd.process_group(0);
         }

@@ -12,40 +12,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hvisor_vhost_tests::driver::{BlkOptions, BlkStatus};
-use hvisor_vhost_tests::harness::{Rng, SimBridge};
+use hvisor_vhost_tests::harness::{children_running, Rng, SimBridge};
 
 const BLK: u64 = 0xa003c00;
 const IRQ: u32 = 78;
 /// The workload covers 8 MiB of the disk, in 4 KiB blocks.
 const BLOCKS: u64 = 2048;
 const KILLS: usize = 20;
-
-/// Backend processes the bridge started: its children running vhost-user-blk.
-fn backend_pids(bridge: u32) -> Vec<u32> {
-    // The bridge forks its backends from a dedicated thread: read every thread's children.
-    let children: String = std::fs::read_dir(format!("/proc/{bridge}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
-        .collect::<Vec<_>>()
-        .join(" ");
-    children
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                .map(|c| c.contains("vhost-user-blk") && !c.is_empty())
-                .unwrap_or(false)
-        })
-        .filter(|pid| {
-            // A killed child stays a zombie until the bridge reaps it.
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| !s.contains(") Z "))
-                .unwrap_or(false)
-        })
-        .collect()
-}
 
 #[test]
 fn backend_killed_twenty_times_loses_no_io() {
@@ -127,7 +100,7 @@ fn backend_killed_twenty_times_loses_no_io() {
                 assert!(!guest.is_finished(), "the guest stopped early");
                 std::thread::yield_now();
             }
-            let Some(pid) = backend_pids(sb.bridge.pid())
+            let Some(pid) = children_running(sb.bridge.pid(), "vhost-user-blk")
                 .into_iter()
                 .find(|p| !killed.contains(p))
             else {
