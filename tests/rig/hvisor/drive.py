@@ -24,9 +24,13 @@ ALL_CHECKS = [
     "module", "init-order", "daemon-ready", "zone-start", "devices", "blk", "blk-direct",
     "console", "net", "reset", "shutdown", "shutdown-reset-log", "stop",
 ]
+# Run only when asked for (bench.sh): measurements, not a check of behaviour.
+EXTRA_CHECKS = ["bench"]
 # The checks that need zone1 running (after daemon-ready and zone-start).
 ZONE1_CHECKS = ["devices", "blk", "blk-direct", "console", "net", "reset", "shutdown",
-                "shutdown-reset-log"]
+                "shutdown-reset-log", "bench"]
+# USER_HZ of zone0's Linux: the unit of /proc/<pid>/stat's times.
+CLK_TCK = 100
 
 
 class Timeout(Exception):
@@ -118,6 +122,7 @@ class Rig:
         self.xfail = set(filter(None, args.xfail.split(",")))
         self.seq = 0
         self.daemon_pid = None
+        self.cpu_ready = (0, {})
         self.daemon_pos = 0
         self.con = None
 
@@ -207,6 +212,8 @@ class Rig:
         # ---- the daemon -------------------------------------------------------------------
         t = time.monotonic()
         cfg = "/rig/virtio_cfg.json" if a.daemon == "ours" else "/rig/virtio_cfg_tool.json"
+        if a.bridge_args:
+            self.sh("BRIDGE_ARGS='%s'" % a.bridge_args)
         start = self.daemon_pos = c.pos
         self.sh("daemon_start %s %s" % (a.daemon, cfg))
         ready = False
@@ -237,6 +244,8 @@ class Rig:
             detail = str(e)
         t_ready = time.monotonic() - t
         self.phase("daemon ready", t_ready)
+        if ready and self.wanted("bench"):
+            self.cpu_ready = self.cpu_ticks()
         if not self.result("daemon-ready", ready, t_ready, detail):
             # hvisor wedges a zone0 CPU when a zone whose devices have no server is shut down:
             # zone1 is never started against a daemon that is not serving.
@@ -251,6 +260,8 @@ class Rig:
             return
         if self.wanted("devices"):
             self.check_devices()
+        if self.wanted("bench"):
+            self.check_bench()
         if self.wanted("blk"):
             self.check_blk("blk", self.blk_serial(), "dd if=/tmp/blk.img bs=1M count=%d" % a.blk_mib)
         if self.wanted("blk-direct"):
@@ -265,6 +276,11 @@ class Rig:
         if self.wanted("shutdown") or self.wanted("shutdown-reset-log"):
             self.check_shutdown()
         self.stop_daemon()
+        if self.wanted("bench"):
+            # Our bridge's counters for the whole run (hvisor-tool's daemon has none).
+            m = re.search(r"stopping: ([^\n]*)", self.con.buf[self.daemon_pos:])
+            if m:
+                print("BENCH bridge %s" % re.sub(r"\x1b\[[0-9;]*m", "", m.group(1)).strip(), flush=True)
 
     def blk_serial(self):
         """The buffered disk's serial: ours is set in virtio_cfg.json; hvisor-tool has its own."""
@@ -275,6 +291,62 @@ class Rig:
         lines = [l for l in text.splitlines() if "ERROR" in l or "error" in l]
         # hvisor colours its own log lines; a reset sequence may lead a line of zone0's.
         return re.sub(r"\x1b\[[0-9;]*m", "", lines[-1]).strip() if lines else "(no error line)"
+
+    def cpu_ticks(self):
+        """CPU ticks so far of the daemon and everything it spawned (zone0's /proc): the
+        total, and a dict by process name."""
+        rc, out = self.sh("cpu_ticks %d" % self.daemon_pid)
+        f = self.fact(out, r"@Z0 cpu ticks=(\d+) procs=(\d+) by=(\S*)@")
+        if rc != 0 or f is None:
+            raise RuntimeError("cpu_ticks failed: " + out.strip())
+        by = {}
+        for item in filter(None, f[2].split(",")):
+            name, ticks = item.rsplit(":", 1)
+            by[name] = by.get(name, 0) + int(ticks)
+        return int(f[0]), by
+
+    @staticmethod
+    def cpu_delta(after, before):
+        """ "cpu_s=S cpu_by=NAME:S,..." for a phase, in seconds."""
+        by = ",".join("%s:%.2f" % (n, (t - before[1].get(n, 0)) / CLK_TCK)
+                      for n, t in sorted(after[1].items()))
+        return "cpu_s=%.2f cpu_by=%s" % ((after[0] - before[0]) / CLK_TCK, by or "-")
+
+    def check_bench(self):
+        """bench.sh's rows: one BENCH line per phase with zone1's figures and the daemon's CPU
+        seconds in zone0 during the phase."""
+        a = self.args
+        t = time.monotonic()
+        serial = self.blk_serial()
+        ok = True
+        before = self.cpu_ticks()
+        print("BENCH phase=start %s" % self.cpu_delta(self.cpu_ready, (0, {})), flush=True)
+        print("BENCH phase=zone1-boot %s" % self.cpu_delta(before, self.cpu_ready), flush=True)
+        phases = (("write", "load write %s %d" % (serial, a.bench_mib)),
+                  ("read", "load read %s %d" % (serial, a.bench_mib)),
+                  ("rand", "load rand %s %d %d" % (serial, a.bench_mib, a.bench_rand)))
+        for name, cmd in phases:
+            rc, out = self.z1(cmd, a.timeout * 3)
+            after = self.cpu_ticks()
+            f = self.fact(out, r"@LOAD (op=[^@]*)@")
+            good = rc == 0 and f is not None and "error=" not in f[0]
+            ok &= good
+            print("BENCH phase=%s %s %s" % (name, f[0] if f else "error=no-result",
+                                             self.cpu_delta(after, before)), flush=True)
+            before = after
+        rc, out = self.sh("console_bench %d" % a.bench_console, a.timeout * 3 + 60)
+        after = self.cpu_ticks()
+        sent = self.fact(out, r"@Z1 bulk-tx bytes=(\d+) md5=(\S+)@")
+        got = self.fact(out, r"@Z0 console-bench got_bytes=(\d+) got_md5=(\S+)@")
+        secs = self.fact(out, r"@Z1 bulk-tx-time s=(\S+)@")
+        good = sent is not None and got is not None and secs is not None
+        ok &= good
+        if good:
+            print("BENCH phase=console bytes=%s got=%s md5_ok=%d s=%s %s" % (
+                sent[0], got[0], int(sent == got), secs[0], self.cpu_delta(after, before)), flush=True)
+        self.result("bench", ok, time.monotonic() - t,
+                    "%d MiB seq, %d random 4 KiB reads, console %d bytes" % (
+                        a.bench_mib, a.bench_rand, a.bench_console))
 
     def check_init_order(self):
         """A config the bridge rejects: hvisor must have seen INIT_VIRTIO before the bridge
@@ -532,6 +604,10 @@ def main():
     p.add_argument("--net-timeout", type=int, default=60,
                    help="seconds for each TCP transfer")
     p.add_argument("--console-bytes", type=int, default=1 << 20)
+    p.add_argument("--bench-mib", type=int, default=32, help="bench: MiB of the sequential rows")
+    p.add_argument("--bench-rand", type=int, default=1000, help="bench: 4 KiB random reads")
+    p.add_argument("--bench-console", type=int, default=256 << 10, help="bench: console bytes")
+    p.add_argument("--bridge-args", default="", help="extra options for our bridge")
     p.add_argument("--devices", type=int, default=4, help="enabled devices in our config")
     p.add_argument("--tap", default="rigtap0")
     p.add_argument("--zone0-ip", default="192.168.77.1")
@@ -541,8 +617,8 @@ def main():
     args = p.parse_args()
     args.tests = [t for t in args.tests.split(",") if t]
     for t in args.tests:
-        if t not in ALL_CHECKS:
-            p.error("unknown check %s (known: %s)" % (t, ",".join(ALL_CHECKS)))
+        if t not in ALL_CHECKS + EXTRA_CHECKS:
+            p.error("unknown check %s (known: %s)" % (t, ",".join(ALL_CHECKS + EXTRA_CHECKS)))
     with open(args.qemu_argv) as f:
         argv = [l.rstrip("\n") for l in f if l.strip()]
 

@@ -12,7 +12,8 @@
 #              hvisor-tool: `hvisor virtio start` (the baseline: blk, console and net)
 #   --test     checks, comma separated (default: all): module, init-order, daemon-ready,
 #              zone-start, devices, blk, blk-direct, console, net, reset, shutdown,
-#              shutdown-reset-log, stop
+#              shutdown-reset-log, stop; and bench (never by default: bench.sh's measurements,
+#              with zone1 reduced to the devices both daemons serve, blk on an image + console)
 #   --xfail    checks expected to fail: reported as XFAIL (or XPASS) and not counted as failures
 #   --verbose  stream the serial console
 #   --keep     keep the run directory (serial log, generated DTBs, configs, initramfs images)
@@ -25,7 +26,10 @@
 #   asynchronous; default shared: the example's one region, where only 0xa000050 is),
 #   RIG_ZONE1_NET_PARAMS (zone1's virtio_net module parameters, e.g. "csum=0 gso=0"),
 #   RIG_NO_CARGO=1 (do not run cross-build.sh first), RIG_BIN_DIR (our four static aarch64
-#   binaries from elsewhere, e.g. another commit's; implies no cross-build).
+#   binaries from elsewhere, e.g. another commit's; implies no cross-build). For --test bench:
+#   RIG_LOAD_BIN (bench.sh's static aarch64 rigload, put in both zones), RIG_BENCH_MIB (default
+#   32), RIG_BENCH_RAND (4 KiB random reads, default 1000), RIG_BENCH_CONSOLE (bytes, default
+#   262144), RIG_BRIDGE_ARGS (extra options for our bridge, e.g. "--spin-us 0").
 set -euo pipefail
 
 RIG_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -59,6 +63,12 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$DAEMON" in ours | hvisor-tool) ;; *) echo "run.sh: bad --daemon $DAEMON" >&2; exit 2 ;; esac
+BENCH=0
+case ",$TESTS," in *,bench,*) BENCH=1 ;; esac
+if [ "$BENCH" = 1 ] && [ ! -x "${RIG_LOAD_BIN:-}" ]; then
+    echo "run.sh: --test bench needs RIG_LOAD_BIN (bench.sh builds it)" >&2
+    exit 2
+fi
 [ "$BLK_MIB" -le "$DISK_MIB" ] || { echo "run.sh: RIG_BLK_MIB is at most $DISK_MIB" >&2; exit 2; }
 
 log() { echo "[hvisor-rig] $*" >&2; }
@@ -112,6 +122,12 @@ mkdir -p "$GEN" "$ROOT0"
 
 # ---- zone1: initramfs, device tree, zone config --------------------------------------------
 "$RIG_DIR/zone1/mkinitrd.sh" "$OUT/modules" "$OUT/busybox" "$GEN/zone1-initrd.cpio.gz"
+if [ "$BENCH" = 1 ]; then
+    # The load program as a second archive after the first: the kernel unpacks both.
+    mkdir -p "$GEN/load/bin"
+    cp "$RIG_LOAD_BIN" "$GEN/load/bin/rigload"
+    (cd "$GEN/load" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -9) >> "$GEN/zone1-initrd.cpio.gz"
+fi
 ZONE1_INITRD=0x5c000000
 ZONE1_INITRD_END=$(printf '0x%x' $((ZONE1_INITRD + $(stat -c %s "$GEN/zone1-initrd.cpio.gz"))))
 # The example's device tree, with our bootargs and initrd, and two more transports (net and
@@ -129,6 +145,9 @@ ZONE1_INITRD_END=$(printf '0x%x' $((ZONE1_INITRD + $(stat -c %s "$GEN/zone1-init
 		linux,initrd-start = <0x0 $ZONE1_INITRD>;
 		linux,initrd-end = <0x0 $ZONE1_INITRD_END>;
 	};
+EOF
+    # The bench config has no net: only what both daemons serve.
+    [ "$BENCH" = 0 ] && cat <<EOF
 	virtio_mmio@a003600 {
 		dma-coherent;
 		interrupt-parent = <0x01>;
@@ -139,7 +158,7 @@ ZONE1_INITRD_END=$(printf '0x%x' $((ZONE1_INITRD + $(stat -c %s "$GEN/zone1-init
 EOF
     # The O_DIRECT disk is ours only: hvisor-tool's daemon crashes (SIGSEGV) on an access to a
     # window it serves no device in.
-    [ "$DAEMON" = ours ] && cat <<EOF
+    [ "$DAEMON" = ours ] && [ "$BENCH" = 0 ] && cat <<EOF
 	virtio_mmio@a003400 {
 		dma-coherent;
 		interrupt-parent = <0x01>;
@@ -156,11 +175,16 @@ dtc -q -I dts -O dtb -o "$GEN/zone1.dtb" "$GEN/zone1.dts"
 # "pci_config" that hvisor-tool b17d9dd requires. Then the daemon configs: ours as committed,
 # a copy the bridge must reject (an unknown field), and hvisor-tool's (no O_DIRECT disk: hvisor-tool
 # has no such option).
-python3 - "$EXAMPLE/zone1_linux.json" "$RIG_DIR/virtio_cfg.json" "$GEN" "$ZONE1_INITRD" "$WINDOWS" <<'EOF'
+python3 - "$EXAMPLE/zone1_linux.json" "$RIG_DIR/virtio_cfg.json" "$GEN" "$ZONE1_INITRD" "$WINDOWS" "$BENCH" <<'EOF'
 import json, sys
-example, ours, gen, initrd, windows = sys.argv[1:]
+example, ours, gen, initrd, windows, bench = sys.argv[1:]
 z = json.load(open(example))
 cfg = json.load(open(ours))
+if bench == "1":
+    # Both daemons' devices: the buffered disk and the console.
+    for zone in cfg["zones"]:
+        zone["devices"] = [d for d in zone["devices"]
+                           if d["type"] == "console" or (d["type"] == "blk" and not d.get("direct"))]
 if windows == "per-device":
     # One trap region per device instead of the example's shared one: every QueueNotify is
     # then at offset 0x50 of its region, which hvisor treats as asynchronous.
@@ -201,6 +225,7 @@ cp "$TOOL/hvisor.ko" "$TOOL/hvisor" "$ROOT0/rig/tool/"
 if [ "$DAEMON" = ours ]; then
     for b in hvisor-vhost-bridge vhost-user-blk vhost-user-net vhost-user-console; do cp "$BIN/$b" "$ROOT0/rig/bin/"; done
 fi
+[ "$BENCH" = 0 ] || cp "$RIG_LOAD_BIN" "$ROOT0/rig/bin/rigload"
 cp "$OUT/Image" "$ROOT0/rig/zone1/Image"
 cp "$GEN/zone1.dtb" "$GEN/zone1.json" "$ROOT0/rig/zone1/"
 cp "$GEN/zone1-initrd.cpio.gz" "$ROOT0/rig/zone1/initrd.cpio.gz"
@@ -268,8 +293,11 @@ DRIVE=(python3 "$RIG_DIR/drive.py" --qemu-argv "$GEN/qemu.argv" --log "$RUN/seri
     --devices "$(python3 -c 'import json, sys; print(sum(d.get("status", "enable") == "enable"
         for z in json.load(open(sys.argv[1]))["zones"] for d in z["devices"]))' "$GEN/virtio_cfg.json")")
 [ -n "$TESTS" ] && DRIVE+=(--tests "$TESTS")
+[ "$BENCH" = 1 ] && DRIVE+=(--bench-mib "${RIG_BENCH_MIB:-32}" --bench-rand "${RIG_BENCH_RAND:-1000}"
+    --bench-console "${RIG_BENCH_CONSOLE:-262144}")
 # hvisor-tool's daemon: no O_DIRECT disk, and the bridge-only checks do not apply.
 [ "$DAEMON" = hvisor-tool ] && [ -z "$TESTS" ] && DRIVE+=(--tests "module,daemon-ready,zone-start,devices,blk,console,net,reset,shutdown,stop")
+[ -n "${RIG_BRIDGE_ARGS:-}" ] && DRIVE+=(--bridge-args "$RIG_BRIDGE_ARGS")
 [ "$VERBOSE" = 1 ] && DRIVE+=(--verbose)
 log "hvisor $(basename "$HVISOR_BIN"), hvisor-tool $MODULE, daemon $DAEMON, run directory $RUN"
 set +e

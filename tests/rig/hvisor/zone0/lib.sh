@@ -18,7 +18,9 @@ daemon_start() {
     : > "$BRIDGE_LOG"
     rm -f /tmp/bridge.pid
     if [ "$kind" = ours ]; then
-        set -- --config "$cfg" --runtime-dir /tmp/bridge
+        # BRIDGE_ARGS: extra options (bench.sh --bridge-args), split into words on purpose.
+        # shellcheck disable=SC2086
+        set -- --config "$cfg" --runtime-dir /tmp/bridge ${BRIDGE_ARGS:-}
         # The readiness file, where this build of the bridge has it.
         if "$RIG/bin/hvisor-vhost-bridge" --help 2>&1 | grep -q -- --pid-file; then
             set -- "$@" --pid-file /tmp/bridge.pid
@@ -145,4 +147,33 @@ log_wait() {
         sleep 0.1
     done
     z0mark "log-wait ok: $1"
+}
+
+# cpu_ticks PID: user+system clock ticks of PID and every process below it (the daemon and the
+# backends it spawned; with the reaped children's), from one read of every /proc/N/stat.
+cpu_ticks() {
+    cat /proc/[0-9]*/stat 2> /dev/null | awk -v root="$1" '
+        { ppid[$1] = $4; t[$1] = $14 + $15 + $16 + $17; comm[$1] = substr($2, 2, length($2) - 2) }
+        END {
+            tree[root] = 1
+            do {
+                more = 0
+                for (p in ppid) if (!(p in tree) && (ppid[p] in tree)) { tree[p] = 1; more = 1 }
+            } while (more)
+            n = 0; sum = 0; by = ""
+            for (p in tree) if (p in t) { n++; sum += t[p]; by = by comm[p] ":" t[p] "," }
+            printf "@Z0 cpu ticks=%d procs=%d by=%s@\n", sum, n, by
+        }'
+}
+
+# console_bench BYTES: zone1 sends BYTES random bytes (bench's console row); zone0 reads until
+# they all came or none came for a second (a daemon that drops bytes), then their count and md5.
+console_bench() {
+    Z1_ID=$((Z1_ID + 1))
+    printf '\n%s bulk_tx_timed %s\n' "$Z1_ID" "$1" >&4
+    z1_read "@Z1 bulk-tx " || return 1
+    rigload recv "$1" 1000 60000 <&4 > /tmp/hvc.rx
+    z0mark "console-bench got_bytes=$(wc -c < /tmp/hvc.rx) got_md5=$(md5sum < /tmp/hvc.rx | cut -d' ' -f1)"
+    rm -f /tmp/hvc.rx
+    z1_read "@Z1 DONE $Z1_ID rc="
 }
