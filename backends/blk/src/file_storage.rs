@@ -601,6 +601,19 @@ mod tests {
         (temp, storage)
     }
 
+    /// A 64 KiB image opened O_DIRECT with `engine`.
+    fn direct_image(engine: IoEngine) -> (TempFile, FileStorage) {
+        let temp = TempFile::new().unwrap();
+        temp.as_file().set_len(1 << 16).unwrap();
+        let options = StorageOptions {
+            direct: true,
+            engine,
+            ..Default::default()
+        };
+        let storage = FileStorage::open(temp.as_path(), &options).unwrap();
+        (temp, storage)
+    }
+
     fn slices<'a>(mem: &'a GuestMemoryMmap, ranges: &[(u64, usize)]) -> Vec<VolatileSlice<'a>> {
         ranges
             .iter()
@@ -800,14 +813,7 @@ mod tests {
     fn direct_write_from_pfnmap_memory_falls_back_to_the_bounce_buffer() {
         let page = vvar_page();
         for engine in ENGINES {
-            let temp = TempFile::new().unwrap();
-            temp.as_file().set_len(1 << 16).unwrap();
-            let options = StorageOptions {
-                direct: true,
-                engine,
-                ..Default::default()
-            };
-            let storage = FileStorage::open(temp.as_path(), &options).unwrap();
+            let (temp, storage) = direct_image(engine);
             // What the engine meets on its own: the kernel cannot pin the page.
             let iov = [libc::iovec {
                 iov_base: page.ptr_guard().as_ptr().cast_mut().cast(),
@@ -898,14 +904,7 @@ mod tests {
     #[test]
     fn direct_io_on_a_real_file() {
         for engine in ENGINES {
-            let temp = TempFile::new().unwrap();
-            temp.as_file().set_len(1 << 16).unwrap();
-            let options = StorageOptions {
-                direct: true,
-                engine,
-                ..Default::default()
-            };
-            let storage = FileStorage::open(temp.as_path(), &options).unwrap();
+            let (temp, storage) = direct_image(engine);
             let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
             mem.write_slice(&[5u8; 1024], GuestAddress(0x1001)).unwrap();
             let unaligned = slices(&mem, &[(0x1001, 1024)]);
