@@ -499,13 +499,15 @@ impl Bridge {
 
     /// Injects again the asserted lines whose backends signalled in the last batch.
     fn reinject_owed(&mut self) {
-        let now = Instant::now();
+        // Read the clock only when a line is owed: this runs after every batch of events.
+        let mut now = None;
         for index in 0..self.devices.len() {
             let dev = &mut self.devices[index];
             if std::mem::take(&mut dev.reinject_owed)
                 && dev.transport.line_asserted()
                 && dev.transport.interrupt_status() != 0
             {
+                let now = *now.get_or_insert_with(Instant::now);
                 self.reinject(index, now);
             }
         }
