@@ -1537,21 +1537,23 @@ mod tests {
         };
         let sim = SimHypervisor::with_options(vec![zone(vec![(WINDOW, 0x4000)])], options).unwrap();
         let hsm = sim.hsm();
-        // 76 goes in the same drain batch, after 78: once it is pending, 78 was handled.
-        let inject = || {
+        // The marker goes in the same drain batch, after 78: once it is pending, 78 was
+        // handled. Each round takes a fresh marker, because a consumed marker stays active
+        // and the drain may run before the guest waits on it again.
+        let inject = |marker: u32| {
             hsm.bridge().push_result(1, 78).unwrap();
-            hsm.bridge().push_result(1, 76).unwrap();
+            hsm.bridge().push_result(1, marker).unwrap();
             hsm.finish_req().unwrap();
-            assert!(sim.wait_irq(1, 76, LONG));
+            assert!(sim.wait_irq(1, marker, LONG), "marker {marker} delivered");
         };
-        inject();
+        inject(70);
         assert!(sim.wait_irq(1, 78, LONG));
         // The guest is inside its handler: hvisor finds the IRQ active and drops this one.
-        inject();
+        inject(71);
         assert_eq!(sim.stats().irqs_dropped_active, 1);
         // Waiting again ends the handler; the dropped injection never arrives.
         assert!(!sim.wait_irq(1, 78, Duration::from_millis(10)));
-        inject();
+        inject(72);
         assert!(
             sim.wait_irq(1, 78, LONG),
             "delivered once the guest is done"
