@@ -35,11 +35,23 @@ const DEVICE_BACKEND_REQ_SLOT: u64 = 0xfffe;
 /// How many empty ring polls between looks at the other fds while spinning.
 const POLLS_PER_EPOLL: u32 = 32;
 
+/// Default [`LoopOptions::ack_spin`], in microseconds.
+pub const ACK_SPIN_DEFAULT_US: u64 = 0;
+
+/// Upper bounds, in microseconds, of the [`LoopStats::ack_gaps`] buckets; the last bucket
+/// takes the rest.
+pub const ACK_GAP_BOUNDS_US: [u64; 7] = [100, 250, 500, 1_000, 2_000, 4_000, 8_000];
+
 /// Event-loop tuning.
 #[derive(Debug, Clone, Copy)]
 pub struct LoopOptions {
     /// Keep polling the ring this long after the last activity before sleeping.
     pub spin: Duration,
+    /// Keep polling this long after injecting an interrupt that the guest has not ACKed
+    /// yet: its InterruptStatus read and InterruptACK write are certain to follow, and each
+    /// that finds the bridge asleep pays a full hypervisor wakeup while a vCPU of the guest
+    /// spins for the reply.
+    pub ack_spin: Duration,
     /// Sleep at most this long: the guard against a wakeup the hypervisor never sends.
     pub guard_timeout: Duration,
     /// Ask the hypervisor which zones run at most this often, and only when idle: hvisor
@@ -57,6 +69,7 @@ impl Default for LoopOptions {
     fn default() -> Self {
         Self {
             spin: Duration::from_micros(50),
+            ack_spin: Duration::from_micros(ACK_SPIN_DEFAULT_US),
             guard_timeout: Duration::from_millis(100),
             zone_poll: Some(Duration::from_secs(1)),
             reinject: Some(Duration::from_millis(10)),
@@ -204,6 +217,9 @@ pub struct LoopStats {
     pub reconnects: u64,
     /// Zones seen running and then gone, whose devices were reset.
     pub zone_resets: u64,
+    /// Time from an injection to the guest's InterruptACK, bucketed by
+    /// [`ACK_GAP_BOUNDS_US`]: what [`LoopOptions::ack_spin`] has to cover.
+    pub ack_gaps: [u64; ACK_GAP_BOUNDS_US.len() + 1],
 }
 
 /// The bridge: devices plus the HSM, driven by [`Bridge::run`].
@@ -354,7 +370,8 @@ impl Bridge {
                 last_activity = now;
                 continue;
             }
-            if now.duration_since(last_activity) < self.options.spin {
+            let idle = now.duration_since(last_activity);
+            if idle < self.options.spin || (idle < self.options.ack_spin && self.ack_due(now)) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -727,6 +744,14 @@ impl Bridge {
         self.stats.zone_resets += 1;
     }
 
+    /// Whether an injection younger than the ACK spin awaits the guest's ACK.
+    fn ack_due(&self, now: Instant) -> bool {
+        self.devices.iter().any(|d| {
+            d.transport.line_asserted()
+                && now.saturating_duration_since(d.last_injection) < self.options.ack_spin
+        })
+    }
+
     /// Injects device `index`'s line (the transport said it was not asserted).
     fn raise(&mut self, index: usize) {
         let zone = self.devices[index].zone;
@@ -788,6 +813,12 @@ impl Bridge {
             let now_asserted = dev.transport.line_asserted();
             self.reply(req, 0);
             if was_asserted && !now_asserted {
+                let gap = self.devices[index].last_injection.elapsed().as_micros();
+                let bucket = ACK_GAP_BOUNDS_US
+                    .iter()
+                    .position(|&bound| gap < u128::from(bound))
+                    .unwrap_or(ACK_GAP_BOUNDS_US.len());
+                self.stats.ack_gaps[bucket] += 1;
                 self.retry_deferred(zone);
             }
             if effect.inject_interrupt {

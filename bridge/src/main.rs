@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use hvisor_bridge::config::{Config, ConfigError};
-use hvisor_bridge::event_loop::LoopOptions;
+use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, ACK_SPIN_DEFAULT_US};
 use hvisor_bridge::supervisor::BackendPrograms;
 use hvisor_bridge::BridgeOptions;
 use hvisor_hsm::{DevHvisor, Hsm, HvisorAbi, ProviderHsm};
@@ -32,6 +32,10 @@ struct Args {
     /// Busy-poll the request ring this many microseconds after the last request before sleeping.
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
+    /// Busy-poll this many microseconds after injecting an interrupt the guest has not
+    /// acknowledged yet: its status read and acknowledgement come next.
+    #[arg(long, default_value_t = ACK_SPIN_DEFAULT_US)]
+    ack_spin_us: u64,
     /// Longest sleep without a wakeup (guards against a lost hypervisor wakeup).
     #[arg(long, default_value_t = 100)]
     guard_timeout_ms: u64,
@@ -161,6 +165,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         reconnect_timeout: Duration::from_secs(args.reconnect_timeout_s),
         loop_options: LoopOptions {
             spin: Duration::from_micros(args.spin_us),
+            ack_spin: Duration::from_micros(args.ack_spin_us),
             guard_timeout: Duration::from_millis(args.guard_timeout_ms.max(1)),
             zone_poll: (args.zone_poll_ms > 0).then(|| Duration::from_millis(args.zone_poll_ms)),
             reinject: (args.reinject_ms > 0).then(|| Duration::from_millis(args.reinject_ms)),
@@ -189,17 +194,34 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     log::info!(
         "stopping: {} requests, {} interrupts, {} sleeps, {} guard wakeups, {} zone resets, \
-         {} re-injections",
+         {} re-injections, injection-to-ACK gaps {}",
         stats.requests,
         stats.interrupts,
         stats.sleeps,
         stats.guard_wakeups,
         stats.zone_resets,
-        stats.reinjections
+        stats.reinjections,
+        ack_gap_summary(&stats.ack_gaps)
     );
     drop(running);
     let _ = std::fs::remove_dir(&runtime_dir);
     Ok(())
+}
+
+/// "<100µs:3 <250µs:10 ... >=8000µs:1": every bucket, so that scripts see the same keys.
+fn ack_gap_summary(gaps: &[u64]) -> String {
+    let labels = ACK_GAP_BOUNDS_US
+        .iter()
+        .map(|bound| format!("<{bound}µs"))
+        .chain(std::iter::once(format!(
+            ">={}µs",
+            ACK_GAP_BOUNDS_US[ACK_GAP_BOUNDS_US.len() - 1]
+        )));
+    labels
+        .zip(gaps)
+        .map(|(label, count)| format!("{label}:{count}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The `--pid-file`, removed when dropped.

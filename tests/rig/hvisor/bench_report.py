@@ -20,8 +20,11 @@ def parse(path):
                 kv = dict(re.findall(r"(\w+)=(\S+)", line))
                 phases[kv.pop("phase")] = kv
             elif line.startswith("BENCH bridge "):
-                bridge = {k: int(v) for v, k in
-                          re.findall(r"(\d+) ([a-z][a-z -]*[a-z])", line[len("BENCH bridge "):])}
+                counters = line[len("BENCH bridge "):]
+                bridge = {k: int(v) for v, k in re.findall(r"(\d+) ([a-z][a-z -]*[a-z])", counters)}
+                # Injection-to-ACK gap buckets: "<100µs:3 ... >=8000µs:1".
+                bridge.update({"ACK %s%sµs" % (op, bound): int(v) for op, bound, v in
+                               re.findall(r"(<|>=)(\d+)µs:(\d+)", counters)})
     for p in ("start", "zone1-boot", "write", "read", "rand", "console"):
         if p not in phases:
             sys.exit("bench_report: phase %s missing from %s (rerun with --keep)" % (p, path))
@@ -141,6 +144,10 @@ def main():
         print()
         print("Bridge counters per boot (its `stopping:` line; medians [min–max]): " + ", ".join(
             "%s %s" % (k, cell([{"v": float(b[k])} for b in bridges], "v", True)) for k in keys))
+    # Speed is reported, never asserted; a byte our side lost is a failure.
+    lost = [r for r in ours if r["con_lost"] != 0 or not r["con_md5"]]
+    if lost:
+        sys.exit("bench_report: our console lost bytes or failed md5 in %d of %d boots" % (len(lost), len(ours)))
 
 
 if __name__ == "__main__":

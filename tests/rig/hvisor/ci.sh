@@ -19,4 +19,8 @@ tests/rig/hvisor/setup.sh
 rc=0
 tests/rig/hvisor/run.sh --module b17d9dd --xfail "$XFAIL_b17d9dd" || rc=1
 tests/rig/hvisor/run.sh --module 7e55b1b --xfail "$XFAIL_7e55b1b" || rc=1
+# The benchmark against hvisor-tool's daemon, in its short form (one boot pair, small sizes), so
+# that the script behind docs/performance.md cannot rot. Its figures are printed, not asserted:
+# the machine is shared and noisy; every phase must complete and the report must be produced.
+RIG_NO_CARGO=1 tests/rig/hvisor/bench.sh --pairs 1 --mib 4 --rand 100 --console-bytes 16384 || rc=1
 exit "$rc"
