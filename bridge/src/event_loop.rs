@@ -35,8 +35,8 @@ const DEVICE_BACKEND_REQ_SLOT: u64 = 0xfffe;
 /// How many empty ring polls between looks at the other fds while spinning.
 const POLLS_PER_EPOLL: u32 = 32;
 
-/// Default [`LoopOptions::ack_spin`], in microseconds.
-pub const ACK_SPIN_DEFAULT_US: u64 = 0;
+/// Default [`LoopOptions::await_spin`], in microseconds.
+pub const AWAIT_SPIN_DEFAULT_US: u64 = 0;
 
 /// Upper bounds, in microseconds, of the [`LoopStats::ack_gaps`] buckets; the last bucket
 /// takes the rest.
@@ -47,11 +47,12 @@ pub const ACK_GAP_BOUNDS_US: [u64; 7] = [100, 250, 500, 1_000, 2_000, 4_000, 8_0
 pub struct LoopOptions {
     /// Keep polling the ring this long after the last activity before sleeping.
     pub spin: Duration,
-    /// Keep polling this long after injecting an interrupt that the guest has not ACKed
-    /// yet: its InterruptStatus read and InterruptACK write are certain to follow, and each
-    /// that finds the bridge asleep pays a full hypervisor wakeup while a vCPU of the guest
-    /// spins for the reply.
-    pub ack_spin: Duration,
+    /// Keep polling this long after an event whose answer is certain to follow: a
+    /// QueueNotify the backend has not answered with a used-buffer signal yet, or an
+    /// injection the guest has not ACKed yet (its InterruptStatus read and InterruptACK come
+    /// next). Each of those that finds the bridge asleep pays a full wakeup, and for the
+    /// guest's accesses a vCPU of the guest spins on the reply meanwhile.
+    pub await_spin: Duration,
     /// Sleep at most this long: the guard against a wakeup the hypervisor never sends.
     pub guard_timeout: Duration,
     /// Ask the hypervisor which zones run at most this often, and only when idle: hvisor
@@ -69,7 +70,7 @@ impl Default for LoopOptions {
     fn default() -> Self {
         Self {
             spin: Duration::from_micros(50),
-            ack_spin: Duration::from_micros(ACK_SPIN_DEFAULT_US),
+            await_spin: Duration::from_micros(AWAIT_SPIN_DEFAULT_US),
             guard_timeout: Duration::from_millis(100),
             zone_poll: Some(Duration::from_secs(1)),
             reinject: Some(Duration::from_millis(10)),
@@ -145,6 +146,9 @@ pub struct BridgeDevice {
     reinject_owed: bool,
     /// When the line was last injected (the re-injection timer counts from here).
     last_injection: Instant,
+    /// When the guest last wrote QueueNotify, until the backend signals a used buffer: its
+    /// answer is on the way.
+    kicked_at: Option<Instant>,
     /// How to bring the backend back; `None` fails the device on hang-up instead.
     reconnect: Option<Reconnect>,
     /// The backend process, when the bridge started it.
@@ -170,6 +174,7 @@ impl BridgeDevice {
             deferred: false,
             reinject_owed: false,
             last_injection: Instant::now(),
+            kicked_at: None,
             reconnect: None,
             process: None,
             reconnecting: false,
@@ -218,7 +223,7 @@ pub struct LoopStats {
     /// Zones seen running and then gone, whose devices were reset.
     pub zone_resets: u64,
     /// Time from an injection to the guest's InterruptACK, bucketed by
-    /// [`ACK_GAP_BOUNDS_US`]: what [`LoopOptions::ack_spin`] has to cover.
+    /// [`ACK_GAP_BOUNDS_US`]: part of what [`LoopOptions::await_spin`] has to cover.
     pub ack_gaps: [u64; ACK_GAP_BOUNDS_US.len() + 1],
 }
 
@@ -371,7 +376,7 @@ impl Bridge {
                 continue;
             }
             let idle = now.duration_since(last_activity);
-            if idle < self.options.spin || (idle < self.options.ack_spin && self.ack_due(now)) {
+            if idle < self.options.spin || (idle < self.options.await_spin && self.awaiting(now)) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -496,6 +501,7 @@ impl Bridge {
             return;
         }
         if dev.transport.backend().take_call(slot as usize) {
+            dev.kicked_at = None;
             if dev.transport.signal_used_buffer() {
                 self.raise(index - 1);
             } else {
@@ -744,11 +750,13 @@ impl Bridge {
         self.stats.zone_resets += 1;
     }
 
-    /// Whether an injection younger than the ACK spin awaits the guest's ACK.
-    fn ack_due(&self, now: Instant) -> bool {
+    /// Whether an answer younger than the await spin is owed: the backend's to a kick, or
+    /// the guest's ACK of an injection.
+    fn awaiting(&self, now: Instant) -> bool {
+        let recent = |t: Instant| now.saturating_duration_since(t) < self.options.await_spin;
         self.devices.iter().any(|d| {
-            d.transport.line_asserted()
-                && now.saturating_duration_since(d.last_injection) < self.options.ack_spin
+            d.kicked_at.is_some_and(recent)
+                || (d.transport.line_asserted() && recent(d.last_injection))
         })
     }
 
@@ -808,6 +816,11 @@ impl Bridge {
         let offset = req.address - dev.base;
         let zone = dev.zone;
         if req.is_write != 0 {
+            if offset == u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY)
+                && self.options.await_spin > Duration::ZERO
+            {
+                dev.kicked_at = Some(Instant::now());
+            }
             let was_asserted = dev.transport.line_asserted();
             let effect = dev.transport.write(offset, size, req.value);
             let now_asserted = dev.transport.line_asserted();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use hvisor_bridge::config::{Config, ConfigError};
-use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, ACK_SPIN_DEFAULT_US};
+use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, AWAIT_SPIN_DEFAULT_US};
 use hvisor_bridge::supervisor::BackendPrograms;
 use hvisor_bridge::BridgeOptions;
 use hvisor_hsm::{DevHvisor, Hsm, HvisorAbi, ProviderHsm};
@@ -32,10 +32,11 @@ struct Args {
     /// Busy-poll the request ring this many microseconds after the last request before sleeping.
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
-    /// Busy-poll this many microseconds after injecting an interrupt the guest has not
-    /// acknowledged yet: its status read and acknowledgement come next.
-    #[arg(long, default_value_t = ACK_SPIN_DEFAULT_US)]
-    ack_spin_us: u64,
+    /// Busy-poll up to this many microseconds while an answer is certain to come: after a
+    /// queue notify the backend has not answered yet, and after an interrupt the guest has
+    /// not acknowledged yet.
+    #[arg(long, default_value_t = AWAIT_SPIN_DEFAULT_US)]
+    await_spin_us: u64,
     /// Longest sleep without a wakeup (guards against a lost hypervisor wakeup).
     #[arg(long, default_value_t = 100)]
     guard_timeout_ms: u64,
@@ -165,7 +166,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         reconnect_timeout: Duration::from_secs(args.reconnect_timeout_s),
         loop_options: LoopOptions {
             spin: Duration::from_micros(args.spin_us),
-            ack_spin: Duration::from_micros(args.ack_spin_us),
+            await_spin: Duration::from_micros(args.await_spin_us),
             guard_timeout: Duration::from_millis(args.guard_timeout_ms.max(1)),
             zone_poll: (args.zone_poll_ms > 0).then(|| Duration::from_millis(args.zone_poll_ms)),
             reinject: (args.reinject_ms > 0).then(|| Duration::from_millis(args.reinject_ms)),
