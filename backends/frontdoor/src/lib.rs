@@ -14,10 +14,12 @@
 //! Every other message passes through unchanged, with its file descriptors. See the README
 //! for the design.
 
+mod error;
 mod message;
 mod notifier;
 pub mod process;
 mod session;
+mod state;
 
 use std::ffi::OsString;
 use std::fs::{self, Permissions};
@@ -34,76 +36,13 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::mmap::NewBitmap;
 use vmm_sys_util::tempdir::TempDir;
 
+pub use error::{Error, Peer};
 pub use message::MessageError;
 pub use notifier::{ConfigNotifier, Delivery};
 pub use session::Session;
 
 /// Mode of the public socket: only the backend's user may connect.
 const SOCKET_MODE: u32 = 0o600;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{} exists and is not a socket", .0.display())]
-    NotASocket(PathBuf),
-    #[error("Socket {} is in use by a running backend", .0.display())]
-    SocketInUse(PathBuf),
-    #[error("Socket path {} must be a UTF-8 path naming a file", .0.display())]
-    InvalidPath(PathBuf),
-    #[error("Cannot create the socket {}", path.display())]
-    Listen {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("Cannot accept a connection")]
-    Accept(#[source] io::Error),
-    #[error("Cannot create the daemon's private socket")]
-    PrivateSocket(#[source] io::Error),
-    #[error("Cannot start the vhost-user daemon: {0}")]
-    StartDaemon(vhost_user_backend::Error),
-    #[error("The vhost-user daemon did not connect to the front door")]
-    DaemonMissing,
-    #[error("Cannot set up the session relay")]
-    SessionSetup(#[source] io::Error),
-    #[error("Cannot read a message from the {peer}")]
-    Receive {
-        peer: Peer,
-        #[source]
-        source: MessageError,
-    },
-    #[error("Cannot forward a message to the {peer}")]
-    Forward {
-        peer: Peer,
-        #[source]
-        source: io::Error,
-    },
-    #[error("Cannot create the backend channel relay")]
-    Relay(#[source] io::Error),
-    #[error("Cannot use the backend channel")]
-    BackendChannel(#[source] MessageError),
-    #[error("The frontend closed the backend channel")]
-    BackendChannelClosed,
-    #[error("Unexpected reply on the backend channel: {0}")]
-    UnexpectedReply(String),
-    #[error("The frontend answered the configuration change with error {0:#x}")]
-    Refused(u64),
-}
-
-/// The two ends of a session.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Peer {
-    Frontend,
-    Daemon,
-}
-
-impl std::fmt::Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Peer::Frontend => "frontend",
-            Peer::Daemon => "vhost-user daemon",
-        })
-    }
-}
 
 /// The public socket frontends connect to.
 ///

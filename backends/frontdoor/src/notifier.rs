@@ -9,8 +9,7 @@
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -18,9 +17,9 @@ use log::warn;
 use vhost::vhost_user::message::{BackendReq, VhostUserHeaderFlag};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
-use crate::message::{read_message, write_message, Header, Message, MessageError};
-use crate::session::{error_chain, lock, SessionState};
-use crate::Error;
+use crate::error::{error_chain, Error};
+use crate::message::{read_message, write_message, Header, Message};
+use crate::state::{Exchange, SessionState};
 
 /// How long the frontend may take to acknowledge a backend request. Past that the channel
 /// is out of step (a late reply would answer the next request), so it is dropped.
@@ -36,69 +35,6 @@ pub enum Delivery {
     /// Not sent: the frontend has not negotiated BACKEND_REQ and CONFIG, has not set up the
     /// channel yet, or has gone. It sees the change on its next configuration read.
     NoChannel,
-}
-
-/// The frontend's end of the backend channel, plus what the frontend negotiated.
-#[derive(Debug, Default)]
-pub(crate) struct BackendChannel {
-    /// Protocol features from the frontend's SET_PROTOCOL_FEATURES.
-    acked_features: AtomicU64,
-    /// The outer lock only swaps channels; the inner one is held for a request and its reply.
-    stream: Mutex<Option<Arc<Mutex<UnixStream>>>>,
-}
-
-/// What came of one request on the channel.
-#[derive(Debug)]
-enum Exchange {
-    NoChannel,
-    Sent,
-    Replied(Message),
-}
-
-impl BackendChannel {
-    pub(crate) fn set_acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Release);
-    }
-
-    pub(crate) fn acked_features(&self) -> u64 {
-        self.acked_features.load(Ordering::Acquire)
-    }
-
-    fn install(&self, stream: UnixStream) {
-        *lock(&self.stream) = Some(Arc::new(Mutex::new(stream)));
-    }
-
-    pub(crate) fn close(&self) {
-        *lock(&self.stream) = None;
-    }
-
-    /// Sends `request` and, if it asks for one, waits for the reply. A channel that fails
-    /// is dropped: after a lost or garbled reply it can no longer pair replies with requests.
-    fn request(&self, request: &Message) -> Result<Exchange, Error> {
-        let Some(channel) = lock(&self.stream).clone() else {
-            return Ok(Exchange::NoChannel);
-        };
-        let result = exchange(&lock(&channel), request);
-        if result.is_err() {
-            let mut current = lock(&self.stream);
-            if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &channel)) {
-                *current = None;
-            }
-        }
-        result
-    }
-}
-
-fn exchange(stream: &UnixStream, request: &Message) -> Result<Exchange, Error> {
-    write_message(stream, request).map_err(|e| Error::BackendChannel(MessageError::Io(e)))?;
-    if !request.header.has_flag(VhostUserHeaderFlag::NEED_REPLY) {
-        return Ok(Exchange::Sent);
-    }
-    match read_message(stream) {
-        Ok(Some(reply)) => Ok(Exchange::Replied(reply)),
-        Ok(None) => Err(Error::BackendChannelClosed),
-        Err(e) => Err(Error::BackendChannel(e)),
-    }
 }
 
 /// Pushes configuration-change notifications to one session's frontend. Cheap to clone and
@@ -227,6 +163,7 @@ fn relay_daemon_requests(state: &SessionState, from_daemon: &UnixStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::BackendChannel;
 
     fn reply(request: BackendReq, flags: u32, body: &[u8]) -> Message {
         Message {

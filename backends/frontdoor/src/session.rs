@@ -3,10 +3,8 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::mem::size_of;
-use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 use log::{debug, error};
@@ -17,77 +15,10 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vm_memory::ByteValued;
 
+use crate::error::{error_chain, Error, Peer};
 use crate::message::{read_message, write_message, Header, Message, MessageError};
-use crate::notifier::{self, BackendChannel, ConfigNotifier};
-use crate::{Error, Peer};
-
-/// State shared by the relay threads of a session and its [`ConfigNotifier`]s.
-#[derive(Debug, Default)]
-pub(crate) struct SessionState {
-    pub(crate) channel: BackendChannel,
-    ended: AtomicBool,
-    /// A handle on every socket of the session, all shut down together when it ends.
-    sockets: Mutex<Vec<UnixStream>>,
-    /// Threads relaying the daemon's own backend requests (see `notifier`).
-    relays: Mutex<Vec<JoinHandle<()>>>,
-    /// Acknowledgements the daemon owes for SET_VRING_ENABLE requests the front door replayed
-    /// (see [`VringEnables`]): consumed, never forwarded to the frontend.
-    replayed_acks: AtomicUsize,
-}
-
-impl SessionState {
-    pub(crate) fn ended(&self) -> bool {
-        self.ended.load(Ordering::Acquire)
-    }
-
-    /// Ends the session: every socket is shut down, so that every thread blocked on one
-    /// returns. True for the caller that ended it, false if it had already ended.
-    fn end(&self) -> bool {
-        if self.ended.swap(true, Ordering::AcqRel) {
-            return false;
-        }
-        for socket in lock(&self.sockets).iter() {
-            // Already disconnected sockets report ENOTCONN; nothing more to do for them.
-            let _ = socket.shutdown(Shutdown::Both);
-        }
-        true
-    }
-
-    /// Adds `socket` to the ones shut down at the end (at once if the session has ended).
-    pub(crate) fn track(&self, socket: &UnixStream) -> io::Result<()> {
-        let handle = socket.try_clone()?;
-        let mut sockets = lock(&self.sockets);
-        if self.ended() {
-            let _ = handle.shutdown(Shutdown::Both);
-        }
-        sockets.push(handle);
-        Ok(())
-    }
-
-    pub(crate) fn add_relay(&self, relay: JoinHandle<()>) {
-        lock(&self.relays).push(relay);
-    }
-
-    /// Consumes `reply` if it acknowledges a SET_VRING_ENABLE that the front door replayed.
-    /// The daemon answers in order, so the next such replies are ours.
-    fn take_replayed_ack(&self, reply: &Message) -> bool {
-        let is_enable_ack = reply.header.request == u32::from(FrontendReq::SET_VRING_ENABLE)
-            && reply.header.has_flag(VhostUserHeaderFlag::REPLY);
-        if !is_enable_ack
-            || self
-                .replayed_acks
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                .is_err()
-        {
-            return false;
-        }
-        match <[u8; 8]>::try_from(reply.body.as_slice()).map(u64::from_ne_bytes) {
-            Ok(0) => debug!("The daemon enabled a ring held back for SET_FEATURES"),
-            status => error!("The daemon refused a held-back SET_VRING_ENABLE: {status:?}"),
-        }
-        true
-    }
-}
+use crate::notifier::{self, ConfigNotifier};
+use crate::state::{lock, SessionState};
 
 /// A frontend connected through the front door. Dropping it leaves the relay running; call
 /// [`Session::wait`] to learn when the session is over.
@@ -182,8 +113,7 @@ impl Session {
             }
         }
         // The pumps have ended the session, which stops the relays.
-        let relays: Vec<_> = lock(&self.state.relays).drain(..).collect();
-        for relay in relays {
+        for relay in self.state.take_relays() {
             let _ = relay.join();
         }
         self.state.channel.close();
@@ -379,7 +309,7 @@ impl VringEnables {
             let body = VhostUserVringState::new(index, num).as_slice().to_vec();
             routed.forward.push(Message::new(header, body));
             if reply_ack {
-                state.replayed_acks.fetch_add(1, Ordering::AcqRel);
+                state.expect_replayed_ack();
             }
         }
         routed
@@ -424,23 +354,6 @@ fn is_hang_up(error: &io::Error) -> bool {
 }
 
 /// "error: cause: cause" for one log line.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use vhost::vhost_user::message::VhostUserHeaderFlag;
@@ -573,7 +486,7 @@ mod tests {
             u32::from(FrontendReq::SET_FEATURES)
         );
         assert_eq!(replayed, [(0, 1), (1, 0)]);
-        assert_eq!(state.replayed_acks.load(Ordering::Acquire), 2);
+        assert_eq!(state.owed_replayed_acks(), 2);
         // Their acks are consumed, other replies pass.
         let ack = Message::ack(FrontendReq::SET_VRING_ENABLE.into(), 0);
         let other = Message::ack(FrontendReq::SET_FEATURES.into(), 0);
@@ -589,7 +502,7 @@ mod tests {
         assert!(enables.route(&state, vring_enable(0, 1)).forward.is_empty());
         // Without PROTOCOL_FEATURES in SET_FEATURES they are dropped.
         assert_eq!(enables.route(&state, set_features(0)).forward.len(), 1);
-        assert_eq!(state.replayed_acks.load(Ordering::Acquire), 0);
+        assert_eq!(state.owed_replayed_acks(), 0);
     }
 
     #[test]
