@@ -216,6 +216,9 @@ class Rig:
             self.sh("BRIDGE_ARGS='%s'" % a.bridge_args)
         start = self.daemon_pos = c.pos
         self.sh("daemon_start %s %s" % (a.daemon, cfg))
+        # The daemon's first lines (its pid among them) may come before the shell's status
+        # marker: look for them from where the command was typed.
+        c.pos = start
         ready = False
         detail = ""
         try:
