@@ -20,7 +20,7 @@
 #   --qd-rand        4 KiB random O_DIRECT reads at that depth, and as many writes (default 4000)
 #   --console-bytes  console transfer, zone1 -> zone0 and then zone0 -> zone1 (default 262144)
 #   --net-mib        MiB of TCP each way over zone0's TAP, zone1 -> zone0 then zone0 -> zone1
-#                    (default 4); 0 leaves zone1 without net and the table without net rows
+#                    (default 2); 0 leaves zone1 without net and the table without net rows
 #   --pings          pings zone1 -> zone0, 50 ms apart, for the mean round trip (default 100)
 #   --module         hvisor-tool commit of hvisor.ko and the CLI (default b17d9dd)
 #   --bridge-args    extra options for our bridge, e.g. "--spin-us 0"
@@ -37,7 +37,7 @@ RAND=1000
 QD=32
 QD_RAND=4000
 CONSOLE=262144
-NET_MIB=4
+NET_MIB=2
 PINGS=100
 MODULE=b17d9dd
 BRIDGE_ARGS=""

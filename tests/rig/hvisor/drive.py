@@ -692,7 +692,7 @@ def main():
                    help="bench: 4 KiB random reads, and as many writes, at the deep queue")
     p.add_argument("--bench-console", type=int, default=256 << 10,
                    help="bench: console bytes, each way")
-    p.add_argument("--bench-net-mib", type=int, default=4,
+    p.add_argument("--bench-net-mib", type=int, default=2,
                    help="bench: MiB of TCP each way (0: no net device, no net rows)")
     p.add_argument("--bench-pings", type=int, default=100, help="bench: pings, 50 ms apart")
     p.add_argument("--bridge-args", default="", help="extra options for our bridge")

@@ -32,7 +32,7 @@
 #   32), RIG_BENCH_RAND (4 KiB random reads, and as many writes, at QD1; default 1000),
 #   RIG_BENCH_QD (default 32), RIG_BENCH_QD_RAND (4 KiB random reads, and as many writes, at
 #   that depth; default 4000), RIG_BENCH_CONSOLE (bytes each way, default 262144),
-#   RIG_BENCH_NET_MIB (TCP each way, default 4; 0: no net device), RIG_BENCH_PINGS (default
+#   RIG_BENCH_NET_MIB (TCP each way, default 2; 0: no net device), RIG_BENCH_PINGS (default
 #   100), RIG_BRIDGE_ARGS (extra options for our bridge, e.g. "--spin-us 0").
 set -euo pipefail
 
@@ -71,7 +71,7 @@ BENCH=0
 case ",$TESTS," in *,bench,*) BENCH=1 ;; esac
 # The bench's net rows, and with them zone1's net device (both daemons serve one on the TAP).
 BENCH_NET=0
-[ "$BENCH" = 1 ] && [ "${RIG_BENCH_NET_MIB:-4}" != 0 ] && BENCH_NET=1
+[ "$BENCH" = 1 ] && [ "${RIG_BENCH_NET_MIB:-2}" != 0 ] && BENCH_NET=1
 if [ "$BENCH" = 1 ] && [ ! -x "${RIG_LOAD_BIN:-}" ]; then
     echo "run.sh: --test bench needs RIG_LOAD_BIN (bench.sh builds it)" >&2
     exit 2
@@ -303,7 +303,7 @@ DRIVE=(python3 "$RIG_DIR/drive.py" --qemu-argv "$GEN/qemu.argv" --log "$RUN/seri
 [ -n "$TESTS" ] && DRIVE+=(--tests "$TESTS")
 [ "$BENCH" = 1 ] && DRIVE+=(--bench-mib "${RIG_BENCH_MIB:-32}" --bench-rand "${RIG_BENCH_RAND:-1000}"
     --bench-qd "${RIG_BENCH_QD:-32}" --bench-qd-rand "${RIG_BENCH_QD_RAND:-4000}"
-    --bench-console "${RIG_BENCH_CONSOLE:-262144}" --bench-net-mib "${RIG_BENCH_NET_MIB:-4}"
+    --bench-console "${RIG_BENCH_CONSOLE:-262144}" --bench-net-mib "${RIG_BENCH_NET_MIB:-2}"
     --bench-pings "${RIG_BENCH_PINGS:-100}")
 # hvisor-tool's daemon: no O_DIRECT disk, and the bridge-only checks do not apply.
 [ "$DAEMON" = hvisor-tool ] && [ -z "$TESTS" ] && DRIVE+=(--tests "module,daemon-ready,zone-start,devices,blk,console,net,reset,shutdown,stop")
