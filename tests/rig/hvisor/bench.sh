@@ -2,18 +2,26 @@
 # Benchmark on the real-hvisor rig: our bridge and backends against hvisor-tool's own daemon
 # (`hvisor virtio start`). Both boot the same hvisor, zone0 and zone1 (kernel, initramfs, device
 # tree, `hvisor zone start` config), with hvisor-tool's module and CLI, and zone1's devices
-# reduced to what both daemons serve: blk on an image in zone0's tmpfs, and the console. Only
-# the zone0 daemon differs. Boots run in interleaved pairs (run.sh --test bench); in each,
-# zone1's load program (rigload.c, built here static for aarch64) times direct I/O with zone1's
-# own clock, and zone0 reads the CPU time of the daemon and its children between phases.
+# reduced to what both daemons serve: blk on an image in zone0's tmpfs, the console, and net on
+# zone0's TAP (unless --net-mib 0). Only the zone0 daemon differs. Boots run in interleaved
+# pairs (run.sh --test bench); in each, zone1's load program (rigload.c, built here static for
+# aarch64) times direct I/O with zone1's own clock, and zone0 reads the CPU time of the daemon
+# and its children between phases.
 # bench_report.py prints medians [min–max] over the pairs.
 #
-# usage: bench.sh [--pairs N] [--mib N] [--rand N] [--console-bytes N] [--module M]
-#                 [--bridge-args "OPTIONS"] [--keep]
+# usage: bench.sh [--pairs N] [--mib N] [--rand N] [--qd N] [--qd-rand N] [--console-bytes N]
+#                 [--net-mib N] [--pings N] [--module M] [--bridge-args "OPTIONS"] [--keep]
 #   --pairs          boot pairs, interleaved (default 3)
-#   --mib            MiB of the sequential write and read, 1 MiB blocks (default 32)
-#   --rand           4 KiB random O_DIRECT reads at queue depth 1 (default 1000)
-#   --console-bytes  zone1 -> zone0 console transfer (default 262144)
+#   --mib            MiB of the sequential write and read, 1 MiB blocks; the random requests
+#                    fall in the same first MiB (default 32)
+#   --rand           4 KiB random O_DIRECT reads at queue depth 1, and as many writes
+#                    (default 1000)
+#   --qd             the deep queue's depth: native AIO from one thread in zone1 (default 32)
+#   --qd-rand        4 KiB random O_DIRECT reads at that depth, and as many writes (default 4000)
+#   --console-bytes  console transfer, zone1 -> zone0 and then zone0 -> zone1 (default 262144)
+#   --net-mib        MiB of TCP each way over zone0's TAP, zone1 -> zone0 then zone0 -> zone1
+#                    (default 2); 0 leaves zone1 without net and the table without net rows
+#   --pings          pings zone1 -> zone0, 50 ms apart, for the mean round trip (default 100)
 #   --module         hvisor-tool commit of hvisor.ko and the CLI (default b17d9dd)
 #   --bridge-args    extra options for our bridge, e.g. "--spin-us 0"
 #   --keep           keep the run directories (serial logs)
@@ -26,7 +34,11 @@ BUILD=${RIG_BUILD:-$REPO/build/rig-hvisor}
 PAIRS=3
 MIB=32
 RAND=1000
+QD=32
+QD_RAND=4000
 CONSOLE=262144
+NET_MIB=2
+PINGS=100
 MODULE=b17d9dd
 BRIDGE_ARGS=""
 KEEP=0
@@ -35,7 +47,11 @@ while [ $# -gt 0 ]; do
     --pairs) PAIRS=$2; shift 2 ;;
     --mib) MIB=$2; shift 2 ;;
     --rand) RAND=$2; shift 2 ;;
+    --qd) QD=$2; shift 2 ;;
+    --qd-rand) QD_RAND=$2; shift 2 ;;
     --console-bytes) CONSOLE=$2; shift 2 ;;
+    --net-mib) NET_MIB=$2; shift 2 ;;
+    --pings) PINGS=$2; shift 2 ;;
     --module) MODULE=$2; shift 2 ;;
     --bridge-args) BRIDGE_ARGS=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
@@ -43,9 +59,10 @@ while [ $# -gt 0 ]; do
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
-for n in "$PAIRS" "$MIB" "$RAND" "$CONSOLE"; do
+for n in "$PAIRS" "$MIB" "$RAND" "$QD" "$QD_RAND" "$CONSOLE" "$PINGS"; do
     case "$n" in '' | *[!0-9]* | 0) echo "bench.sh: counts and sizes are positive integers" >&2; exit 2 ;; esac
 done
+case "$NET_MIB" in '' | *[!0-9]*) echo "bench.sh: --net-mib is an integer (0: no net)" >&2; exit 2 ;; esac
 # The image is run.sh's 64 MiB disk.
 [ "$MIB" -le 64 ] || { echo "bench.sh: --mib is at most 64" >&2; exit 2; }
 
@@ -56,7 +73,8 @@ trap cleanup EXIT
 
 aarch64-linux-gnu-gcc -static -O2 -Wall -Wextra -Werror -o "$WORK/rigload" "$RIG_DIR/rigload.c"
 
-export RIG_LOAD_BIN=$WORK/rigload RIG_BENCH_MIB=$MIB RIG_BENCH_RAND=$RAND RIG_BENCH_CONSOLE=$CONSOLE
+export RIG_LOAD_BIN=$WORK/rigload RIG_BENCH_MIB=$MIB RIG_BENCH_RAND=$RAND RIG_BENCH_QD=$QD \
+    RIG_BENCH_QD_RAND=$QD_RAND RIG_BENCH_CONSOLE=$CONSOLE RIG_BENCH_NET_MIB=$NET_MIB RIG_BENCH_PINGS=$PINGS
 run() { # run NAME DAEMON [ENV...]
     local name=$1 daemon=$2
     shift 2
@@ -79,4 +97,5 @@ for r in $(seq 1 "$PAIRS"); do
     run "tool-$r" hvisor-tool
 done
 python3 "$RIG_DIR/bench_report.py" --work "$WORK" --pairs "$PAIRS" --mib "$MIB" --rand "$RAND" \
-    --console-bytes "$CONSOLE" --module "$MODULE" --bridge-args "$BRIDGE_ARGS"
+    --qd "$QD" --qd-rand "$QD_RAND" --console-bytes "$CONSOLE" --net-mib "$NET_MIB" --pings "$PINGS" \
+    --module "$MODULE" --bridge-args "$BRIDGE_ARGS"

@@ -2,17 +2,36 @@
 """The table of bench.sh (real-hvisor rig) from its boots' outputs.
 
 Each boot's output (<work>/<ours|tool>-<n>.out, drive.py's stdout) holds one `BENCH phase=NAME
-key=value ...` line per phase: zone1's load-program figures (`mbs=`, `iops=`, `s=`) or the console
-transfer's (`bytes=`, `got=`, `md5_ok=`, `s=`), and `cpu_s=`, the zone0 CPU seconds of the daemon
-and its children during the phase (`cpu_by=NAME:S,...`: by process name). Ours also prints `BENCH bridge <the bridge's stopping line>`.
+key=value ...` line per phase: zone1's load-program figures (`mbs=`, `iops=`, `lat_us=`, `s=`),
+a console or TCP transfer's (`bytes=`, `got=`, `md5_ok=`, `s=`) or the pings' (`count=`,
+`received=`, `rtt_ms=`), or `error=` when the phase failed; `cpu_s=`, the zone0 CPU seconds
+of the daemon and its children during the phase (`cpu_by=NAME:S,...`: by process name); and
+`wall_s=`, the phase's host time. Ours also prints `BENCH bridge <the bridge's stopping line>`.
+
+Speed is printed, never asserted. The report exits nonzero when our side lost a console byte or
+a ping, failed an md5, or a phase of ours failed; hvisor-tool's losses and failures are printed.
 """
 import argparse
 import re
 import statistics
 import sys
 
+# Phase: (figure key, metric name) of its throughput or latency rows.
+LOAD = {"write": (("mbs", "write"),), "read": (("mbs", "read"),),
+        "rand": (("iops", "rand"), ("lat_us", "rand_lat")),
+        "randwrite": (("iops", "randwrite"), ("lat_us", "randwrite_lat")),
+        "rand-qd": (("iops", "randqd"), ("lat_us", "randqd_lat")),
+        "randwrite-qd": (("iops", "randwriteqd"), ("lat_us", "randwriteqd_lat"))}
+TRANSFERS = ("console", "console-rx", "net-tx", "net-rx")
+NET = ("ping", "net-tx", "net-rx")
 
-def parse(path):
+
+def phases_of(args):
+    return ["start", "zone1-boot"] + list(LOAD) + ["console", "console-rx"] + (
+        list(NET) if args.net_mib else [])
+
+
+def parse(path, args):
     phases, bridge = {}, None
     with open(path, errors="replace") as f:
         for line in f:
@@ -25,36 +44,67 @@ def parse(path):
                 # Injection-to-ACK gap buckets: "<100µs:3 ... >=8000µs:1".
                 bridge.update({"ACK %s%sµs" % (op, bound): int(v) for op, bound, v in
                                re.findall(r"(<|>=)(\d+)µs:(\d+)", counters)})
-    for p in ("start", "zone1-boot", "write", "read", "rand", "console"):
+    for p in phases_of(args):
         if p not in phases:
             sys.exit("bench_report: phase %s missing from %s (rerun with --keep)" % (p, path))
-    for p in ("write", "read", "rand"):
-        if "error" in phases[p]:
-            sys.exit("bench_report: %s failed in %s: %s" % (p, path, phases[p]["error"]))
     return phases, bridge
 
 
 def metrics(path, args):
-    ph, bridge = parse(path)
-    c = ph["console"]
-    secs = max(float(c["s"]), 1e-3)
-    m = {
-        "write": float(ph["write"]["mbs"]),
-        "read": float(ph["read"]["mbs"]),
-        "rand": float(ph["rand"]["iops"]),
-        "rand_lat": float(ph["rand"]["lat_us"]),
-        "con_rate": int(c["got"]) / 1024 / secs,
-        "con_lost": int(c["bytes"]) - int(c["got"]),
-        "con_md5": int(c["md5_ok"]),
-    }
-    for p in ("start", "zone1-boot", "write", "read", "rand", "console"):
+    """One boot's figures; None where its phase failed. `failures` lists what would fail the
+    report if this were our side."""
+    ph, bridge = parse(path, args)
+    m = {"failures": []}
+    for p in phases_of(args):
+        if "error" in ph[p]:
+            m["failures"].append("%s: %s" % (p, ph[p]["error"]))
+    for p, figures in LOAD.items():
+        for key, name in figures:
+            m[name] = None if "error" in ph[p] else float(ph[p][key])
+    for p in TRANSFERS:
+        if p not in ph:
+            continue
+        kv, name = ph[p], p.replace("-", "")
+        # A transfer that ended in error (a timeout) still counts what arrived; only its rate
+        # is not a figure.
+        counted = "got" in kv
+        rated = counted and "error" not in kv
+        got = int(kv["got"]) if counted else 0
+        m[name + "_mbs"] = got / 1e6 / max(float(kv["s"]), 1e-3) if rated else None
+        m[name + "_kibs"] = got / 1024 / max(float(kv["s"]), 1e-3) if rated else None
+        m[name + "_lost"] = int(kv["bytes"]) - got if counted else None
+        m[name + "_md5"] = int(kv.get("md5_ok", 0)) if counted else 0
+        m[name + "_got_mb"] = got / 1e6
+        if counted and (m[name + "_lost"] or not m[name + "_md5"]):
+            m["failures"].append("%s: %d of %s bytes lost, md5 %s" % (
+                p, m[name + "_lost"], kv["bytes"], "ok" if m[name + "_md5"] else "differs"))
+    if args.net_mib:
+        kv = ph["ping"]
+        good = "error" not in kv
+        m["ping_rtt"] = float(kv["rtt_ms"]) if good else None
+        m["ping_lost"] = int(kv["count"]) - int(kv["received"]) if good else None
+        if good and m["ping_lost"]:
+            m["failures"].append("ping: %d of %s lost" % (m["ping_lost"], kv["count"]))
+    for p in phases_of(args):
         m["cpu." + p] = float(ph[p]["cpu_s"])
+        if "wall_s" in ph[p]:
+            m["wall." + p] = float(ph[p]["wall_s"])
         for item in filter(None, ph[p].get("cpu_by", "-").strip("-").split(",")):
             name, secs = item.rsplit(":", 1)
             m["by.%s.%s" % (p, name)] = float(secs)
-    m["cpu_per_req_ms"] = m["cpu.rand"] * 1e3 / args.rand
-    m["cpu_per_mb_write"] = m["cpu.write"] / (args.mib * 1.048576)
-    m["cpu_per_mb_read"] = m["cpu.read"] / (args.mib * 1.048576)
+    # CPU per unit of work done: per request, per MB moved (delivered, for the transfers).
+    per_req = {"rand": args.rand, "randwrite": args.rand, "rand-qd": args.qd_rand,
+               "randwrite-qd": args.qd_rand}
+    if args.net_mib:
+        per_req["ping"] = args.pings
+    for p, n in per_req.items():
+        m["cpu_ms_per." + p] = m["cpu." + p] * 1e3 / n
+    mb = {"write": args.mib * 1.048576, "read": args.mib * 1.048576}
+    for p in TRANSFERS:
+        if p in ph:
+            mb[p] = m[p.replace("-", "") + "_got_mb"]
+    for p, n in mb.items():
+        m["cpu_s_per_mb." + p] = m["cpu." + p] / n if n > 0 else None
     m["bridge"] = bridge
     return m
 
@@ -65,7 +115,11 @@ def main():
     ap.add_argument("--pairs", type=int, required=True)
     ap.add_argument("--mib", type=int, required=True)
     ap.add_argument("--rand", type=int, required=True)
+    ap.add_argument("--qd", type=int, required=True)
+    ap.add_argument("--qd-rand", type=int, required=True)
     ap.add_argument("--console-bytes", type=int, required=True)
+    ap.add_argument("--net-mib", type=int, required=True)
+    ap.add_argument("--pings", type=int, required=True)
     ap.add_argument("--module", required=True)
     ap.add_argument("--bridge-args", default="")
     args = ap.parse_args()
@@ -78,56 +132,98 @@ def main():
             return "{:,.0f}".format(v)
         if abs(v) >= 10:
             return "{:.1f}".format(v)
-        return "{:.2f}".format(v)
+        if abs(v) >= 0.1 or v == 0:
+            return "{:.2f}".format(v)
+        return "{:.3f}".format(v)
 
     def cell(runs, key, count=False):
-        values = sorted(r[key] for r in runs)
+        values = sorted(r[key] for r in runs if r.get(key) is not None)
+        failed = len(runs) - len(values)
+        if not values:
+            return "failed %d/%d" % (failed, len(runs))
         text = fmt(statistics.median(values), count)
         if len(values) > 1:
             text += " [%s–%s]" % (fmt(values[0], count), fmt(values[-1], count))
+        if failed:
+            text += " (failed %d/%d)" % (failed, len(runs))
         return text
 
     def ratio(key, higher_better=True):
         # Per pair, then the median: each pair ran under the same load from elsewhere.
         rs = []
         for o, t in zip(ours, tool):
-            if t[key] > 0 and o[key] > 0:
+            if t.get(key) and o.get(key):
                 rs.append(o[key] / t[key] if higher_better else t[key] / o[key])
         return "%.2f" % statistics.median(rs) if rs else "—"
+
+    def row(label, key, higher_better=True):
+        print("| %s | %s | %s | %s |" % (label, cell(ours, key), cell(tool, key), ratio(key, higher_better)))
+
+    def loss_row(label, key, unit):
+        def side(runs):
+            lost = cell(runs, key + "_lost", True)
+            return "%s (md5 ok %d/%d)" % (lost, sum(r[key + "_md5"] for r in runs), len(runs))
+        print("| %s: %s lost | %s | %s | — |" % (label, unit, side(ours), side(tool)))
 
     kib = args.console_bytes // 1024
     print("Real-hvisor rig: ours (hvisor-vhost-bridge + backends) vs hvisor-tool's daemon, hvisor-tool "
           "%s; %d interleaved boot pair(s), medians [min–max]. zone1: blk on a 64 MiB image in zone0's "
-          "tmpfs + console; times by zone1's clock; zone0 CPU = user+sys of the daemon and its children. Bridge "
-          "options: %s." % (args.module, args.pairs, args.bridge_args or "(defaults)"))
+          "tmpfs + console%s; times by zone1's clock; zone0 CPU = user+sys of the daemon and its children. "
+          "Bridge options: %s." % (args.module, args.pairs, " + net on zone0's TAP" if args.net_mib else "",
+                                   args.bridge_args or "(defaults)"))
     print()
     print("| row | ours | hvisor-tool | ours / theirs (≥ 1 is better for ours) |")
     print("|---|---|---|---|")
-    rows = (
-        ("seq write %d MiB, 1 MiB, O_DIRECT + fsync (MB/s)" % args.mib, "write", True),
-        ("seq read %d MiB, 1 MiB, O_DIRECT (MB/s)" % args.mib, "read", True),
-        ("4 KiB random read QD1, %d requests (IOPS)" % args.rand, "rand", True),
-        ("4 KiB random read QD1, mean latency (µs)", "rand_lat", False),
-        ("console: %d KiB zone1 → zone0, delivered KiB/s" % kib, "con_rate", True),
-    )
-    for label, key, hb in rows:
-        print("| %s | %s | %s | %s |" % (label, cell(ours, key), cell(tool, key), ratio(key, hb)))
-    print("| console: bytes lost of %d KiB | %s (md5 ok %d/%d) | %s (md5 ok %d/%d) | — |" % (
-        kib, cell(ours, "con_lost", True), sum(r["con_md5"] for r in ours), len(ours),
-        cell(tool, "con_lost", True), sum(r["con_md5"] for r in tool), len(tool)))
-    cpu_rows = (
-        ("daemon start (until serving)", "cpu.start"),
-        ("zone1 boot (start to zone1 shell)", "cpu.zone1-boot"),
-        ("seq write %d MiB" % args.mib, "cpu.write"),
-        ("seq read %d MiB" % args.mib, "cpu.read"),
-        ("%d random 4 KiB reads" % args.rand, "cpu.rand"),
-        ("console %d KiB" % kib, "cpu.console"),
-    )
-    for label, key in cpu_rows:
-        print("| zone0 CPU s, %s | %s | %s | %s |" % (label, cell(ours, key), cell(tool, key),
-                                                     ratio(key, higher_better=False)))
-    print("| zone0 CPU ms per random read | %s | %s | %s |" % (
-        cell(ours, "cpu_per_req_ms"), cell(tool, "cpu_per_req_ms"), ratio("cpu_per_req_ms", False)))
+    row("seq write %d MiB, 1 MiB, O_DIRECT + fsync (MB/s)" % args.mib, "write")
+    row("seq read %d MiB, 1 MiB, O_DIRECT (MB/s)" % args.mib, "read")
+    for op, key in (("read", "rand"), ("write", "randwrite")):
+        row("4 KiB random %s QD1, %d requests (IOPS)" % (op, args.rand), key)
+        row("4 KiB random %s QD1, mean latency (µs)" % op, key + "_lat", False)
+    for op, key in (("read", "randqd"), ("write", "randwriteqd")):
+        row("4 KiB random %s QD%d, %d requests (IOPS)" % (op, args.qd, args.qd_rand), key)
+        row("4 KiB random %s QD%d, mean latency (µs)" % (op, args.qd), key + "_lat", False)
+    row("console: %d KiB zone1 → zone0, delivered KiB/s" % kib, "console_kibs")
+    loss_row("console zone1 → zone0", "console", "bytes of %d KiB" % kib)
+    row("console: %d KiB zone0 → zone1, delivered KiB/s (first to last byte)" % kib, "consolerx_kibs")
+    loss_row("console zone0 → zone1", "consolerx", "bytes of %d KiB" % kib)
+    if args.net_mib:
+        row("net: ping zone1 → zone0, %d pings 50 ms apart, mean rtt (ms)" % args.pings, "ping_rtt", False)
+        print("| net: pings lost of %d | %s | %s | — |" % (
+            args.pings, cell(ours, "ping_lost", True), cell(tool, "ping_lost", True)))
+        row("net: TCP %d MiB zone1 → zone0 (MB/s)" % args.net_mib, "nettx_mbs")
+        loss_row("net: TCP zone1 → zone0", "nettx", "bytes of %d MiB" % args.net_mib)
+        row("net: TCP %d MiB zone0 → zone1 (MB/s)" % args.net_mib, "netrx_mbs")
+        loss_row("net: TCP zone0 → zone1", "netrx", "bytes of %d MiB" % args.net_mib)
+    else:
+        print("| net | not measured (--net-mib 0) | | |")
+    cpu_rows = [
+        ("daemon start (until serving)", "start"),
+        ("zone1 boot (start to zone1 shell)", "zone1-boot"),
+        ("seq write %d MiB" % args.mib, "write"),
+        ("seq read %d MiB" % args.mib, "read"),
+        ("%d random 4 KiB reads QD1" % args.rand, "rand"),
+        ("%d random 4 KiB writes QD1" % args.rand, "randwrite"),
+        ("%d random 4 KiB reads QD%d" % (args.qd_rand, args.qd), "rand-qd"),
+        ("%d random 4 KiB writes QD%d" % (args.qd_rand, args.qd), "randwrite-qd"),
+        ("console %d KiB zone1 → zone0" % kib, "console"),
+        ("console %d KiB zone0 → zone1" % kib, "console-rx"),
+    ]
+    if args.net_mib:
+        cpu_rows += [("%d pings" % args.pings, "ping"),
+                     ("TCP %d MiB zone1 → zone0" % args.net_mib, "net-tx"),
+                     ("TCP %d MiB zone0 → zone1" % args.net_mib, "net-rx")]
+    for label, p in cpu_rows:
+        row("zone0 CPU s, %s" % label, "cpu." + p, False)
+    labels = dict((p, label) for label, p in cpu_rows)
+    for p in ("rand", "randwrite", "rand-qd", "randwrite-qd", "ping"):
+        if "cpu_ms_per." + p in ours[0]:
+            unit = "ping" if p == "ping" else "request"
+            row("zone0 CPU ms per %s, %s" % (unit, labels[p]), "cpu_ms_per." + p, False)
+    for p in ("write", "read", "console", "console-rx", "net-tx", "net-rx"):
+        if "cpu_s_per_mb." + p in ours[0]:
+            what = "MB" if p in ("write", "read") else "MB delivered"
+            row("zone0 CPU s per %s, %s" % (what, labels[p]), "cpu_s_per_mb." + p, False)
+
     names = sorted({k.split(".", 2)[2] for r in ours for k in r if k.startswith("by.")})
     if names and all(any(k.startswith("by.") for k in r) for r in ours):
         print()
@@ -135,7 +231,7 @@ def main():
         print()
         print("| phase | " + " | ".join(names) + " |")
         print("|---|" + "---|" * len(names))
-        for p in ("start", "zone1-boot", "write", "read", "rand", "console"):
+        for p in phases_of(args):
             print("| %s | %s |" % (p, " | ".join(
                 "%.2f" % statistics.median(r.get("by.%s.%s" % (p, n), 0.0) for r in ours) for n in names)))
     bridges = [r["bridge"] for r in ours if r["bridge"]]
@@ -144,10 +240,20 @@ def main():
         print()
         print("Bridge counters per boot (its `stopping:` line; medians [min–max]): " + ", ".join(
             "%s %s" % (k, cell([{"v": float(b[k])} for b in bridges], "v", True)) for k in keys))
-    # Speed is reported, never asserted; a byte our side lost is a failure.
-    lost = [r for r in ours if r["con_lost"] != 0 or not r["con_md5"]]
-    if lost:
-        sys.exit("bench_report: our console lost bytes or failed md5 in %d of %d boots" % (len(lost), len(ours)))
+    walls = [p for p in phases_of(args) if all("wall." + p in r for r in ours + tool)]
+    if walls:
+        print()
+        print("Host wall seconds per phase, medians ours / hvisor-tool (what each phase adds to a pair): " +
+              ", ".join("%s %.1f / %.1f" % (p, statistics.median(r["wall." + p] for r in ours),
+                                           statistics.median(r["wall." + p] for r in tool)) for p in walls))
+    theirs = ["pair %d: %s" % (i, f) for i, r in enumerate(tool, 1) for f in r["failures"]]
+    if theirs:
+        print()
+        print("hvisor-tool's losses and failed phases: " + "; ".join(theirs))
+    # Speed is reported, never asserted; a byte, ping or phase our side lost is a failure.
+    failed = ["pair %d: %s" % (i, f) for i, r in enumerate(ours, 1) for f in r["failures"]]
+    if failed:
+        sys.exit("bench_report: our side lost data or failed a phase: " + "; ".join(failed))
 
 
 if __name__ == "__main__":

@@ -22,5 +22,6 @@ tests/rig/hvisor/run.sh --module 7e55b1b --xfail "$XFAIL_7e55b1b" || rc=1
 # The benchmark against hvisor-tool's daemon, in its short form (one boot pair, small sizes), so
 # that the script behind docs/performance.md cannot rot. Its figures are printed, not asserted:
 # the machine is shared and noisy; every phase must complete and the report must be produced.
-RIG_NO_CARGO=1 tests/rig/hvisor/bench.sh --pairs 1 --mib 4 --rand 100 --console-bytes 16384 || rc=1
+RIG_NO_CARGO=1 tests/rig/hvisor/bench.sh --pairs 1 --mib 4 --rand 100 --qd-rand 200 --console-bytes 16384 \
+    --net-mib 1 --pings 10 || rc=1
 exit "$rc"

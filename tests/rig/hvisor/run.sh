@@ -13,7 +13,8 @@
 #   --test     checks, comma separated (default: all): module, init-order, daemon-ready,
 #              zone-start, devices, blk, blk-direct, console, net, reset, shutdown,
 #              shutdown-reset-log, stop; and bench (never by default: bench.sh's measurements,
-#              with zone1 reduced to the devices both daemons serve, blk on an image + console)
+#              with zone1 reduced to the devices both daemons serve: blk on an image, the
+#              console, and net unless RIG_BENCH_NET_MIB=0)
 #   --xfail    checks expected to fail: reported as XFAIL (or XPASS) and not counted as failures
 #   --verbose  stream the serial console
 #   --keep     keep the run directory (serial log, generated DTBs, configs, initramfs images)
@@ -28,8 +29,11 @@
 #   RIG_NO_CARGO=1 (do not run cross-build.sh first), RIG_BIN_DIR (our four static aarch64
 #   binaries from elsewhere, e.g. another commit's; implies no cross-build). For --test bench:
 #   RIG_LOAD_BIN (bench.sh's static aarch64 rigload, put in both zones), RIG_BENCH_MIB (default
-#   32), RIG_BENCH_RAND (4 KiB random reads, default 1000), RIG_BENCH_CONSOLE (bytes, default
-#   262144), RIG_BRIDGE_ARGS (extra options for our bridge, e.g. "--spin-us 0").
+#   32), RIG_BENCH_RAND (4 KiB random reads, and as many writes, at QD1; default 1000),
+#   RIG_BENCH_QD (default 32), RIG_BENCH_QD_RAND (4 KiB random reads, and as many writes, at
+#   that depth; default 4000), RIG_BENCH_CONSOLE (bytes each way, default 262144),
+#   RIG_BENCH_NET_MIB (TCP each way, default 2; 0: no net device), RIG_BENCH_PINGS (default
+#   100), RIG_BRIDGE_ARGS (extra options for our bridge, e.g. "--spin-us 0").
 set -euo pipefail
 
 RIG_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -65,6 +69,9 @@ done
 case "$DAEMON" in ours | hvisor-tool) ;; *) echo "run.sh: bad --daemon $DAEMON" >&2; exit 2 ;; esac
 BENCH=0
 case ",$TESTS," in *,bench,*) BENCH=1 ;; esac
+# The bench's net rows, and with them zone1's net device (both daemons serve one on the TAP).
+BENCH_NET=0
+[ "$BENCH" = 1 ] && [ "${RIG_BENCH_NET_MIB:-2}" != 0 ] && BENCH_NET=1
 if [ "$BENCH" = 1 ] && [ ! -x "${RIG_LOAD_BIN:-}" ]; then
     echo "run.sh: --test bench needs RIG_LOAD_BIN (bench.sh builds it)" >&2
     exit 2
@@ -146,8 +153,8 @@ ZONE1_INITRD_END=$(printf '0x%x' $((ZONE1_INITRD + $(stat -c %s "$GEN/zone1-init
 		linux,initrd-end = <0x0 $ZONE1_INITRD_END>;
 	};
 EOF
-    # The bench config has no net: only what both daemons serve.
-    [ "$BENCH" = 0 ] && cat <<EOF
+    # The bench config has net only when it measures it (RIG_BENCH_NET_MIB).
+    { [ "$BENCH" = 0 ] || [ "$BENCH_NET" = 1 ]; } && cat <<EOF
 	virtio_mmio@a003600 {
 		dma-coherent;
 		interrupt-parent = <0x01>;
@@ -175,16 +182,17 @@ dtc -q -I dts -O dtb -o "$GEN/zone1.dtb" "$GEN/zone1.dts"
 # "pci_config" that hvisor-tool b17d9dd requires. Then the daemon configs: ours as committed,
 # a copy the bridge must reject (an unknown field), and hvisor-tool's (no O_DIRECT disk: hvisor-tool
 # has no such option).
-python3 - "$EXAMPLE/zone1_linux.json" "$RIG_DIR/virtio_cfg.json" "$GEN" "$ZONE1_INITRD" "$WINDOWS" "$BENCH" <<'EOF'
+python3 - "$EXAMPLE/zone1_linux.json" "$RIG_DIR/virtio_cfg.json" "$GEN" "$ZONE1_INITRD" "$WINDOWS" "$BENCH" "$BENCH_NET" <<'EOF'
 import json, sys
-example, ours, gen, initrd, windows, bench = sys.argv[1:]
+example, ours, gen, initrd, windows, bench, bench_net = sys.argv[1:]
 z = json.load(open(example))
 cfg = json.load(open(ours))
 if bench == "1":
-    # Both daemons' devices: the buffered disk and the console.
+    # Both daemons' devices: the buffered disk, the console, and net when measured.
+    kinds = ("console", "net") if bench_net == "1" else ("console",)
     for zone in cfg["zones"]:
         zone["devices"] = [d for d in zone["devices"]
-                           if d["type"] == "console" or (d["type"] == "blk" and not d.get("direct"))]
+                           if d["type"] in kinds or (d["type"] == "blk" and not d.get("direct"))]
 if windows == "per-device":
     # One trap region per device instead of the example's shared one: every QueueNotify is
     # then at offset 0x50 of its region, which hvisor treats as asynchronous.
@@ -294,7 +302,9 @@ DRIVE=(python3 "$RIG_DIR/drive.py" --qemu-argv "$GEN/qemu.argv" --log "$RUN/seri
         for z in json.load(open(sys.argv[1]))["zones"] for d in z["devices"]))' "$GEN/virtio_cfg.json")")
 [ -n "$TESTS" ] && DRIVE+=(--tests "$TESTS")
 [ "$BENCH" = 1 ] && DRIVE+=(--bench-mib "${RIG_BENCH_MIB:-32}" --bench-rand "${RIG_BENCH_RAND:-1000}"
-    --bench-console "${RIG_BENCH_CONSOLE:-262144}")
+    --bench-qd "${RIG_BENCH_QD:-32}" --bench-qd-rand "${RIG_BENCH_QD_RAND:-4000}"
+    --bench-console "${RIG_BENCH_CONSOLE:-262144}" --bench-net-mib "${RIG_BENCH_NET_MIB:-2}"
+    --bench-pings "${RIG_BENCH_PINGS:-100}")
 # hvisor-tool's daemon: no O_DIRECT disk, and the bridge-only checks do not apply.
 [ "$DAEMON" = hvisor-tool ] && [ -z "$TESTS" ] && DRIVE+=(--tests "module,daemon-ready,zone-start,devices,blk,console,net,reset,shutdown,stop")
 [ -n "${RIG_BRIDGE_ARGS:-}" ] && DRIVE+=(--bridge-args "$RIG_BRIDGE_ARGS")

@@ -177,3 +177,17 @@ console_bench() {
     rm -f /tmp/hvc.rx
     z1_read "@Z1 DONE $Z1_ID rc="
 }
+
+# console_bench_rx BYTES: zone0 sends BYTES random bytes (bench's zone0 -> zone1 row); zone1's
+# rigload reads them, times them from its first byte to its last and stops a little after the
+# last when some were lost; zone1 then prints their count and md5.
+console_bench_rx() {
+    head -c "$1" /dev/urandom > /tmp/hvc.tx
+    z0mark "console-bench-rx sent_bytes=$(wc -c < /tmp/hvc.tx) sent_md5=$(md5sum < /tmp/hvc.tx | cut -d' ' -f1)"
+    Z1_ID=$((Z1_ID + 1))
+    printf '\n%s bulk_rx_timed %s\n' "$Z1_ID" "$1" >&4
+    z1_read "@Z1 bulk-rx ready" || return 1
+    timeout "$Z1_TIMEOUT" cat /tmp/hvc.tx >&4
+    rm -f /tmp/hvc.tx
+    z1_read "@Z1 DONE $Z1_ID rc="
+}
