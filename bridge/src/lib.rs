@@ -7,6 +7,7 @@
 //! - [`irq`]: interrupt lines and hvisor's pending-IRQ limit.
 //! - [`event_loop`]: the one thread that ties the ring, the devices and the backends.
 //! - [`supervisor`]: spawns the in-repo backends a config implies.
+//! - [`affinity`]: pins the ring thread to the CPU that takes hvisor's interrupt.
 
 use std::fs::File;
 use std::os::fd::BorrowedFd;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use hvisor_hsm::Hsm;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
+pub mod affinity;
 pub mod backend_maps;
 pub mod config;
 pub mod event_loop;

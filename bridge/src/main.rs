@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use hvisor_bridge::affinity::{pin_current_thread, RingCpu};
 use hvisor_bridge::config::{Config, ConfigError};
 use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, AWAIT_SPIN_DEFAULT_US};
 use hvisor_bridge::supervisor::BackendPrograms;
@@ -37,6 +38,11 @@ struct Args {
     /// not acknowledged yet.
     #[arg(long, default_value_t = AWAIT_SPIN_DEFAULT_US)]
     await_spin_us: u64,
+    /// Run the ring thread on this CPU of root Linux: a number, or `irq` for the CPU that
+    /// takes hvisor's virtio interrupt (no rescheduling IPI per wakeup). Backends are not
+    /// pinned.
+    #[arg(long, value_name = "CPU|irq")]
+    ring_cpu: Option<RingCpu>,
     /// Longest sleep without a wakeup (guards against a lost hypervisor wakeup).
     #[arg(long, default_value_t = 100)]
     guard_timeout_ms: u64,
@@ -175,6 +181,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let control_fd: Option<BorrowedFd<'_>> = control.as_deref().map(|c| c.control_fd());
     let mut running =
         hvisor_bridge::build(&config, hsm, &options, Some(signals.as_fd()), control_fd)?;
+    // Once every other thread is started: only the ring thread (this one) is pinned.
+    if let Some(target) = args.ring_cpu {
+        let cpu = pin_current_thread(target)?;
+        log::info!("ring thread pinned to CPU {cpu}");
+    }
     // Every backend is started and negotiated and the loop is built: requests that arrive
     // from now on are served (those queued meanwhile are drained when the loop starts).
     let _pid_file = args.pid_file.as_deref().map(PidFile::create).transpose()?;
