@@ -153,7 +153,10 @@ IPI0:        12         30       Rescheduling interrupts
     #[test]
     fn the_hvisor_interrupt_is_found_by_name() {
         assert_eq!(hvisor_irq(INTERRUPTS), Some(15));
-        assert_eq!(hvisor_irq(&INTERRUPTS.replace("hvisor_virtio_device", "x")), None);
+        assert_eq!(
+            hvisor_irq(&INTERRUPTS.replace("hvisor_virtio_device", "x")),
+            None
+        );
         assert_eq!(hvisor_irq(""), None);
     }
 
