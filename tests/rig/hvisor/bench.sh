@@ -24,6 +24,8 @@
 #   --pings          pings zone1 -> zone0, 50 ms apart, for the mean round trip (default 100)
 #   --module         hvisor-tool commit of hvisor.ko and the CLI (default b17d9dd)
 #   --bridge-args    extra options for our bridge, e.g. "--spin-us 0"
+#   --versus "OPTS"  A/B of two bridge configurations: the baseline side of each pair is our
+#                    bridge with OPTS ("" for its defaults) instead of hvisor-tool's daemon
 #   --keep           keep the run directories (serial logs)
 # Environment: as run.sh (RIG_NO_CARGO=1 skips the cross-build, RIG_TIMEOUT, RIG_BUILD, ...).
 set -euo pipefail
@@ -41,6 +43,8 @@ NET_MIB=2
 PINGS=100
 MODULE=b17d9dd
 BRIDGE_ARGS=""
+VERSUS=""
+VERSUS_SET=0
 KEEP=0
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -54,6 +58,7 @@ while [ $# -gt 0 ]; do
     --pings) PINGS=$2; shift 2 ;;
     --module) MODULE=$2; shift 2 ;;
     --bridge-args) BRIDGE_ARGS=$2; shift 2 ;;
+    --versus) VERSUS=$2; VERSUS_SET=1; shift 2 ;;
     --keep) KEEP=1; shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
@@ -94,8 +99,14 @@ for r in $(seq 1 "$PAIRS"); do
     else
         run "ours-$r" ours RIG_BRIDGE_ARGS="$BRIDGE_ARGS" RIG_NO_CARGO=1
     fi
-    run "tool-$r" hvisor-tool
+    if [ "$VERSUS_SET" = 1 ]; then
+        run "tool-$r" ours RIG_BRIDGE_ARGS="$VERSUS" RIG_NO_CARGO=1
+    else
+        run "tool-$r" hvisor-tool
+    fi
 done
+versus=()
+[ "$VERSUS_SET" = 1 ] && versus=(--versus "$VERSUS")
 python3 "$RIG_DIR/bench_report.py" --work "$WORK" --pairs "$PAIRS" --mib "$MIB" --rand "$RAND" \
     --qd "$QD" --qd-rand "$QD_RAND" --console-bytes "$CONSOLE" --net-mib "$NET_MIB" --pings "$PINGS" \
-    --module "$MODULE" --bridge-args "$BRIDGE_ARGS"
+    --module "$MODULE" --bridge-args "$BRIDGE_ARGS" "${versus[@]}"

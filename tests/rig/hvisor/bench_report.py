@@ -122,6 +122,8 @@ def main():
     ap.add_argument("--pings", type=int, required=True)
     ap.add_argument("--module", required=True)
     ap.add_argument("--bridge-args", default="")
+    ap.add_argument("--versus", default=None,
+                    help="the baseline side is our bridge with these options, not hvisor-tool")
     args = ap.parse_args()
 
     ours = [metrics("%s/ours-%d.out" % (args.work, r), args) for r in range(1, args.pairs + 1)]
@@ -166,13 +168,16 @@ def main():
         print("| %s: %s lost | %s | %s | — |" % (label, unit, side(ours), side(tool)))
 
     kib = args.console_bytes // 1024
-    print("Real-hvisor rig: ours (hvisor-vhost-bridge + backends) vs hvisor-tool's daemon, hvisor-tool "
+    theirs_name = "hvisor-tool" if args.versus is None else "ours, %s" % (args.versus or "(defaults)")
+    baseline = ("hvisor-tool's daemon" if args.versus is None else
+                "our bridge with options %s" % (args.versus or "(defaults)"))
+    print("Real-hvisor rig: ours (hvisor-vhost-bridge + backends) vs %s, hvisor-tool "
           "%s; %d interleaved boot pair(s), medians [min–max]. zone1: blk on a 64 MiB image in zone0's "
           "tmpfs + console%s; times by zone1's clock; zone0 CPU = user+sys of the daemon and its children. "
-          "Bridge options: %s." % (args.module, args.pairs, " + net on zone0's TAP" if args.net_mib else "",
+          "Bridge options: %s." % (baseline, args.module, args.pairs, " + net on zone0's TAP" if args.net_mib else "",
                                    args.bridge_args or "(defaults)"))
     print()
-    print("| row | ours | hvisor-tool | ours / theirs (≥ 1 is better for ours) |")
+    print("| row | ours | %s | ours / theirs (≥ 1 is better for ours) |" % theirs_name)
     print("|---|---|---|---|")
     row("seq write %d MiB, 1 MiB, O_DIRECT + fsync (MB/s)" % args.mib, "write")
     row("seq read %d MiB, 1 MiB, O_DIRECT (MB/s)" % args.mib, "read")
@@ -243,15 +248,17 @@ def main():
     walls = [p for p in phases_of(args) if all("wall." + p in r for r in ours + tool)]
     if walls:
         print()
-        print("Host wall seconds per phase, medians ours / hvisor-tool (what each phase adds to a pair): " +
+        print("Host wall seconds per phase, medians ours / %s (what each phase adds to a pair): " % theirs_name +
               ", ".join("%s %.1f / %.1f" % (p, statistics.median(r["wall." + p] for r in ours),
                                            statistics.median(r["wall." + p] for r in tool)) for p in walls))
     theirs = ["pair %d: %s" % (i, f) for i, r in enumerate(tool, 1) for f in r["failures"]]
     if theirs:
         print()
-        print("hvisor-tool's losses and failed phases: " + "; ".join(theirs))
+        print("%s: losses and failed phases: " % theirs_name + "; ".join(theirs))
     # Speed is reported, never asserted; a byte, ping or phase our side lost is a failure.
     failed = ["pair %d: %s" % (i, f) for i, r in enumerate(ours, 1) for f in r["failures"]]
+    if args.versus is not None:
+        failed += ["baseline pair %d: %s" % (i, f) for i, r in enumerate(tool, 1) for f in r["failures"]]
     if failed:
         sys.exit("bench_report: our side lost data or failed a phase: " + "; ".join(failed))
 

@@ -222,8 +222,6 @@ class Rig:
         ready = False
         detail = ""
         try:
-            m = c.expect(r"@Z0 DAEMON-PID (\d+)@", 30)[1]
-            self.daemon_pid = int(m.group(1))
             if a.daemon == "ours":
                 i, m = c.expect([r"serving (\d+) devices", r"@Z0 DAEMON-EXIT rc=(\d+)@"], a.timeout)
                 if i == 0:
@@ -231,6 +229,7 @@ class Rig:
                     detail = "serving %d devices" % serving
                     # Where the bridge has --pid-file, the file must name it by now.
                     has_pidfile = "@Z0 DAEMON-PIDFILE yes@" in c.buf[start:]
+                    self.read_daemon_pid()
                     rc, out = self.sh("cat /tmp/bridge.pid 2> /dev/null || echo none")
                     pidfile = out.strip().splitlines()[-1] if out.strip() else "none"
                     detail += ", pid file: %s" % (pidfile if has_pidfile else "(no --pid-file option)")
@@ -243,8 +242,10 @@ class Rig:
                                   a.timeout + 30)
                 ready = rc == 0
                 detail = out.strip().splitlines()[-1] if out.strip() else ""
+                self.read_daemon_pid()
         except Timeout as e:
             detail = str(e)
+            self.read_daemon_pid()
         t_ready = time.monotonic() - t
         self.phase("daemon ready", t_ready)
         if ready and self.wanted("bench"):
@@ -428,6 +429,14 @@ class Rig:
             done("net-rx", "error=no-result")
         self.sh("kill $(pidof nc) 2> /dev/null")
 
+    def read_daemon_pid(self):
+        """The daemon's pid, from the file daemon_start writes (see lib.sh for why not from its
+        serial marker). None while there is no daemon."""
+        rc, out = self.sh("cat /tmp/daemon.pid 2> /dev/null")
+        pid = self.fact(out, r"(?m)^(\d+)\s*$") if rc == 0 else None
+        self.daemon_pid = int(pid[0]) if pid else None
+        return self.daemon_pid
+
     def check_init_order(self):
         """A config the bridge rejects: hvisor must have seen INIT_VIRTIO before the bridge
         gave up, or a zone that touches its devices later makes hvisor panic."""
@@ -439,9 +448,9 @@ class Rig:
             m = c.expect(r"@Z0 DAEMON-EXIT rc=(\d+)@", 60)[1]
         except Timeout as e:
             self.result("init-order", False, time.monotonic() - t, str(e))
-            pid = self.fact(c.buf[start:], r"@Z0 DAEMON-PID (\d+)@")
-            if pid:
-                self.sh("kill %s" % pid[0])
+            if self.read_daemon_pid():
+                self.sh("kill %d" % self.daemon_pid)
+                self.daemon_pid = None
             return
         text = c.buf[start:m.start()]
         init = text.find("handle hvc init virtio")

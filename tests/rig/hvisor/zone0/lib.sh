@@ -10,13 +10,15 @@ z0mark() { echo "@Z0 $*@"; }
 
 # daemon_start ours|hvisor-tool CONFIG: the virtio daemon in the background. Its log goes to
 # BRIDGE_LOG and to the console (so the driver sees "serving N devices" or an error as it is
-# written); its pid and exit status are printed as @Z0 DAEMON-PID@ and @Z0 DAEMON-EXIT@.
+# written); its pid goes to /tmp/daemon.pid and is printed as @Z0 DAEMON-PID@, its exit status
+# as @Z0 DAEMON-EXIT@. The driver reads the pid from the file: the marker is written just as the
+# daemon's INIT_VIRTIO makes hvisor log on the same UART, and the two interleave byte by byte.
 # `wait` in the subshell only: the daemon is stopped with a plain kill of its own pid, never a
 # signal to the process group (that would reach the backends it spawned directly).
 daemon_start() {
     kind=$1 cfg=$2
     : > "$BRIDGE_LOG"
-    rm -f /tmp/bridge.pid
+    rm -f /tmp/bridge.pid /tmp/daemon.pid
     if [ "$kind" = ours ]; then
         # BRIDGE_ARGS: extra options (bench.sh --bridge-args), split into words on purpose.
         # shellcheck disable=SC2086
@@ -28,6 +30,7 @@ daemon_start() {
         fi
         (
             RUST_LOG=${RUST_LOG:-info} "$RIG/bin/hvisor-vhost-bridge" "$@" &
+            echo $! > /tmp/daemon.pid
             echo "@Z0 DAEMON-PID $!@"
             wait $!
             echo "@Z0 DAEMON-EXIT rc=$?@"
@@ -37,6 +40,7 @@ daemon_start() {
         pidof syslogd > /dev/null || syslogd -O "$BRIDGE_LOG"
         (
             "$RIG/tool/hvisor" virtio start "$cfg" &
+            echo $! > /tmp/daemon.pid
             echo "@Z0 DAEMON-PID $!@"
             wait $!
             echo "@Z0 DAEMON-EXIT rc=$?@"
