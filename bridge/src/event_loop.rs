@@ -1,24 +1,27 @@
-//! The bridge's one event loop: it consumes the HSM request ring, answers register accesses
-//! from each device's transport, turns call eventfds into guest interrupts and watches the
-//! backend sockets.
+//! The ring thread: it consumes the HSM request ring, answers register accesses from each
+//! device's transport, turns call eventfds into guest interrupts and watches the backend
+//! sockets. It never waits on a backend: every vhost-user round trip runs on the device's
+//! control worker ([`crate::control`]), and a guest access that depends on one is answered
+//! when the worker reports back, while every other device goes on being served.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hvisor_hsm::{DeviceReq, Hsm};
-use vhost::vhost_user::Frontend;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{BackendSpec, DeviceConfig};
-use crate::frontend::{self, FrontendError, VhostUserDevice};
+use crate::control::{
+    ControlDone, ControlOp, DeviceHandle, OpKind, Outcome, CONTROL_TIMEOUT_DEFAULT,
+};
 use crate::irq;
 use crate::ratelimit::RateLimited;
-use crate::supervisor::{SpawnedBackend, Supervisor};
+use crate::reconnect::{reconnect, Cancel, Reconnect, Reconnected};
+use crate::supervisor::SpawnedBackend;
 use crate::transport::MmioTransport;
 
 /// Epoll tokens: fixed ones first, then one per device fd.
@@ -26,11 +29,18 @@ const TOKEN_WAKEUP: u64 = 0;
 const TOKEN_STOP: u64 = 1;
 const TOKEN_HSM_CONTROL: u64 = 2;
 const TOKEN_RECONNECT: u64 = 3;
+const TOKEN_CONTROL: u64 = 4;
 const TOKEN_DEVICE_BASE: u64 = 1 << 32;
 /// Within a device's token space: queue `q` call fd is `q`, the socket and the
 /// backend-to-frontend channel are these.
 const DEVICE_SOCKET_SLOT: u64 = 0xffff;
 const DEVICE_BACKEND_REQ_SLOT: u64 = 0xfffe;
+
+/// A backend socket is watched for hang-up only.
+const SOCKET_EVENTS: EventSet = EventSet::READ_HANG_UP.union(EventSet::HANG_UP);
+/// The backend-to-frontend channel fires once, then waits until the control worker has read
+/// the message: level-triggered, it would fire on every loop until then.
+const BACKEND_REQ_EVENTS: EventSet = EventSet::IN.union(EventSet::ONE_SHOT);
 
 /// How many empty ring polls between looks at the other fds while spinning.
 const POLLS_PER_EPOLL: u32 = 32;
@@ -64,6 +74,10 @@ pub struct LoopOptions {
     /// [`crate::irq`]). `None`: inject once per assertion (enough for a simulator that
     /// delivers every injection).
     pub reinject: Option<Duration>,
+    /// Bound of one control operation (a vhost-user round trip or a few): past it the
+    /// backend is treated as hung, its device alone gets DEVICE_NEEDS_RESET, and the
+    /// reconnect path takes over.
+    pub control_timeout: Duration,
 }
 
 impl Default for LoopOptions {
@@ -74,56 +88,9 @@ impl Default for LoopOptions {
             guard_timeout: Duration::from_millis(100),
             zone_poll: Some(Duration::from_secs(1)),
             reinject: Some(Duration::from_millis(10)),
+            control_timeout: CONTROL_TIMEOUT_DEFAULT,
         }
     }
-}
-
-/// How to get a device's backend back after it dies: respawn ours, or wait for an external
-/// one to listen again.
-#[derive(Debug, Clone)]
-pub struct Reconnect {
-    /// Starts our backends.
-    pub supervisor: Supervisor,
-    /// The device's zone.
-    pub zone: u32,
-    /// The device entry (backend kind, socket, geometry).
-    pub device: DeviceConfig,
-    /// Give up after this long.
-    pub timeout: Duration,
-}
-
-/// Tells reconnect threads that the bridge is stopping, and wakes them from their back-off.
-#[derive(Debug, Default)]
-struct Cancel {
-    stopping: Mutex<bool>,
-    changed: Condvar,
-}
-
-impl Cancel {
-    fn cancel(&self) {
-        *self.stopping.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        self.changed.notify_all();
-    }
-
-    fn is_cancelled(&self) -> bool {
-        *self.stopping.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Sleeps up to `delay`; true when the bridge is stopping.
-    fn sleep(&self, delay: Duration) -> bool {
-        let stopping = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
-        let (stopping, _) = self
-            .changed
-            .wait_timeout_while(stopping, delay, |stopping| !*stopping)
-            .unwrap_or_else(|p| p.into_inner());
-        *stopping
-    }
-}
-
-/// A reconnect thread's outcome.
-struct Reconnected {
-    index: usize,
-    result: Result<(Frontend, Option<SpawnedBackend>), String>,
 }
 
 /// One emulated virtio-mmio device.
@@ -137,8 +104,8 @@ pub struct BridgeDevice {
     pub len: u64,
     /// The interrupt id injected into the guest.
     pub irq: u32,
-    /// The register state machine over the vhost-user frontend.
-    pub transport: MmioTransport<VhostUserDevice>,
+    /// The register state machine over the device's control handle.
+    pub transport: MmioTransport<DeviceHandle>,
     /// An interrupt is owed but the zone was at hvisor's pending limit.
     deferred: bool,
     /// The backend signalled while the line was asserted: inject it again once this batch
@@ -154,6 +121,13 @@ pub struct BridgeDevice {
     /// The backend process, when the bridge started it.
     process: Option<SpawnedBackend>,
     reconnecting: bool,
+    /// A round trip outlived the control timeout: the backend is stopped hard when it is
+    /// replaced (it may never run again to handle a polite SIGTERM).
+    hung: bool,
+    /// The guest access whose reply waits for the control worker.
+    waiting: Option<DeviceReq>,
+    /// Later accesses to this device, answered in order once `waiting` is.
+    held: VecDeque<DeviceReq>,
 }
 
 impl BridgeDevice {
@@ -163,7 +137,7 @@ impl BridgeDevice {
         base: u64,
         len: u64,
         irq: u32,
-        transport: MmioTransport<VhostUserDevice>,
+        transport: MmioTransport<DeviceHandle>,
     ) -> Self {
         Self {
             zone,
@@ -178,6 +152,9 @@ impl BridgeDevice {
             reconnect: None,
             process: None,
             reconnecting: false,
+            hung: false,
+            waiting: None,
+            held: VecDeque::new(),
         }
     }
 
@@ -203,6 +180,15 @@ pub enum LoopError {
     /// epoll failed.
     #[error("epoll failed")]
     Epoll(#[source] std::io::Error),
+    /// A control worker thread could not be started.
+    #[error("cannot start the control worker of {device}")]
+    Worker {
+        /// The device's label.
+        device: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Counters, for logs and benchmarks.
@@ -222,6 +208,8 @@ pub struct LoopStats {
     pub reconnects: u64,
     /// Zones seen running and then gone, whose devices were reset.
     pub zone_resets: u64,
+    /// Control operations cut off at the control timeout (hung backends).
+    pub control_timeouts: u64,
     /// Time from an injection to the guest's InterruptACK, bucketed by
     /// [`ACK_GAP_BOUNDS_US`]: part of what [`LoopOptions::await_spin`] has to cover.
     pub ack_gaps: [u64; ACK_GAP_BOUNDS_US.len() + 1],
@@ -245,6 +233,9 @@ pub struct Bridge {
     reconnect_rx: Receiver<Reconnected>,
     reconnect_threads: Vec<JoinHandle<()>>,
     cancel: Arc<Cancel>,
+    /// Written by control workers after each report.
+    control_event: EventFd,
+    control_rx: Receiver<ControlDone>,
     /// A stop signal arrived: backends that go away now are not restarted.
     stopping: bool,
     /// When to ask the hypervisor about running zones next.
@@ -271,7 +262,7 @@ impl Bridge {
     /// `hsm_control`, when it hangs up, means the hypervisor stand-in is gone.
     pub fn new(
         hsm: Arc<dyn Hsm>,
-        devices: Vec<BridgeDevice>,
+        mut devices: Vec<BridgeDevice>,
         options: LoopOptions,
         stop: Option<BorrowedFd<'_>>,
         hsm_control: Option<BorrowedFd<'_>>,
@@ -296,19 +287,30 @@ impl Bridge {
         let reconnect_event = EventFd::new(EFD_NONBLOCK).map_err(LoopError::Epoll)?;
         add(reconnect_event.as_raw_fd(), EventSet::IN, TOKEN_RECONNECT)?;
         let (reconnect_tx, reconnect_rx) = channel();
-        for (i, dev) in devices.iter().enumerate() {
+        let control_event = EventFd::new(EFD_NONBLOCK).map_err(LoopError::Epoll)?;
+        add(control_event.as_raw_fd(), EventSet::IN, TOKEN_CONTROL)?;
+        let (control_tx, control_rx) = channel();
+        for (i, dev) in devices.iter_mut().enumerate() {
+            let handle = dev.transport.backend_mut();
+            handle
+                .start_worker(i, control_tx.clone(), &control_event)
+                .map_err(|source| LoopError::Worker {
+                    device: handle.label().to_string(),
+                    source,
+                })?;
             let base = TOKEN_DEVICE_BASE * (i as u64 + 1);
-            let frontend = dev.transport.backend();
-            for (q, fd) in frontend.call_fds().enumerate() {
+            for (q, fd) in handle.call_fds().enumerate() {
                 add(fd.as_raw_fd(), EventSet::IN, base + q as u64)?;
             }
-            add(
-                frontend.socket_fd().as_raw_fd(),
-                EventSet::READ_HANG_UP | EventSet::HANG_UP,
-                base + DEVICE_SOCKET_SLOT,
-            )?;
-            if let Some(fd) = frontend.backend_req_fd() {
-                add(fd.as_raw_fd(), EventSet::IN, base + DEVICE_BACKEND_REQ_SLOT)?;
+            if let Some(fd) = handle.socket_fd() {
+                add(fd.as_raw_fd(), SOCKET_EVENTS, base + DEVICE_SOCKET_SLOT)?;
+            }
+            if let Some(fd) = handle.backend_req_fd() {
+                add(
+                    fd.as_raw_fd(),
+                    BACKEND_REQ_EVENTS,
+                    base + DEVICE_BACKEND_REQ_SLOT,
+                )?;
             }
         }
         let addrs: Vec<u64> = devices.iter().map(|d| d.base).collect();
@@ -329,6 +331,8 @@ impl Bridge {
             reconnect_rx,
             reconnect_threads: Vec::new(),
             cancel: Arc::new(Cancel::default()),
+            control_event,
+            control_rx,
             stopping: false,
             next_zone_poll: Instant::now(),
             seen_live: BTreeSet::new(),
@@ -371,6 +375,7 @@ impl Bridge {
             }
             let now = Instant::now();
             self.reinject_overdue(now);
+            self.cut_off_overdue(now);
             if busy {
                 last_activity = now;
                 continue;
@@ -388,12 +393,12 @@ impl Bridge {
                 continue;
             }
             self.stats.sleeps += 1;
-            // Wake for the next re-injection too; rounded up so that it is due on waking.
-            let sleep = self
-                .next_reinjection(now)
-                .map_or(self.options.guard_timeout, |due| {
-                    due.min(self.options.guard_timeout)
-                });
+            // Wake for the next re-injection and control deadline too; rounded up so that it
+            // is due on waking.
+            let sleep = [self.next_reinjection(now), self.next_control_deadline(now)]
+                .into_iter()
+                .flatten()
+                .fold(self.options.guard_timeout, Duration::min);
             let timeout = sleep.as_micros().div_ceil(1000).clamp(1, i32::MAX as u128) as i32;
             let n = self.epoll_wait(&mut events, timeout)?;
             ring.disarm_wakeup();
@@ -444,6 +449,12 @@ impl Bridge {
                         self.finish_reconnect(done);
                     }
                 }
+                TOKEN_CONTROL => {
+                    let _ = self.control_event.read();
+                    while let Ok(done) = self.control_rx.try_recv() {
+                        self.finish_control(done);
+                    }
+                }
                 TOKEN_HSM_CONTROL => {
                     if !self.hsm_gone {
                         log::warn!("the hypervisor side closed its control connection; stopping");
@@ -471,33 +482,8 @@ impl Bridge {
             return;
         }
         if slot == DEVICE_BACKEND_REQ_SLOT {
-            let fd = dev
-                .transport
-                .backend()
-                .backend_req_fd()
-                .map(|f| f.as_raw_fd());
-            match dev.transport.backend_mut().handle_backend_request() {
-                Ok(true) => {
-                    log::info!(
-                        "{}: backend reported a config change",
-                        dev.transport.backend().label()
-                    );
-                    if dev.transport.signal_config_change() {
-                        self.raise(index - 1);
-                    } else {
-                        self.owe_reinjection(index - 1);
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    log::warn!("{}: {e}", dev.transport.backend().label());
-                    if let Some(fd) = fd {
-                        let _ = self
-                            .epoll
-                            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                    }
-                }
-            }
+            // Re-armed when the worker has read the message (see `finish_control`).
+            dev.transport.backend_mut().queue(ControlOp::BackendRequest);
             return;
         }
         if dev.transport.backend().take_call(slot as usize) {
@@ -580,8 +566,8 @@ impl Bridge {
     /// the device when there is no way to.
     fn backend_gone(&mut self, index: usize) {
         let dev = &mut self.devices[index];
-        let frontend = dev.transport.backend();
-        for fd in [Some(frontend.socket_fd()), frontend.backend_req_fd()]
+        let handle = dev.transport.backend();
+        for fd in [handle.socket_fd(), handle.backend_req_fd()]
             .into_iter()
             .flatten()
         {
@@ -591,7 +577,9 @@ impl Bridge {
                 EpollEvent::default(),
             );
         }
-        dev.transport.backend_mut().mark_disconnected();
+        dev.transport
+            .backend_mut()
+            .queue(ControlOp::MarkDisconnected);
         let label = dev.transport.backend().label().to_string();
         if self.stopping {
             log::info!("{label}: backend hung up while the bridge is stopping");
@@ -604,13 +592,21 @@ impl Bridge {
             }
             return;
         };
-        dev.transport.backend_mut().begin_restore();
+        dev.transport.backend_mut().queue(ControlOp::BeginRestore);
         if dev.reconnecting {
             return;
         }
         dev.reconnecting = true;
-        let dead = dev.process.take();
-        match &dead {
+        let mut dead = dev.process.take();
+        let hung = std::mem::take(&mut dev.hung);
+        match &mut dead {
+            Some(p) if hung => {
+                log::error!(
+                    "{label}: backend (pid {}) hung; killing and restarting it",
+                    p.pid()
+                );
+                p.kill();
+            }
             Some(p) => log::error!("{label}: backend (pid {}) hung up; restarting it", p.pid()),
             None => log::error!("{label}: backend hung up; waiting for it to come back"),
         }
@@ -633,15 +629,18 @@ impl Bridge {
             Ok(thread) => self.reconnect_threads.push(thread),
             Err(e) => {
                 log::error!("cannot start a reconnect thread: {e}");
-                self.devices[index].reconnecting = false;
-                self.devices[index].transport.backend_mut().end_restore();
-                if self.devices[index].transport.fail() {
+                let dev = &mut self.devices[index];
+                dev.reconnecting = false;
+                dev.transport.backend_mut().queue(ControlOp::EndRestore);
+                if dev.transport.fail() {
                     self.raise(index);
                 }
             }
         }
     }
 
+    /// A reconnect thread is done: hand the new connection to the device's worker, which
+    /// replays the device's state on it (see `finish_control` for the rest).
     fn finish_reconnect(&mut self, done: Reconnected) {
         self.reconnect_threads.retain(|t| !t.is_finished());
         let index = done.index;
@@ -651,40 +650,66 @@ impl Bridge {
         dev.reconnecting = false;
         // A restore that fails from here on fails the device, even an activation that was
         // waiting for it; one that is retried begins again in `backend_gone`.
-        dev.transport.backend_mut().end_restore();
-        let label = dev.transport.backend().label().to_string();
-        // An error, and whether it came from a new backend that died during its restore.
-        let outcome = match done.result {
-            Err(e) => Err((e, false)),
+        dev.transport.backend_mut().queue(ControlOp::EndRestore);
+        match done.result {
             Ok((frontend, process)) => {
                 dev.process = process;
                 dev.transport
                     .backend_mut()
-                    .reattach(frontend)
-                    .map_err(|e| (error_chain(&e), connection_lost(&e)))
+                    .queue(ControlOp::Reattach(frontend));
             }
+            Err(e) => {
+                let label = dev.transport.backend().label();
+                log::error!("{label}: cannot restore the backend: {e}; the device needs a reset");
+                if dev.transport.fail() {
+                    self.raise(index);
+                }
+            }
+        }
+    }
+
+    /// A control worker finished an operation: apply its outcome on the ring thread, then
+    /// answer the guest accesses that waited for it.
+    fn finish_control(&mut self, mut done: ControlDone) {
+        let index = done.index;
+        let Some(dev) = self.devices.get_mut(index) else {
+            return;
         };
-        match outcome {
-            Ok(()) => {
-                self.stats.reconnects += 1;
-                let base = TOKEN_DEVICE_BASE * (index as u64 + 1);
-                let frontend = self.devices[index].transport.backend();
-                let socket = frontend.socket_fd().as_raw_fd();
-                let backend_req = frontend.backend_req_fd().map(|f| f.as_raw_fd());
+        let base = TOKEN_DEVICE_BASE * (index as u64 + 1);
+        // A channel that changed is unwatched before its duplicate is dropped.
+        if done.backend_req.is_some() {
+            if let Some(old) = dev.transport.backend().backend_req_fd() {
                 let _ = self.epoll.ctl(
-                    ControlOperation::Add,
-                    socket,
-                    EpollEvent::new(
-                        EventSet::READ_HANG_UP | EventSet::HANG_UP,
-                        base + DEVICE_SOCKET_SLOT,
-                    ),
+                    ControlOperation::Delete,
+                    old.as_raw_fd(),
+                    EpollEvent::default(),
                 );
-                if let Some(fd) = backend_req {
-                    let _ = self.epoll.ctl(
-                        ControlOperation::Add,
-                        fd,
-                        EpollEvent::new(EventSet::IN, base + DEVICE_BACKEND_REQ_SLOT),
-                    );
+            }
+        }
+        dev.transport.backend_mut().complete(&mut done);
+        let label = dev.transport.backend().label().to_string();
+        match (done.kind, done.outcome) {
+            (OpKind::BackendRequest, Outcome::Done { config_changed }) => {
+                self.rearm_backend_req(index);
+                if config_changed {
+                    log::info!("{label}: backend reported a config change");
+                    if self.devices[index].transport.signal_config_change() {
+                        self.raise(index);
+                    } else {
+                        self.owe_reinjection(index);
+                    }
+                }
+            }
+            (OpKind::Reattach, Outcome::Done { .. }) => {
+                self.stats.reconnects += 1;
+                let handle = self.devices[index].transport.backend();
+                if let Some(fd) = handle.socket_fd() {
+                    let event = EpollEvent::new(SOCKET_EVENTS, base + DEVICE_SOCKET_SLOT);
+                    let _ = self.epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), event);
+                }
+                if let Some(fd) = handle.backend_req_fd() {
+                    let event = EpollEvent::new(BACKEND_REQ_EVENTS, base + DEVICE_BACKEND_REQ_SLOT);
+                    let _ = self.epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), event);
                 }
                 log::info!(
                     "{label}: backend restored; its queues resume where the guest left them"
@@ -699,17 +724,98 @@ impl Bridge {
             }
             // A backend that dies while it is being restored crashed like the first one: the
             // device can still be restored, by the next backend.
-            Err((e, true)) if self.devices[index].reconnect.is_some() => {
-                log::error!("{label}: the backend died while being restored ({e})");
+            (
+                OpKind::Reattach,
+                Outcome::Failed {
+                    error,
+                    connection_lost: true,
+                },
+            ) if self.devices[index].reconnect.is_some() => {
+                log::error!("{label}: the backend died while being restored ({error})");
                 self.backend_gone(index);
             }
-            Err((e, _)) => {
-                log::error!("{label}: cannot restore the backend: {e}; the device needs a reset");
+            (OpKind::Reattach | OpKind::Activate, Outcome::Failed { error, .. }) => {
+                let what = if done.kind == OpKind::Reattach {
+                    "cannot restore the backend"
+                } else {
+                    "backend activation failed"
+                };
+                log::error!("{label}: {what}: {error}; the device needs a reset");
                 if self.devices[index].transport.fail() {
                     self.raise(index);
                 }
             }
+            (OpKind::BackendRequest, Outcome::Failed { error, .. }) => {
+                // The channel is gone (the worker dropped it); the socket still tells of a
+                // hang-up.
+                log::warn!("{label}: backend request channel closed: {error}");
+            }
+            (kind, Outcome::Failed { error, .. }) => {
+                log::warn!("{label}: backend {} failed: {error}", kind.name());
+            }
+            (_, Outcome::Done { .. }) => {}
         }
+        if !self.devices[index].transport.backend().holds_the_guest() {
+            self.release(index);
+        }
+    }
+
+    /// Watches the backend-to-frontend channel again after the worker read a message.
+    fn rearm_backend_req(&mut self, index: usize) {
+        let base = TOKEN_DEVICE_BASE * (index as u64 + 1);
+        if let Some(fd) = self.devices[index].transport.backend().backend_req_fd() {
+            let event = EpollEvent::new(BACKEND_REQ_EVENTS, base + DEVICE_BACKEND_REQ_SLOT);
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Modify, fd.as_raw_fd(), event);
+        }
+    }
+
+    /// Answers the access that waited for the control worker, then serves the ones held
+    /// behind it, in order, until one waits again.
+    fn release(&mut self, index: usize) {
+        if let Some(req) = self.devices[index].waiting.take() {
+            self.reply(&req, 0);
+        }
+        while self.devices[index].waiting.is_none() {
+            let Some(req) = self.devices[index].held.pop_front() else {
+                break;
+            };
+            self.serve(index, &req);
+        }
+    }
+
+    /// Cuts off every control operation that outlived the control timeout: the device
+    /// needs a reset, and its backend is treated as hung up (the socket, shut down under
+    /// the worker, reports the hang-up to the loop).
+    fn cut_off_overdue(&mut self, now: Instant) {
+        let bound = self.options.control_timeout;
+        for index in 0..self.devices.len() {
+            let dev = &mut self.devices[index];
+            let Some(kind) = dev.transport.backend_mut().cut_off_overdue(now, bound) else {
+                continue;
+            };
+            self.stats.control_timeouts += 1;
+            dev.hung = true;
+            log::error!(
+                "{}: the backend did not complete a {} within {bound:?}; treating it as hung",
+                dev.transport.backend().label(),
+                kind.name()
+            );
+            if dev.transport.fail() {
+                self.raise(index);
+            }
+        }
+    }
+
+    /// How long until the oldest control operation of some device outlives its bound.
+    fn next_control_deadline(&self, now: Instant) -> Option<Duration> {
+        let bound = self.options.control_timeout;
+        self.devices
+            .iter()
+            .filter_map(|d| d.transport.backend().deadline(bound))
+            .min()
+            .map(|due| due.saturating_duration_since(now))
     }
 
     /// Asks the hypervisor which zones run, when it is time to; resets the devices of a zone
@@ -782,20 +888,17 @@ impl Bridge {
     fn handle_request(&mut self, req: &DeviceReq) {
         self.stats.requests += 1;
         let sync = req.need_interrupt == 0;
-        let size = match req.size {
-            1 | 2 | 4 | 8 => req.size as u8,
-            _ => {
-                if self.bad_request.hit() {
-                    log::warn!(
-                        "request with access size {} at {:#x} ignored",
-                        req.size,
-                        req.address
-                    );
-                }
-                self.reply(req, 0);
-                return;
+        if !matches!(req.size, 1 | 2 | 4 | 8) {
+            if self.bad_request.hit() {
+                log::warn!(
+                    "request with access size {} at {:#x} ignored",
+                    req.size,
+                    req.address
+                );
             }
-        };
+            self.reply(req, 0);
+            return;
+        }
         let Some(index) = self
             .devices
             .iter()
@@ -813,6 +916,22 @@ impl Bridge {
             return;
         };
         let dev = &mut self.devices[index];
+        if dev.waiting.is_some() {
+            // A notify repeated while the device waits adds nothing: the first one kicks the
+            // queue. Sync accesses are bounded by the vCPUs, each of which waits for its reply.
+            if sync || !dev.held.contains(req) {
+                dev.held.push_back(*req);
+            }
+            return;
+        }
+        self.serve(index, req);
+    }
+
+    /// Answers one access of device `index` (its size already checked), or leaves its reply
+    /// waiting for the control worker when the access queued a round trip.
+    fn serve(&mut self, index: usize, req: &DeviceReq) {
+        let size = req.size as u8;
+        let dev = &mut self.devices[index];
         let offset = req.address - dev.base;
         let zone = dev.zone;
         if req.is_write != 0 {
@@ -824,7 +943,11 @@ impl Bridge {
             let was_asserted = dev.transport.line_asserted();
             let effect = dev.transport.write(offset, size, req.value);
             let now_asserted = dev.transport.line_asserted();
-            self.reply(req, 0);
+            if dev.transport.backend().holds_the_guest() {
+                dev.waiting = Some(*req);
+            } else {
+                self.reply(req, 0);
+            }
             if was_asserted && !now_asserted {
                 let gap = self.devices[index].last_injection.elapsed().as_micros();
                 let bucket = ACK_GAP_BOUNDS_US
@@ -875,101 +998,6 @@ impl Bridge {
     }
 }
 
-/// Brings a backend back: respawns ours, or waits for an external one, retrying with backoff
-/// until `plan.timeout` or until the bridge stops.
-fn reconnect(
-    plan: &Reconnect,
-    label: &str,
-    cancel: &Cancel,
-) -> Result<(Frontend, Option<SpawnedBackend>), String> {
-    let deadline = Instant::now() + plan.timeout;
-    let mut delay = Duration::from_millis(50);
-    let mut attempt = 0u32;
-    loop {
-        if cancel.is_cancelled() {
-            return Err("the bridge is stopping".into());
-        }
-        attempt += 1;
-        let outcome = match &plan.device.backend {
-            BackendSpec::External { socket } => {
-                frontend::connect(socket, plan.device.num_queues, Duration::ZERO)
-                    .map(|f| (f, None))
-                    .map_err(|e| error_chain(&e))
-            }
-            _ => plan
-                .supervisor
-                .spawn(plan.zone, &plan.device)
-                .map_err(|e| error_chain(&e))
-                .and_then(|spawned| {
-                    let spawned = spawned.ok_or_else(|| "nothing to spawn".to_string())?;
-                    frontend::connect(
-                        spawned.socket(),
-                        plan.device.num_queues,
-                        Duration::from_secs(5),
-                    )
-                    .map(|f| (f, Some(spawned)))
-                    .map_err(|e| error_chain(&e))
-                }),
-        };
-        match outcome {
-            // Dropping the result stops a backend started just now.
-            Ok(_) if cancel.is_cancelled() => return Err("the bridge is stopping".into()),
-            Ok(done) => {
-                if attempt > 1 {
-                    log::info!("{label}: backend back after {attempt} attempts");
-                }
-                return Ok(done);
-            }
-            Err(e) => {
-                if Instant::now() + delay > deadline {
-                    return Err(format!("gave up after {attempt} attempts: {e}"));
-                }
-                if attempt == 1 || attempt.is_power_of_two() {
-                    log::warn!(
-                        "{label}: reconnect attempt {attempt} failed: {e}; retrying in {delay:?}"
-                    );
-                }
-            }
-        }
-        if cancel.sleep(delay) {
-            return Err("the bridge is stopping".into());
-        }
-        delay = (delay * 2).min(Duration::from_secs(2));
-    }
-}
-
-/// True when `e` says the connection to the backend broke (it died), not that the backend
-/// refused something: a restore that fails this way is worth another backend.
-fn connection_lost(e: &FrontendError) -> bool {
-    use vhost::vhost_user::Error as Protocol;
-    match e {
-        FrontendError::Disconnected => true,
-        FrontendError::Request {
-            source: vhost::Error::VhostUserProtocol(e),
-            ..
-        } => matches!(
-            e,
-            Protocol::PartialMessage
-                | Protocol::Disconnected
-                | Protocol::SocketBroken(_)
-                | Protocol::SocketError(_)
-        ),
-        _ => false,
-    }
-}
-
-/// An error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// Clears the stop fd; for a signalfd, returns the signal number it carried.
 fn read_stop_signal(fd: RawFd) -> Option<u32> {
     // Room for one `struct signalfd_siginfo` (128 bytes) or an eventfd counter (8 bytes).
@@ -979,32 +1007,4 @@ fn read_stop_signal(fd: RawFd) -> Option<u32> {
     let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
     // signalfd_siginfo starts with ssi_signo (u32).
     (n == 128).then(|| u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vhost::vhost_user::Error as Protocol;
-
-    #[test]
-    fn only_a_broken_connection_is_worth_another_backend() {
-        let request = |e| FrontendError::Request {
-            request: "GET_FEATURES",
-            source: vhost::Error::VhostUserProtocol(e),
-        };
-        assert!(connection_lost(&FrontendError::Disconnected));
-        assert!(connection_lost(&request(Protocol::PartialMessage)));
-        assert!(connection_lost(&request(Protocol::SocketBroken(
-            std::io::ErrorKind::ConnectionReset.into()
-        ))));
-        assert!(!connection_lost(&request(Protocol::InvalidMessage)));
-        assert!(!connection_lost(&FrontendError::QueueCount {
-            offered: 1,
-            wanted: 2
-        }));
-        assert!(!connection_lost(&FrontendError::FeaturesLost {
-            before: 1,
-            after: 0
-        }));
-    }
 }

@@ -136,6 +136,29 @@ pub enum FrontendError {
     },
 }
 
+impl FrontendError {
+    /// True when the connection to the backend broke (it died, or a hung round trip was cut
+    /// off), not that the backend refused something: a restore that fails this way is worth
+    /// another backend.
+    pub fn connection_lost(&self) -> bool {
+        use vhost::vhost_user::Error as Protocol;
+        match self {
+            Self::Disconnected => true,
+            Self::Request {
+                source: vhost::Error::VhostUserProtocol(e),
+                ..
+            } => matches!(
+                e,
+                Protocol::PartialMessage
+                    | Protocol::Disconnected
+                    | Protocol::SocketBroken(_)
+                    | Protocol::SocketError(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
 fn request(request: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError {
     move |source| FrontendError::Request { request, source }
 }
@@ -486,17 +509,14 @@ impl VhostUserDevice {
         &self.spec.label
     }
 
-    /// The call eventfd of each queue, to poll for used-buffer notifications.
-    pub fn call_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
-        // SAFETY: each raw fd belongs to an EventFd in `self.calls`, which outlives the borrow.
-        self.calls
-            .iter()
-            .map(|e| unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) })
+    /// The kick eventfd of each queue, which the backend polls for the guest's notifies.
+    pub fn kick_events(&self) -> impl Iterator<Item = &EventFd> {
+        self.kicks.iter()
     }
 
-    /// Reads (and clears) queue `queue`'s call eventfd; true if it had fired.
-    pub fn take_call(&self, queue: usize) -> bool {
-        self.calls.get(queue).is_some_and(|c| c.read().is_ok())
+    /// The call eventfd of each queue, which the backend writes for a used buffer.
+    pub fn call_events(&self) -> impl Iterator<Item = &EventFd> {
+        self.calls.iter()
     }
 
     /// The backend socket, to poll for hang-up.
@@ -940,5 +960,32 @@ mod tests {
         restore.config_written(0x20, 0x21);
         restore.config_written(0x10, 0x14);
         assert_eq!(restore.unsent_config, Some((0x10, 0x21)));
+    }
+
+    #[test]
+    fn only_a_broken_connection_is_worth_another_backend() {
+        use super::FrontendError;
+        use vhost::vhost_user::Error as Protocol;
+        let request = |e| FrontendError::Request {
+            request: "GET_FEATURES",
+            source: vhost::Error::VhostUserProtocol(e),
+        };
+        assert!(FrontendError::Disconnected.connection_lost());
+        assert!(request(Protocol::PartialMessage).connection_lost());
+        assert!(request(Protocol::SocketBroken(
+            std::io::ErrorKind::ConnectionReset.into()
+        ))
+        .connection_lost());
+        assert!(!request(Protocol::InvalidMessage).connection_lost());
+        assert!(!FrontendError::QueueCount {
+            offered: 1,
+            wanted: 2
+        }
+        .connection_lost());
+        assert!(!FrontendError::FeaturesLost {
+            before: 1,
+            after: 0
+        }
+        .connection_lost());
     }
 }

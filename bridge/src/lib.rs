@@ -3,9 +3,13 @@
 //!
 //! - [`config`]: hvisor-tool's `virtio_cfg.json` plus backend fields.
 //! - [`transport`]: the virtio-mmio register state machine (no I/O).
-//! - [`frontend`]: the vhost-user frontend behind the transport.
+//! - [`frontend`]: the vhost-user frontend of one device.
+//! - [`control`]: the control plane: each device's worker thread, which makes its vhost-user
+//!   round trips, and the handle the transport drives on the ring thread.
+//! - [`reconnect`]: brings back a backend that hung up.
 //! - [`irq`]: interrupt lines and hvisor's pending-IRQ limit.
-//! - [`event_loop`]: the one thread that ties the ring, the devices and the backends.
+//! - [`event_loop`]: the ring thread, which ties the ring, the devices and the backends
+//!   without ever waiting on a backend.
 //! - [`supervisor`]: spawns the in-repo backends a config implies.
 //! - [`affinity`]: pins the ring thread to the CPU that takes hvisor's interrupt.
 
@@ -21,16 +25,20 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 pub mod affinity;
 pub mod backend_maps;
 pub mod config;
+pub mod control;
 pub mod event_loop;
 pub mod frontend;
 pub mod irq;
 pub mod ratelimit;
+pub mod reconnect;
 pub mod supervisor;
 pub mod transport;
 
 use config::{BackendSpec, Config, ZoneConfig};
-use event_loop::{Bridge, BridgeDevice, LoopOptions, Reconnect};
+use control::DeviceHandle;
+use event_loop::{Bridge, BridgeDevice, LoopOptions};
 use frontend::{DeviceSpec, VhostUserDevice};
+use reconnect::Reconnect;
 use supervisor::{BackendPrograms, Supervisor};
 use transport::MmioTransport;
 
@@ -162,8 +170,9 @@ pub fn build(
                 queue_size: dev.queue_size,
                 config_len: config::config_space_len(dev.device_type.id),
             };
-            let device =
-                VhostUserDevice::new(spec, frontend, memory.clone()).map_err(backend_err)?;
+            let device = VhostUserDevice::new(spec, frontend, memory.clone())
+                .and_then(DeviceHandle::new)
+                .map_err(backend_err)?;
             let reconnect = Reconnect {
                 supervisor: supervisor.clone(),
                 zone: zone.id,

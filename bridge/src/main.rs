@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use hvisor_bridge::affinity::{pin_current_thread, RingCpu};
 use hvisor_bridge::config::{Config, ConfigError};
+use hvisor_bridge::control::CONTROL_TIMEOUT_DEFAULT;
 use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, AWAIT_SPIN_DEFAULT_US};
 use hvisor_bridge::supervisor::BackendPrograms;
 use hvisor_bridge::BridgeOptions;
@@ -71,6 +72,11 @@ struct Args {
     /// Seconds to keep trying to restore a backend that died before failing its device.
     #[arg(long, default_value_t = 30)]
     reconnect_timeout_s: u64,
+    /// Milliseconds a backend may take to answer one control operation (activation, reset,
+    /// config write or refresh, restore). Past it the backend is treated as hung: its device
+    /// alone needs a reset and the backend is restarted (or awaited, if external).
+    #[arg(long, default_value_t = CONTROL_TIMEOUT_DEFAULT.as_millis() as u64)]
+    backend_timeout_ms: u64,
     /// Write the bridge's pid to this file once every device is ready to serve (and log
     /// "ready" at that moment); removed when the bridge exits. Start zones after it appears.
     #[arg(long)]
@@ -95,7 +101,7 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{}", hvisor_bridge::event_loop::error_chain(e.as_ref()));
+            log::error!("{}", hvisor_bridge::control::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -176,6 +182,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             guard_timeout: Duration::from_millis(args.guard_timeout_ms.max(1)),
             zone_poll: (args.zone_poll_ms > 0).then(|| Duration::from_millis(args.zone_poll_ms)),
             reinject: (args.reinject_ms > 0).then(|| Duration::from_millis(args.reinject_ms)),
+            control_timeout: Duration::from_millis(args.backend_timeout_ms.max(1)),
         },
     };
     let control_fd: Option<BorrowedFd<'_>> = control.as_deref().map(|c| c.control_fd());

@@ -58,6 +58,15 @@ impl SpawnedBackend {
     }
 }
 
+impl SpawnedBackend {
+    /// Stops a hung backend at once: it may never run again to handle SIGTERM (stopped, or
+    /// stuck), and it still maps zone RAM. Dropping it then only reaps it.
+    pub fn kill(&mut self) {
+        // Child::kill checks that the child is not reaped yet, so the pid is still ours.
+        let _ = self.child.kill();
+    }
+}
+
 impl Drop for SpawnedBackend {
     fn drop(&mut self) {
         if let Ok(Some(_)) = self.child.try_wait() {
