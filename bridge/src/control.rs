@@ -15,7 +15,7 @@
 //! eventfds it shares with the worker, and queues everything else.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -167,6 +167,56 @@ impl DeviceView {
     }
 }
 
+/// A device's queued, not yet reported operations, oldest first (the worker carries them out
+/// in order), with when each was queued.
+#[derive(Debug, Default)]
+struct InFlight {
+    ops: VecDeque<(OpKind, Instant)>,
+    /// The connection was shut down to cut off a hung round trip: the operations behind it
+    /// fail at once, and the next deadline is the next connection's.
+    cut_off: bool,
+}
+
+impl InFlight {
+    fn queued(&mut self, kind: OpKind, at: Instant) {
+        self.ops.push_back((kind, at));
+    }
+
+    fn completed(&mut self) {
+        self.ops.pop_front();
+    }
+
+    fn new_connection(&mut self) {
+        self.cut_off = false;
+    }
+
+    fn any(&self) -> bool {
+        !self.ops.is_empty()
+    }
+
+    fn holds_the_guest(&self) -> bool {
+        self.ops.iter().any(|(kind, _)| kind.holds_the_guest())
+    }
+
+    /// The oldest operation's deadline: the ones behind it wait for it, so theirs start
+    /// counting when it is done.
+    fn deadline(&self, bound: Duration) -> Option<Instant> {
+        if self.cut_off {
+            return None;
+        }
+        self.ops.front().map(|(_, queued)| *queued + bound)
+    }
+
+    /// The oldest operation when it outlived `bound`, once per connection.
+    fn overdue(&mut self, now: Instant, bound: Duration) -> Option<OpKind> {
+        if now < self.deadline(bound)? {
+            return None;
+        }
+        self.cut_off = true;
+        self.ops.front().map(|(kind, _)| *kind)
+    }
+}
+
 /// The ring thread's side of one device: see the module documentation.
 pub struct DeviceHandle {
     label: String,
@@ -182,10 +232,7 @@ pub struct DeviceHandle {
     /// The backend-to-frontend channel (a duplicate), watched for config-change messages.
     backend_req: Option<OwnedFd>,
     disconnected: bool,
-    /// The connection was shut down to cut off a hung round trip.
-    cut_off: bool,
-    /// Queued, not yet reported operations, oldest first, with when each was queued.
-    in_flight: VecDeque<(OpKind, Instant)>,
+    in_flight: InFlight,
     /// The device before [`Self::start_worker`] moves it to its thread.
     device: Option<VhostUserDevice>,
     ops: Option<Sender<ControlOp>>,
@@ -208,7 +255,7 @@ impl DeviceHandle {
         let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(FrontendError::EventFd);
         let dup_events = |events: &mut dyn Iterator<Item = &EventFd>| {
             events
-                .map(|e| e.try_clone().map_err(FrontendError::EventFd))
+                .map(|e| dup_event(e).map_err(FrontendError::EventFd))
                 .collect::<Result<Vec<_>, _>>()
         };
         let kicks = dup_events(&mut device.kick_events())?;
@@ -226,8 +273,7 @@ impl DeviceHandle {
             socket,
             backend_req,
             disconnected: false,
-            cut_off: false,
-            in_flight: VecDeque::new(),
+            in_flight: InFlight::default(),
             device: Some(device),
             ops: None,
             worker: None,
@@ -246,7 +292,7 @@ impl DeviceHandle {
             return Ok(());
         };
         let (tx, rx) = channel();
-        let wake = wake.try_clone()?;
+        let wake = dup_event(wake)?;
         let view = Arc::clone(&self.view);
         let worker = std::thread::Builder::new()
             .name(format!("control-{index}"))
@@ -305,13 +351,13 @@ impl DeviceHandle {
                 // our own.
                 let fd = unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) };
                 self.socket = fd.try_clone_to_owned().ok();
-                self.cut_off = false;
+                self.in_flight.new_connection();
             }
             _ => {}
         }
         let sent = self.ops.as_ref().is_some_and(|ops| ops.send(op).is_ok());
         if sent {
-            self.in_flight.push_back((kind, Instant::now()));
+            self.in_flight.queued(kind, Instant::now());
         } else {
             log::error!(
                 "{}: the control worker is gone; {} dropped",
@@ -324,7 +370,7 @@ impl DeviceHandle {
     /// A report arrived: the oldest operation is done. Applies what the ring thread keeps of
     /// it (the channel fds, the connection state).
     pub fn complete(&mut self, done: &mut ControlDone) {
-        self.in_flight.pop_front();
+        self.in_flight.completed();
         if let Some(backend_req) = done.backend_req.take() {
             self.backend_req = backend_req;
         }
@@ -338,17 +384,12 @@ impl DeviceHandle {
 
     /// Whether an operation the guest waits for is queued or running.
     pub fn holds_the_guest(&self) -> bool {
-        self.in_flight
-            .iter()
-            .any(|(kind, _)| kind.holds_the_guest())
+        self.in_flight.holds_the_guest()
     }
 
     /// When the oldest operation outlives `bound`, if one runs and has not been cut off.
     pub fn deadline(&self, bound: Duration) -> Option<Instant> {
-        if self.cut_off {
-            return None;
-        }
-        self.in_flight.front().map(|(_, sent)| *sent + bound)
+        self.in_flight.deadline(bound)
     }
 
     /// Cuts off a round trip that has run longer than `bound`: shutting the socket down
@@ -356,14 +397,10 @@ impl DeviceHandle {
     /// timed-out socket call forever, so a socket timeout cannot do this), and the loop sees
     /// the hang-up on the same socket. Returns the operation cut off, once per connection.
     pub fn cut_off_overdue(&mut self, now: Instant, bound: Duration) -> Option<OpKind> {
-        if now < self.deadline(bound)? {
-            return None;
-        }
-        let kind = self.in_flight.front()?.0;
         let socket = self.socket.as_ref()?;
+        let kind = self.in_flight.overdue(now, bound)?;
         // SAFETY: shutdown(2) on a socket fd we own; it touches no memory.
         unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
-        self.cut_off = true;
         Some(kind)
     }
 
@@ -377,7 +414,7 @@ impl Drop for DeviceHandle {
         // The worker ends once its queue is closed and drained; one stuck in a round trip is
         // cut off first, so that stopping the bridge never waits on a hung backend.
         self.ops = None;
-        if !self.in_flight.is_empty() {
+        if self.in_flight.any() {
             if let Some(socket) = &self.socket {
                 // SAFETY: shutdown(2) on a socket fd we own; it touches no memory.
                 unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
@@ -530,6 +567,15 @@ fn frontend_error(e: &FrontendError) -> Outcome {
     }
 }
 
+/// A duplicate of `event` that is close-on-exec, unlike `EventFd::try_clone`'s: a backend
+/// spawned later must not inherit it.
+pub fn dup_event(event: &EventFd) -> std::io::Result<EventFd> {
+    // SAFETY: the raw fd belongs to `event`, alive for this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(event.as_raw_fd()) }.try_clone_to_owned()?;
+    // SAFETY: `fd` is a fresh, owned eventfd descriptor (a duplicate of one), handed over.
+    Ok(unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
+}
+
 /// An error and its sources on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -540,4 +586,71 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOUND: Duration = Duration::from_secs(3);
+
+    #[test]
+    fn guest_visible_operations_hold_the_guest_until_reported() {
+        let mut ops = InFlight::default();
+        let t0 = Instant::now();
+        ops.queued(OpKind::BackendRequest, t0);
+        ops.queued(OpKind::Bookkeeping, t0);
+        assert!(
+            !ops.holds_the_guest(),
+            "no guest access waits for a refresh"
+        );
+        ops.queued(OpKind::Reset, t0);
+        assert!(ops.holds_the_guest());
+        ops.completed();
+        ops.completed();
+        assert!(ops.holds_the_guest(), "the reset is still running");
+        ops.completed();
+        assert!(!ops.holds_the_guest());
+        assert!(!ops.any());
+        for kind in [OpKind::Activate, OpKind::WriteConfig] {
+            ops.queued(kind, t0);
+            assert!(ops.holds_the_guest(), "{kind:?}");
+            ops.completed();
+        }
+    }
+
+    #[test]
+    fn the_deadline_is_the_oldest_operations() {
+        let mut ops = InFlight::default();
+        let t0 = Instant::now();
+        assert_eq!(ops.deadline(BOUND), None);
+        ops.queued(OpKind::Activate, t0);
+        ops.queued(OpKind::WriteConfig, t0 + Duration::from_secs(1));
+        assert_eq!(ops.deadline(BOUND), Some(t0 + BOUND));
+        ops.completed();
+        assert_eq!(
+            ops.deadline(BOUND),
+            Some(t0 + Duration::from_secs(1) + BOUND)
+        );
+    }
+
+    #[test]
+    fn an_overdue_operation_is_cut_off_once_per_connection() {
+        let mut ops = InFlight::default();
+        let t0 = Instant::now();
+        ops.queued(OpKind::Reset, t0);
+        assert_eq!(
+            ops.overdue(t0 + BOUND - Duration::from_millis(1), BOUND),
+            None
+        );
+        assert_eq!(ops.overdue(t0 + BOUND, BOUND), Some(OpKind::Reset));
+        // The connection is shut down: nothing more to cut off, and no deadline to wake for.
+        assert_eq!(ops.overdue(t0 + 2 * BOUND, BOUND), None);
+        assert_eq!(ops.deadline(BOUND), None);
+        // A reattach brings a new connection, whose replay is bounded again.
+        ops.completed();
+        ops.new_connection();
+        ops.queued(OpKind::Reattach, t0 + 2 * BOUND);
+        assert_eq!(ops.overdue(t0 + 3 * BOUND, BOUND), Some(OpKind::Reattach));
+    }
 }

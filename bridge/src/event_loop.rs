@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use hvisor_hsm::{DeviceReq, Hsm};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::control::{
-    ControlDone, ControlOp, DeviceHandle, OpKind, Outcome, CONTROL_TIMEOUT_DEFAULT,
+    dup_event, ControlDone, ControlOp, DeviceHandle, OpKind, Outcome, CONTROL_TIMEOUT_DEFAULT,
 };
 use crate::irq;
 use crate::ratelimit::RateLimited;
@@ -287,7 +287,7 @@ impl Bridge {
         let reconnect_event = EventFd::new(EFD_NONBLOCK).map_err(LoopError::Epoll)?;
         add(reconnect_event.as_raw_fd(), EventSet::IN, TOKEN_RECONNECT)?;
         let (reconnect_tx, reconnect_rx) = channel();
-        let control_event = EventFd::new(EFD_NONBLOCK).map_err(LoopError::Epoll)?;
+        let control_event = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(LoopError::Epoll)?;
         add(control_event.as_raw_fd(), EventSet::IN, TOKEN_CONTROL)?;
         let (control_tx, control_rx) = channel();
         for (i, dev) in devices.iter_mut().enumerate() {
@@ -612,7 +612,7 @@ impl Bridge {
         }
         let tx = self.reconnect_tx.clone();
         // The event fd is shared: the thread writes it once its result is queued.
-        let wake = self.reconnect_event.try_clone();
+        let wake = dup_event(&self.reconnect_event);
         let cancel = Arc::clone(&self.cancel);
         let spawned = std::thread::Builder::new()
             .name(format!("reconnect-{index}"))
@@ -746,9 +746,10 @@ impl Bridge {
                 }
             }
             (OpKind::BackendRequest, Outcome::Failed { error, .. }) => {
-                // The channel is gone (the worker dropped it); the socket still tells of a
-                // hang-up.
-                log::warn!("{label}: backend request channel closed: {error}");
+                // A refresh that failed keeps the channel watched; a broken channel is gone
+                // (the worker dropped it), and the socket still tells of a hang-up.
+                log::warn!("{label}: backend request failed: {error}");
+                self.rearm_backend_req(index);
             }
             (kind, Outcome::Failed { error, .. }) => {
                 log::warn!("{label}: backend {} failed: {error}", kind.name());

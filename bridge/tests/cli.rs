@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use hvisor_bridge::config::Config;
 use serde_json::Value;
@@ -239,9 +240,10 @@ fn hsm_is_initialised_before_a_rejected_config_is_read() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     // The bridge waits for the handover once connected, so a bridge that exited having
-    // connected has taken it.
+    // connected has taken it. The provider says so after sending it, which can be after the
+    // bridge has exited: wait for its word (a provider never connected to never sends it).
     assert!(
-        handed.try_recv().is_ok(),
+        handed.recv_timeout(Duration::from_secs(30)).is_ok(),
         "the bridge exited without initialising the HSM: {stderr}"
     );
     provider.join().unwrap();
