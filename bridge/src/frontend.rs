@@ -19,6 +19,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend_maps::{self, Checked, StrayMapping};
+use crate::config_space;
+use crate::ratelimit::RateLimited;
 use crate::transport::{BackendError, QueueConfig, VirtioBackend};
 
 /// Feature bits the bridge passes through to the guest: the device-specific range, the ring
@@ -257,6 +259,8 @@ pub struct VhostUserDevice {
     /// A warning that the mapping check could not be made was logged (once is enough).
     maps_warned: bool,
     restore: Restore,
+    /// Guest writes to config bytes that are not writable, for a rate-limited warning.
+    read_only_writes: RateLimited,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -407,6 +411,7 @@ impl VhostUserDevice {
             active_queues: Vec::new(),
             maps_warned: false,
             restore: Restore::default(),
+            read_only_writes: RateLimited::new(),
         })
     }
 
@@ -425,16 +430,16 @@ impl VhostUserDevice {
         self.protocol = n.protocol;
         self.backend_req = n.backend_req;
         let mut config = n.config;
-        if let Some((start, end)) = self.restore.unsent_config {
-            if let Some(written) = self.config.get(start..end) {
-                self.frontend
-                    .set_config(start as u32, VhostUserConfigFlags::WRITABLE, written)
-                    .map_err(request("SET_CONFIG"))?;
-                if let Some(fresh) = config.get_mut(start..end) {
-                    fresh.copy_from_slice(written);
+        if let Some((start, end)) = self.restore.unsent_config.take() {
+            // Only writable bytes were recorded, but the range may span others between them.
+            for (s, e) in config_space::split_write(self.spec.device_id, start, end).0 {
+                if let Some(written) = self.config.get(s..e).map(<[u8]>::to_vec) {
+                    self.set_config(s, &written)?;
+                    if let Some(fresh) = config.get_mut(s..e) {
+                        fresh.copy_from_slice(&written);
+                    }
                 }
             }
-            self.restore.unsent_config = None;
         }
         if config != self.config {
             log::warn!(
@@ -532,6 +537,14 @@ impl VhostUserDevice {
         }
         self.refresh_config()?;
         Ok(true)
+    }
+
+    /// SET_CONFIG of writable bytes, with flags 0: the spec's "front-end" type. Flags 1
+    /// (vhost's `WRITABLE`) means live migration in the spec, which backends may refuse.
+    fn set_config(&mut self, offset: usize, data: &[u8]) -> Result<(), FrontendError> {
+        self.frontend
+            .set_config(offset as u32, VhostUserConfigFlags::empty(), data)
+            .map_err(request("SET_CONFIG"))
     }
 
     fn refresh_config(&mut self) -> Result<(), FrontendError> {
@@ -841,19 +854,32 @@ impl VirtioBackend for VhostUserDevice {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(BackendError::new("backend has no CONFIG protocol feature"));
         }
-        if self.disconnected {
-            if !self.restore.under_way {
-                return Err(BackendError::from_error(FrontendError::Disconnected));
-            }
-            // Nothing to send to: the restored backend gets the bytes.
-            self.restore.config_written(offset, end);
-            self.config[offset..end].copy_from_slice(data);
+        let (writable, ignored) = config_space::split_write(self.spec.device_id, offset, end);
+        if ignored && self.read_only_writes.hit() {
+            log::warn!(
+                "{}: guest wrote config bytes {offset:#x}..{end:#x}, of which only {writable:x?} \
+                 are writable; the rest is ignored ({} such writes)",
+                self.spec.label,
+                self.read_only_writes.count()
+            );
+        }
+        if writable.is_empty() {
             return Ok(());
         }
-        self.frontend
-            .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(|e| BackendError::from_error(request("SET_CONFIG")(e)))?;
-        self.config[offset..end].copy_from_slice(data);
+        if self.disconnected && !self.restore.under_way {
+            return Err(BackendError::from_error(FrontendError::Disconnected));
+        }
+        for (start, end) in writable {
+            let bytes = &data[start - offset..end - offset];
+            if self.disconnected {
+                // Nothing to send to: the restored backend gets the bytes.
+                self.restore.config_written(start, end);
+            } else {
+                self.set_config(start, bytes)
+                    .map_err(BackendError::from_error)?;
+            }
+            self.config[start..end].copy_from_slice(bytes);
+        }
         Ok(())
     }
 
@@ -897,6 +923,10 @@ impl VirtioBackend for VhostUserDevice {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "frontend_tests.rs"]
+mod scripted;
 
 #[cfg(test)]
 mod tests {

@@ -4,6 +4,7 @@
 //! - [`config`]: hvisor-tool's `virtio_cfg.json` plus backend fields.
 //! - [`transport`]: the virtio-mmio register state machine (no I/O).
 //! - [`frontend`]: the vhost-user frontend behind the transport.
+//! - [`config_space`]: per device type, which config fields are writable, live or a queue count.
 //! - [`irq`]: interrupt lines and hvisor's pending-IRQ limit.
 //! - [`event_loop`]: the one thread that ties the ring, the devices and the backends.
 //! - [`supervisor`]: spawns the in-repo backends a config implies.
@@ -21,6 +22,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 pub mod affinity;
 pub mod backend_maps;
 pub mod config;
+pub mod config_space;
 pub mod event_loop;
 pub mod frontend;
 pub mod irq;
