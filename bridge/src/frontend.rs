@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend_maps::{self, Checked, StrayMapping};
-use crate::config_space;
+use crate::config_space::{self, GetConfigError};
 use crate::ratelimit::RateLimited;
 use crate::transport::{BackendError, QueueConfig, VirtioBackend};
 
@@ -128,6 +128,15 @@ pub enum FrontendError {
     /// The backend maps guest memory outside zone RAM, which on hvisor is root Linux's.
     #[error("Refusing the backend: it maps memory outside zone RAM")]
     StrayMapping(#[source] StrayMapping),
+    /// GET_CONFIG gave no config space.
+    #[error("{device}: cannot read the backend's config space")]
+    GetConfig {
+        /// The device's label.
+        device: String,
+        /// Why.
+        #[source]
+        source: GetConfigError,
+    },
     /// A restarted backend no longer offers features the guest acked.
     #[error("Restarted backend offers features {after:#x}, the guest acked some of {before:#x}")]
     FeaturesLost {
@@ -286,6 +295,16 @@ struct Negotiated {
     backend_req: Option<FrontendReqHandler<ConfigChanged>>,
 }
 
+/// The backend's config space, `spec.config_len` bytes of it.
+fn read_config_space(frontend: &Frontend, spec: &DeviceSpec) -> Result<Vec<u8>, FrontendError> {
+    // SAFETY: the raw fd belongs to `frontend`, which outlives the borrow.
+    let socket = unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) };
+    config_space::get_config(socket, spec.config_len).map_err(|source| FrontendError::GetConfig {
+        device: spec.label.clone(),
+        source,
+    })
+}
+
 /// SET_OWNER, features, protocol features, queue count, config space and the
 /// backend-to-frontend channel: everything that needs no guest state.
 fn negotiate(
@@ -330,16 +349,7 @@ fn negotiate(
     }
     let mut config = vec![0u8; spec.config_len];
     if protocol.contains(VhostUserProtocolFeatures::CONFIG) && spec.config_len > 0 {
-        let (_, payload) = frontend
-            .get_config(
-                0,
-                spec.config_len as u32,
-                VhostUserConfigFlags::WRITABLE,
-                &config,
-            )
-            .map_err(request("GET_CONFIG"))?;
-        let n = payload.len().min(config.len());
-        config[..n].copy_from_slice(&payload[..n]);
+        config = read_config_space(&frontend, spec)?;
     }
     let mut backend_req = None;
     if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
@@ -551,18 +561,7 @@ impl VhostUserDevice {
         if self.config.is_empty() || !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Ok(());
         }
-        let zeros = vec![0u8; self.config.len()];
-        let (_, payload) = self
-            .frontend
-            .get_config(
-                0,
-                zeros.len() as u32,
-                VhostUserConfigFlags::WRITABLE,
-                &zeros,
-            )
-            .map_err(request("GET_CONFIG"))?;
-        let n = payload.len().min(self.config.len());
-        self.config[..n].copy_from_slice(&payload[..n]);
+        self.config = read_config_space(&self.frontend, &self.spec)?;
         Ok(())
     }
 
@@ -879,6 +878,10 @@ impl VirtioBackend for VhostUserDevice {
                     .map_err(BackendError::from_error)?;
             }
             self.config[start..end].copy_from_slice(bytes);
+        }
+        if !self.disconnected && config_space::write_changes_config(self.spec.device_id) {
+            // What the driver reads next depends on what it wrote: ask the backend.
+            self.refresh_config().map_err(BackendError::from_error)?;
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::{DeviceSpec, FrontendError, VhostUserDevice};
+use crate::config_space::GetConfigError;
 use crate::transport::{QueueConfig, VirtioBackend};
 
 // Requests the scripted backend answers with a body; every other one gets an ack when it
@@ -271,4 +272,108 @@ fn config_written_during_a_restore_reaches_the_new_backend_with_flags_0() {
     assert_eq!(read, [1]);
     fake.thread.join().unwrap();
     assert_eq!(set_configs(&fake2.finish(dev)), vec![(32, 0, vec![1])]);
+}
+
+fn get_configs(log: &[Msg]) -> usize {
+    log.iter().filter(|m| m.code == GET_CONFIG).count()
+}
+
+/// The error chain of `error`, as the logs show it.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text += &format!(": {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+#[test]
+fn input_config_is_read_from_the_backend_after_each_select() {
+    let mut script = Script::new(136);
+    let mut selected = vec![0u8; 136];
+    selected[..3].copy_from_slice(&[1, 0, 5]);
+    selected[8..13].copy_from_slice(b"mouse");
+    script.configs = vec![vec![0; 136], selected];
+    let (fake, mut dev) = device(script, spec(INPUT, 2, 136));
+    // VIRTIO_INPUT_CFG_ID_NAME: the driver selects, then reads size and the string.
+    dev.write_config(0, &[1, 0]).unwrap();
+    let mut size = [0u8; 1];
+    dev.read_config(2, &mut size);
+    assert_eq!(size, [5], "size of the selected item, from the backend");
+    let mut name = [0u8; 5];
+    dev.read_config(8, &mut name);
+    assert_eq!(&name, b"mouse");
+    assert_eq!(
+        get_configs(&fake.finish(dev)),
+        2,
+        "at start-up and after the write"
+    );
+}
+
+#[test]
+fn blk_config_is_not_read_again_after_a_writeback_write() {
+    let (fake, mut dev) = device(Script::new(60), spec(BLK, 1, 60));
+    dev.write_config(32, &[1]).unwrap();
+    assert_eq!(get_configs(&fake.finish(dev)), 1);
+}
+
+#[test]
+fn an_error_reply_to_get_config_at_start_up_fails_naming_the_device() {
+    let mut script = Script::new(60);
+    script.config_replies = vec![ConfigReply::Refused];
+    let (fake, frontend) = Fake::start(script);
+    // vhost's own GET_CONFIG would wait here for 60 bytes that never come.
+    let error = VhostUserDevice::new(spec(BLK, 1, 60), frontend, memory(1)).unwrap_err();
+    let text = chain(&error);
+    assert!(
+        matches!(
+            &error,
+            FrontendError::GetConfig {
+                source: GetConfigError::Refused,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(text.contains("test2") && text.contains("size 0"), "{text}");
+    fake.thread.join().unwrap();
+}
+
+#[test]
+fn an_error_reply_to_get_config_at_runtime_fails_the_write_naming_the_device() {
+    let mut script = Script::new(136);
+    script.config_replies = vec![
+        ConfigReply::Normal,
+        ConfigReply::Refused,
+        ConfigReply::Normal,
+    ];
+    let (fake, mut dev) = device(script, spec(INPUT, 2, 136));
+    let error = dev.write_config(0, &[1, 0]).unwrap_err();
+    let text = chain(&error);
+    assert!(text.contains("test18") && text.contains("size 0"), "{text}");
+    // The connection is still in step: the next exchange works.
+    dev.write_config(0, &[2, 0]).unwrap();
+    assert_eq!(get_configs(&fake.finish(dev)), 3);
+}
+
+#[test]
+fn a_short_get_config_reply_is_refused() {
+    let mut script = Script::new(60);
+    script.config_replies = vec![ConfigReply::Short];
+    let (fake, frontend) = Fake::start(script);
+    let error = VhostUserDevice::new(spec(BLK, 1, 60), frontend, memory(1)).unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            FrontendError::GetConfig {
+                source: GetConfigError::Malformed(_),
+                ..
+            }
+        ),
+        "{}",
+        chain(&error)
+    );
+    fake.thread.join().unwrap();
 }
