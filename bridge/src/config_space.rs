@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 /// Virtio device ids whose config space has writable fields or a queue count.
 pub const VIRTIO_ID_NET: u32 = 1;
 const VIRTIO_ID_BLK: u32 = 2;
-const VIRTIO_ID_CONSOLE: u32 = 3;
+pub const VIRTIO_ID_CONSOLE: u32 = 3;
 const VIRTIO_ID_GPU: u32 = 16;
 const VIRTIO_ID_INPUT: u32 = 18;
 
@@ -247,5 +247,54 @@ mod tests {
         assert_eq!(split_write(VIRTIO_ID_INPUT, 1, 3), (vec![(1, 2)], true));
         assert_eq!(split_write(8, 32, 36), (vec![], true), "scsi: nothing");
         assert_eq!(split_write(VIRTIO_ID_NET, 0, 6), (vec![], true), "net: mac");
+    }
+
+    fn with_u16(len: usize, at: usize, value: u16) -> Vec<u8> {
+        let mut config = vec![0u8; len];
+        config[at..at + 2].copy_from_slice(&value.to_le_bytes());
+        config
+    }
+
+    #[test]
+    fn a_larger_queue_count_is_lowered_to_the_windows() {
+        let mut blk = with_u16(60, 34, 8);
+        reconcile_queue_count(VIRTIO_ID_BLK, VIRTIO_BLK_F_MQ, 2, &mut blk).unwrap();
+        assert_eq!(blk, with_u16(60, 34, 2));
+        // net: 5 queues are 2 pairs and the control queue.
+        let mut net = with_u16(24, 8, 4);
+        reconcile_queue_count(VIRTIO_ID_NET, VIRTIO_NET_F_MQ, 5, &mut net).unwrap();
+        assert_eq!(net, with_u16(24, 8, 2));
+        // console: 6 queues are port 0, the control pair and one more port.
+        let mut console = with_u16(12, 4, 31);
+        let features = VIRTIO_CONSOLE_F_MULTIPORT;
+        reconcile_queue_count(VIRTIO_ID_CONSOLE, features, 6, &mut console).unwrap();
+        assert_eq!(console, with_u16(12, 4, 2));
+    }
+
+    #[test]
+    fn a_smaller_queue_count_is_refused_with_both_numbers() {
+        let mut blk = with_u16(60, 34, 1);
+        let error = reconcile_queue_count(VIRTIO_ID_BLK, VIRTIO_BLK_F_MQ, 4, &mut blk);
+        assert_eq!(
+            error,
+            Err(QueueCountMismatch {
+                field: "num_queues",
+                backend: 1,
+                window: 4,
+                num_queues: 4,
+            })
+        );
+        let text = error.unwrap_err().to_string();
+        assert!(
+            text.contains("num_queues = 1") && text.contains("num_queues = 4"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn without_its_feature_the_queue_count_is_left_alone() {
+        let mut blk = with_u16(60, 34, 1);
+        reconcile_queue_count(VIRTIO_ID_BLK, 0, 4, &mut blk).unwrap();
+        assert_eq!(blk, with_u16(60, 34, 1));
     }
 }

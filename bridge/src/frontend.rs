@@ -19,7 +19,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend_maps::{self, Checked, StrayMapping};
-use crate::config_space::{self, GetConfigError};
+use crate::config_space::{
+    self, GetConfigError, QueueCountMismatch, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET,
+};
 use crate::ratelimit::RateLimited;
 use crate::transport::{BackendError, QueueConfig, VirtioBackend};
 
@@ -33,7 +35,6 @@ const PASSTHROUGH_FEATURES: u64 = 0x00ff_ffff // device-specific bits 0..=23
     | 1 << 32 // VIRTIO_F_VERSION_1
     | 1 << 35; // VIRTIO_F_IN_ORDER
 
-const VIRTIO_ID_NET: u32 = 1;
 /// VIRTIO_NET_F_CTRL_VQ (17) and the features that need the control queue: CTRL_RX (18),
 /// CTRL_VLAN (19), CTRL_RX_EXTRA (20), GUEST_ANNOUNCE (21), MQ (22), CTRL_MAC_ADDR (23).
 const NET_CTRL_VQ_FEATURES: u64 = 0x7f << 17;
@@ -136,6 +137,15 @@ pub enum FrontendError {
         /// Why.
         #[source]
         source: GetConfigError,
+    },
+    /// The backend's config space states fewer queues than the window has.
+    #[error("{device}: the backend's queue count does not fit the window")]
+    QueueCountField {
+        /// The device's label.
+        device: String,
+        /// The numbers.
+        #[source]
+        source: QueueCountMismatch,
     },
     /// A restarted backend no longer offers features the guest acked.
     #[error("Restarted backend offers features {after:#x}, the guest acked some of {before:#x}")]
@@ -295,14 +305,48 @@ struct Negotiated {
     backend_req: Option<FrontendReqHandler<ConfigChanged>>,
 }
 
-/// The backend's config space, `spec.config_len` bytes of it.
-fn read_config_space(frontend: &Frontend, spec: &DeviceSpec) -> Result<Vec<u8>, FrontendError> {
+/// The features the guest is offered out of the backend's.
+fn guest_features(spec: &DeviceSpec, backend_features: u64) -> u64 {
+    let mut features = backend_features & PASSTHROUGH_FEATURES;
+    if spec.device_id == VIRTIO_ID_NET && spec.num_queues < 3 {
+        // The control queue is queue 2N; with only an rx/tx pair configured the guest
+        // would find it missing and fail to probe, so hide it and what depends on it.
+        features &= !NET_CTRL_VQ_FEATURES;
+    }
+    if spec.device_id == VIRTIO_ID_CONSOLE && spec.num_queues < 4 {
+        // MULTIPORT puts the control queues at 2 and 3; a window without them serves port
+        // 0 alone.
+        features &= !config_space::VIRTIO_CONSOLE_F_MULTIPORT;
+    }
+    features
+}
+
+/// The backend's config space, `spec.config_len` bytes of it, with its queue count made
+/// the window's.
+fn read_config_space(
+    frontend: &Frontend,
+    spec: &DeviceSpec,
+    backend_features: u64,
+) -> Result<Vec<u8>, FrontendError> {
     // SAFETY: the raw fd belongs to `frontend`, which outlives the borrow.
     let socket = unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) };
-    config_space::get_config(socket, spec.config_len).map_err(|source| FrontendError::GetConfig {
+    let mut config = config_space::get_config(socket, spec.config_len).map_err(|source| {
+        FrontendError::GetConfig {
+            device: spec.label.clone(),
+            source,
+        }
+    })?;
+    config_space::reconcile_queue_count(
+        spec.device_id,
+        guest_features(spec, backend_features),
+        spec.num_queues,
+        &mut config,
+    )
+    .map_err(|source| FrontendError::QueueCountField {
         device: spec.label.clone(),
         source,
-    })
+    })?;
+    Ok(config)
 }
 
 /// SET_OWNER, features, protocol features, queue count, config space and the
@@ -349,7 +393,7 @@ fn negotiate(
     }
     let mut config = vec![0u8; spec.config_len];
     if protocol.contains(VhostUserProtocolFeatures::CONFIG) && spec.config_len > 0 {
-        config = read_config_space(&frontend, spec)?;
+        config = read_config_space(&frontend, spec, backend_features)?;
     }
     let mut backend_req = None;
     if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
@@ -561,7 +605,7 @@ impl VhostUserDevice {
         if self.config.is_empty() || !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Ok(());
         }
-        self.config = read_config_space(&self.frontend, &self.spec)?;
+        self.config = read_config_space(&self.frontend, &self.spec, self.backend_features)?;
         Ok(())
     }
 
@@ -814,13 +858,7 @@ impl VirtioBackend for VhostUserDevice {
     }
 
     fn device_features(&self) -> u64 {
-        let mut features = self.backend_features & PASSTHROUGH_FEATURES;
-        if self.spec.device_id == VIRTIO_ID_NET && self.spec.num_queues < 3 {
-            // The control queue is queue 2N; with only an rx/tx pair configured the guest
-            // would find it missing and fail to probe, so hide it and what depends on it.
-            features &= !NET_CTRL_VQ_FEATURES;
-        }
-        features
+        guest_features(&self.spec, self.backend_features)
     }
 
     fn num_queues(&self) -> u16 {

@@ -377,3 +377,54 @@ fn a_short_get_config_reply_is_refused() {
     );
     fake.thread.join().unwrap();
 }
+
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+const CONSOLE: u32 = 3;
+
+#[test]
+fn the_guest_reads_the_windows_queue_count_not_the_backends() {
+    let mut script = Script::new(60);
+    script.features |= VIRTIO_BLK_F_MQ;
+    script.config[34..36].copy_from_slice(&8u16.to_le_bytes());
+    let (fake, dev) = device(script, spec(BLK, 2, 60));
+    let mut num_queues = [0u8; 2];
+    dev.read_config(34, &mut num_queues);
+    assert_eq!(u16::from_le_bytes(num_queues), 2);
+    fake.finish(dev);
+}
+
+#[test]
+fn a_backend_with_fewer_queues_in_its_config_is_refused_at_start_up() {
+    let mut script = Script::new(60);
+    script.features |= VIRTIO_BLK_F_MQ;
+    script.config[34..36].copy_from_slice(&1u16.to_le_bytes());
+    let (fake, frontend) = Fake::start(script);
+    let error = VhostUserDevice::new(spec(BLK, 4, 60), frontend, memory(1)).unwrap_err();
+    let text = chain(&error);
+    assert!(
+        text.contains("test2")
+            && text.contains("num_queues = 1")
+            && text.contains("num_queues = 4"),
+        "{text}"
+    );
+    fake.thread.join().unwrap();
+}
+
+#[test]
+fn a_console_window_without_control_queues_hides_multiport() {
+    let mut script = Script::new(12);
+    script.features |= 1 << 1;
+    let (fake, dev) = device(script.clone(), spec(CONSOLE, 2, 12));
+    assert_eq!(dev.device_features() & 1 << 1, 0);
+    fake.finish(dev);
+    let (fake, dev) = device(script, spec(CONSOLE, 4, 12));
+    assert_ne!(dev.device_features() & 1 << 1, 0);
+    let mut ports = [0u8; 4];
+    dev.read_config(4, &mut ports);
+    assert_eq!(
+        u32::from_le_bytes(ports),
+        1,
+        "port 0 and the control pair: one port"
+    );
+    fake.finish(dev);
+}
