@@ -46,7 +46,13 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
+
+/// The memory regions SET_MEM_TABLE carries to any backend (the spec's
+/// VHOST_MEMORY_BASELINE_NREGIONS; libvhost-user takes no more fds in one message). More
+/// need CONFIGURE_MEM_SLOTS and ADD_MEM_REG, up to the backend's GET_MAX_MEM_SLOTS.
+const BASELINE_MEM_REGIONS: usize = 8;
 
 /// The backend-to-frontend channel's handler: it only records that the config changed; the
 /// event loop then re-reads the config and raises the guest's config interrupt.
@@ -146,6 +152,19 @@ pub enum FrontendError {
         /// The numbers.
         #[source]
         source: QueueCountMismatch,
+    },
+    /// Zone RAM has more regions than the backend takes.
+    #[error(
+        "Zone RAM has {regions} memory regions, but the backend takes at most {limit} \
+         ({why}); use fewer `memory_region` entries for this zone"
+    )]
+    TooManyRegions {
+        /// Regions of zone RAM.
+        regions: usize,
+        /// The backend's limit.
+        limit: u64,
+        /// Where the limit comes from.
+        why: &'static str,
     },
     /// A restarted backend no longer offers features the guest acked.
     #[error("Restarted backend offers features {after:#x}, the guest acked some of {before:#x}")]
@@ -280,6 +299,8 @@ pub struct VhostUserDevice {
     restore: Restore,
     /// Guest writes to config bytes that are not writable, for a rate-limited warning.
     read_only_writes: RateLimited,
+    /// Zone RAM went to this connection by ADD_MEM_REG (more regions than SET_MEM_TABLE's).
+    mem_regions_added: bool,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -355,6 +376,7 @@ fn negotiate(
     spec: &DeviceSpec,
     mut frontend: Frontend,
     config_changed: &Arc<ConfigChanged>,
+    regions: usize,
 ) -> Result<Negotiated, FrontendError> {
     frontend.set_owner().map_err(request("SET_OWNER"))?;
     let backend_features = frontend.get_features().map_err(request("GET_FEATURES"))?;
@@ -370,6 +392,24 @@ fn negotiate(
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
+    }
+    let (limit, why) = if protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+        let slots = frontend
+            .get_max_mem_slots()
+            .map_err(request("GET_MAX_MEM_SLOTS"))?;
+        (slots, "its GET_MAX_MEM_SLOTS")
+    } else {
+        (
+            BASELINE_MEM_REGIONS as u64,
+            "SET_MEM_TABLE's limit for a backend without CONFIGURE_MEM_SLOTS",
+        )
+    };
+    if regions as u64 > limit {
+        return Err(FrontendError::TooManyRegions {
+            regions,
+            limit,
+            why,
+        });
     }
     if protocol.contains(VhostUserProtocolFeatures::MQ) {
         let offered = frontend.get_queue_num().map_err(request("GET_QUEUE_NUM"))?;
@@ -437,7 +477,7 @@ impl VhostUserDevice {
             );
         }
         let config_changed = Arc::new(ConfigChanged::default());
-        let n = negotiate(&spec, frontend, &config_changed)?;
+        let n = negotiate(&spec, frontend, &config_changed, memory.num_regions())?;
         let queues = usize::from(spec.num_queues);
         let new_fd = || EventFd::new(EFD_NONBLOCK).map_err(FrontendError::EventFd);
         let kicks = (0..queues)
@@ -466,6 +506,7 @@ impl VhostUserDevice {
             maps_warned: false,
             restore: Restore::default(),
             read_only_writes: RateLimited::new(),
+            mem_regions_added: false,
         })
     }
 
@@ -477,7 +518,13 @@ impl VhostUserDevice {
     /// the restore starts its queues at 0 instead. Config bytes the guest wrote meanwhile are
     /// sent to the new backend first.
     pub fn reattach(&mut self, frontend: Frontend) -> Result<(), FrontendError> {
-        let n = negotiate(&self.spec, frontend, &self.config_changed)?;
+        let n = negotiate(
+            &self.spec,
+            frontend,
+            &self.config_changed,
+            self.memory.num_regions(),
+        )?;
+        self.mem_regions_added = false;
         let old_features = self.backend_features;
         self.frontend = n.frontend;
         self.backend_features = n.backend_features;
@@ -754,9 +801,20 @@ impl VhostUserDevice {
             .map_err(request("SET_FEATURES"))?;
         self.features_sent = true;
         let table = self.memory_table()?;
-        self.frontend
-            .set_mem_table(&table)
-            .map_err(request("SET_MEM_TABLE"))?;
+        if table.len() <= BASELINE_MEM_REGIONS {
+            self.frontend
+                .set_mem_table(&table)
+                .map_err(request("SET_MEM_TABLE"))?;
+        } else if !self.mem_regions_added {
+            // Negotiation checked CONFIGURE_MEM_SLOTS and the slot count. Zone RAM never
+            // changes, so a connection gets its regions once.
+            for region in &table {
+                self.frontend
+                    .add_mem_region(region)
+                    .map_err(request("ADD_MEM_REG"))?;
+            }
+            self.mem_regions_added = true;
+        }
         self.started.iter_mut().for_each(|s| *s = false);
         self.check_backend_mappings()?;
         for q in queues.iter().filter(|q| q.ready) {

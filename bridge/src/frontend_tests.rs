@@ -428,3 +428,82 @@ fn a_console_window_without_control_queues_hides_multiport() {
     );
     fake.finish(dev);
 }
+
+fn activate_without_queues(dev: &mut VhostUserDevice) {
+    let queues: Vec<QueueConfig> = Vec::new();
+    dev.activate(VERSION_1, &queues).unwrap();
+}
+
+fn count(log: &[Msg], code: u32) -> usize {
+    log.iter().filter(|m| m.code == code).count()
+}
+
+#[test]
+fn more_regions_than_set_mem_table_carries_are_refused_without_mem_slots() {
+    let (fake, frontend) = Fake::start(Script::new(60));
+    let error = VhostUserDevice::new(spec(BLK, 1, 60), frontend, memory(9)).unwrap_err();
+    let text = chain(&error);
+    assert!(
+        matches!(
+            error,
+            FrontendError::TooManyRegions {
+                regions: 9,
+                limit: 8,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("9 memory regions") && text.contains("at most 8"),
+        "{text}"
+    );
+    fake.thread.join().unwrap();
+}
+
+#[test]
+fn more_regions_than_the_backends_slots_are_refused() {
+    let mut script = Script::new(60);
+    script.protocol |= P::CONFIGURE_MEM_SLOTS;
+    script.max_mem_slots = 4;
+    let (fake, frontend) = Fake::start(script);
+    let error = VhostUserDevice::new(spec(BLK, 1, 60), frontend, memory(5)).unwrap_err();
+    let text = chain(&error);
+    assert!(
+        text.contains("5 memory regions")
+            && text.contains("at most 4")
+            && text.contains("GET_MAX_MEM_SLOTS"),
+        "{text}"
+    );
+    fake.thread.join().unwrap();
+}
+
+#[test]
+fn regions_beyond_set_mem_table_go_by_add_mem_reg_once_per_connection() {
+    let mut script = Script::new(60);
+    script.protocol |= P::CONFIGURE_MEM_SLOTS;
+    script.max_mem_slots = 32;
+    let (fake, frontend) = Fake::start(script);
+    let mut dev = VhostUserDevice::new(spec(BLK, 1, 60), frontend, memory(9)).unwrap();
+    activate_without_queues(&mut dev);
+    dev.reset().unwrap();
+    activate_without_queues(&mut dev);
+    let log = fake.finish(dev);
+    assert_eq!(count(&log, ADD_MEM_REG), 9);
+    assert_eq!(count(&log, SET_MEM_TABLE), 0);
+}
+
+#[test]
+fn a_few_regions_go_by_set_mem_table() {
+    let mut script = Script::new(60);
+    script.protocol |= P::CONFIGURE_MEM_SLOTS;
+    script.max_mem_slots = 32;
+    let (fake, frontend) = Fake::start(script);
+    let mut dev = VhostUserDevice::new(spec(BLK, 1, 60), frontend, memory(2)).unwrap();
+    activate_without_queues(&mut dev);
+    let log = fake.finish(dev);
+    assert_eq!(
+        (count(&log, SET_MEM_TABLE), count(&log, ADD_MEM_REG)),
+        (1, 0)
+    );
+}
