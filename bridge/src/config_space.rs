@@ -1,26 +1,57 @@
-//! What the frontend knows of each device type's config space beyond its size: which fields
-//! a driver may write (only those go to the backend), which writes change what the driver
-//! reads next (the config is then re-read from the backend), and where the backend states a
-//! queue count that has to agree with the window's `num_queues`. Also GET_CONFIG itself,
-//! done here rather than through vhost 0.18's frontend, which on the spec's error reply (a
-//! zero size and no payload) waits forever for the payload it asked for.
+//! What the frontend knows of each device type beyond its config size: which features the
+//! guest is offered, which config fields a driver may write (only those go to the backend),
+//! which writes change what the driver reads next (the config is then re-read from the
+//! backend), and where the backend states a queue count that has to agree with the window's
+//! `num_queues`. Also GET_CONFIG itself, done here rather than through vhost 0.18's
+//! frontend, which on the spec's error reply (a zero size and no payload) waits forever for
+//! the payload it asked for.
 
 use std::io::{Read, Write};
 use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 
-/// Virtio device ids whose config space has writable fields or a queue count.
-pub const VIRTIO_ID_NET: u32 = 1;
+/// Virtio device ids with features, writable fields or a queue count of their own.
+const VIRTIO_ID_NET: u32 = 1;
 const VIRTIO_ID_BLK: u32 = 2;
-pub const VIRTIO_ID_CONSOLE: u32 = 3;
+const VIRTIO_ID_CONSOLE: u32 = 3;
 const VIRTIO_ID_GPU: u32 = 16;
 const VIRTIO_ID_INPUT: u32 = 18;
 
 /// VIRTIO_CONSOLE_F_MULTIPORT: `max_nr_ports` is valid and ports come in queue pairs after
 /// port 0's pair and the control pair.
-pub const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1 << 1;
+const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1 << 1;
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+
+/// Feature bits the bridge passes through to the guest: the device-specific range, the ring
+/// features that need nothing from the transport, VERSION_1 and IN_ORDER. Everything else
+/// (ACCESS_PLATFORM, RING_PACKED, NOTIFICATION_DATA, RING_RESET, ...) would need transport
+/// support that virtio-mmio-over-hvisor does not have.
+const PASSTHROUGH_FEATURES: u64 = 0x00ff_ffff // device-specific bits 0..=23
+    | 1 << 28 // VIRTIO_RING_F_INDIRECT_DESC
+    | 1 << 29 // VIRTIO_RING_F_EVENT_IDX
+    | 1 << 32 // VIRTIO_F_VERSION_1
+    | 1 << 35; // VIRTIO_F_IN_ORDER
+
+/// VIRTIO_NET_F_CTRL_VQ (17) and the features that need the control queue: CTRL_RX (18),
+/// CTRL_VLAN (19), CTRL_RX_EXTRA (20), GUEST_ANNOUNCE (21), MQ (22), CTRL_MAC_ADDR (23).
+const NET_CTRL_VQ_FEATURES: u64 = 0x7f << 17;
+
+/// The features the guest is offered out of the backend's.
+pub fn guest_features(device_id: u32, num_queues: u16, backend_features: u64) -> u64 {
+    let mut features = backend_features & PASSTHROUGH_FEATURES;
+    if device_id == VIRTIO_ID_NET && num_queues < 3 {
+        // The control queue is queue 2N; with only an rx/tx pair configured the guest
+        // would find it missing and fail to probe, so hide it and what depends on it.
+        features &= !NET_CTRL_VQ_FEATURES;
+    }
+    if device_id == VIRTIO_ID_CONSOLE && num_queues < 4 {
+        // MULTIPORT puts the control queues at 2 and 3; a window without them serves port
+        // 0 alone.
+        features &= !VIRTIO_CONSOLE_F_MULTIPORT;
+    }
+    features
+}
 
 /// The fields of a device type's config space that a driver writes, as `[start, end)`.
 /// Everything else is read-only to the driver: the bridge ignores a write there rather than

@@ -19,25 +19,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend_maps::{self, Checked, StrayMapping};
-use crate::config_space::{
-    self, GetConfigError, QueueCountMismatch, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET,
-};
+use crate::config_space::{self, GetConfigError, QueueCountMismatch};
 use crate::ratelimit::RateLimited;
 use crate::transport::{BackendError, QueueConfig, VirtioBackend};
-
-/// Feature bits the bridge passes through to the guest: the device-specific range, the ring
-/// features that need nothing from the transport, VERSION_1 and IN_ORDER. Everything else
-/// (ACCESS_PLATFORM, RING_PACKED, NOTIFICATION_DATA, RING_RESET, ...) would need transport
-/// support that virtio-mmio-over-hvisor does not have.
-const PASSTHROUGH_FEATURES: u64 = 0x00ff_ffff // device-specific bits 0..=23
-    | 1 << 28 // VIRTIO_RING_F_INDIRECT_DESC
-    | 1 << 29 // VIRTIO_RING_F_EVENT_IDX
-    | 1 << 32 // VIRTIO_F_VERSION_1
-    | 1 << 35; // VIRTIO_F_IN_ORDER
-
-/// VIRTIO_NET_F_CTRL_VQ (17) and the features that need the control queue: CTRL_RX (18),
-/// CTRL_VLAN (19), CTRL_RX_EXTRA (20), GUEST_ANNOUNCE (21), MQ (22), CTRL_MAC_ADDR (23).
-const NET_CTRL_VQ_FEATURES: u64 = 0x7f << 17;
 
 /// Protocol features the bridge can use.
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
@@ -326,22 +310,6 @@ struct Negotiated {
     backend_req: Option<FrontendReqHandler<ConfigChanged>>,
 }
 
-/// The features the guest is offered out of the backend's.
-fn guest_features(spec: &DeviceSpec, backend_features: u64) -> u64 {
-    let mut features = backend_features & PASSTHROUGH_FEATURES;
-    if spec.device_id == VIRTIO_ID_NET && spec.num_queues < 3 {
-        // The control queue is queue 2N; with only an rx/tx pair configured the guest
-        // would find it missing and fail to probe, so hide it and what depends on it.
-        features &= !NET_CTRL_VQ_FEATURES;
-    }
-    if spec.device_id == VIRTIO_ID_CONSOLE && spec.num_queues < 4 {
-        // MULTIPORT puts the control queues at 2 and 3; a window without them serves port
-        // 0 alone.
-        features &= !config_space::VIRTIO_CONSOLE_F_MULTIPORT;
-    }
-    features
-}
-
 /// The backend's config space, `spec.config_len` bytes of it, with its queue count made
 /// the window's.
 fn read_config_space(
@@ -359,7 +327,7 @@ fn read_config_space(
     })?;
     config_space::reconcile_queue_count(
         spec.device_id,
-        guest_features(spec, backend_features),
+        config_space::guest_features(spec.device_id, spec.num_queues, backend_features),
         spec.num_queues,
         &mut config,
     )
@@ -916,7 +884,11 @@ impl VirtioBackend for VhostUserDevice {
     }
 
     fn device_features(&self) -> u64 {
-        guest_features(&self.spec, self.backend_features)
+        config_space::guest_features(
+            self.spec.device_id,
+            self.spec.num_queues,
+            self.backend_features,
+        )
     }
 
     fn num_queues(&self) -> u16 {
