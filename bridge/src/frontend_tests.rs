@@ -507,3 +507,22 @@ fn a_few_regions_go_by_set_mem_table() {
         (1, 0)
     );
 }
+
+#[test]
+fn a_restarted_backend_without_a_feature_the_guest_acked_is_refused() {
+    const EVENT_IDX: u64 = 1 << 29;
+    let mut script = Script::new(60);
+    script.features |= EVENT_IDX;
+    let (fake, mut dev) = device(script, spec(BLK, 1, 60));
+    dev.activate(VERSION_1 | EVENT_IDX, &[]).unwrap();
+    dev.mark_disconnected();
+    let (fake2, frontend) = Fake::start(Script::new(60));
+    let error = dev.reattach(frontend).unwrap_err();
+    assert!(
+        matches!(error, FrontendError::FeaturesLost { .. }),
+        "{}",
+        chain(&error)
+    );
+    fake.thread.join().unwrap();
+    fake2.finish(dev);
+}
