@@ -36,6 +36,16 @@ const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// MQ, REPLY_ACK and CONFIG.
 const PROTOCOL: u64 = 1 | 1 << 3 | 1 << 9;
 
+/// How the script answers GET_FEATURES.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FeaturesReply {
+    Normal,
+    /// A 16-byte body where the spec has 8.
+    TooLong,
+    /// The reply carries GET_PROTOCOL_FEATURES' request code.
+    WrongRequest,
+}
+
 /// How the script answers GET_CONFIG.
 #[derive(Clone, Copy)]
 enum ConfigReply {
@@ -50,12 +60,18 @@ enum ConfigReply {
 /// A one-connection scripted blk backend listening on `socket`. Each SET_CONFIG it gets is
 /// sent to the returned channel as (offset, flags, bytes); one with nonzero flags ends the
 /// session, as qemu-storage-daemon does.
-fn scripted_backend(socket: &Path, get_config: ConfigReply) -> mpsc::Receiver<(u32, u32, Vec<u8>)> {
+type ConfigWrites = mpsc::Receiver<(u32, u32, Vec<u8>)>;
+
+fn scripted_backend(
+    socket: &Path,
+    get_features: FeaturesReply,
+    get_config: ConfigReply,
+) -> ConfigWrites {
     let listener = UnixListener::bind(socket).unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        serve(stream, get_config, &tx);
+        serve(stream, get_features, get_config, &tx);
     });
     rx
 }
@@ -70,7 +86,12 @@ fn reply(stream: &mut UnixStream, code: u32, body: &[u8]) {
     let _ = stream.write_all(&msg);
 }
 
-fn serve(mut stream: UnixStream, get_config: ConfigReply, tx: &mpsc::Sender<(u32, u32, Vec<u8>)>) {
+fn serve(
+    mut stream: UnixStream,
+    get_features: FeaturesReply,
+    get_config: ConfigReply,
+    tx: &mpsc::Sender<(u32, u32, Vec<u8>)>,
+) {
     loop {
         let mut header = [0u8; 12];
         if stream.read_exact(&mut header).is_err() {
@@ -88,10 +109,19 @@ fn serve(mut stream: UnixStream, get_config: ConfigReply, tx: &mpsc::Sender<(u32
         }
         let u64_reply = |stream: &mut UnixStream, v: u64| reply(stream, code, &v.to_le_bytes());
         match code {
-            GET_FEATURES => u64_reply(
-                &mut stream,
-                VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES,
-            ),
+            GET_FEATURES => {
+                let features = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES;
+                match get_features {
+                    FeaturesReply::Normal => u64_reply(&mut stream, features),
+                    FeaturesReply::TooLong => {
+                        let body = [features.to_le_bytes(), features.to_le_bytes()].concat();
+                        reply(&mut stream, code, &body);
+                    }
+                    FeaturesReply::WrongRequest => {
+                        reply(&mut stream, GET_PROTOCOL_FEATURES, &features.to_le_bytes())
+                    }
+                }
+            }
             GET_PROTOCOL_FEATURES => u64_reply(&mut stream, PROTOCOL),
             GET_QUEUE_NUM => u64_reply(&mut stream, 1),
             GET_CONFIG => {
@@ -139,26 +169,26 @@ fn external_blk(socket: &Path) -> String {
     )])
 }
 
-/// Starts the bridge on a backend that answers GET_CONFIG with `get_config`, expects it to
-/// exit with an error, and returns its log.
-fn refused_start_up(tag: &str, get_config: ConfigReply) -> String {
+/// Starts the bridge on a backend that answers GET_FEATURES and GET_CONFIG as told, expects
+/// it to exit with an error, and returns its log.
+fn refused_start_up(tag: &str, get_features: FeaturesReply, get_config: ConfigReply) -> String {
     let dir = dir_with_images(tag, &[]);
     let socket = dir.path().join("blk.sock");
-    let _sets = scripted_backend(&socket, get_config);
+    let _sets = scripted_backend(&socket, get_features, get_config);
     let log_path = dir.path().join("bridge.log");
     let log = File::create(&log_path).unwrap();
     let mut sb = SimBridge::start_with(dir.clone(), &external_blk(&socket), &[], Some(log));
     let status = sb
         .bridge
         .wait_timeout(EXIT_WAIT)
-        .expect("the bridge hangs on the backend's GET_CONFIG reply");
+        .expect("the bridge hangs on the backend's reply");
     assert!(!status.success(), "bridge exit status {status}");
     std::fs::read_to_string(&log_path).unwrap()
 }
 
 #[test]
 fn a_get_config_error_reply_fails_start_up_naming_the_device() {
-    let log = refused_start_up("hb-refused", ConfigReply::Refused);
+    let log = refused_start_up("hb-refused", FeaturesReply::Normal, ConfigReply::Refused);
     assert!(
         log.contains(&format!("blk@{BLK:#x}")) && log.contains("refused GET_CONFIG"),
         "{log}"
@@ -167,7 +197,7 @@ fn a_get_config_error_reply_fails_start_up_naming_the_device() {
 
 #[test]
 fn a_short_get_config_reply_fails_start_up_naming_the_device() {
-    let log = refused_start_up("hb-short", ConfigReply::Short);
+    let log = refused_start_up("hb-short", FeaturesReply::Normal, ConfigReply::Short);
     assert!(
         log.contains(&format!("blk@{BLK:#x}")) && log.contains("malformed GET_CONFIG reply"),
         "{log}"
@@ -178,7 +208,7 @@ fn a_short_get_config_reply_fails_start_up_naming_the_device() {
 fn a_cache_type_write_reaches_a_backend_that_refuses_migration_writes() {
     let dir = dir_with_images("hb-writeback", &[]);
     let socket = dir.path().join("blk.sock");
-    let sets = scripted_backend(&socket, ConfigReply::Normal);
+    let sets = scripted_backend(&socket, FeaturesReply::Normal, ConfigReply::Normal);
     let sb = SimBridge::start(dir.clone(), &external_blk(&socket), &[]);
     let g = Guest::new(&sb, 1, 0, IRQ);
     let dev = VirtioMmioDevice::new(&g.vcpu, BLK);
@@ -207,4 +237,23 @@ fn a_cache_type_write_reaches_a_backend_that_refuses_migration_writes() {
     // The backend kept the session: a second write reaches it too.
     dev.write_config(32, &[0]);
     assert_eq!(sets.try_recv().ok(), Some((32, 0, vec![0])));
+}
+
+#[test]
+fn a_features_reply_longer_than_the_spec_fails_start_up_naming_the_device() {
+    let log = refused_start_up("hb-long", FeaturesReply::TooLong, ConfigReply::Normal);
+    // vhost reads the 8 bytes it expects; the rest fails the next exchange.
+    assert!(
+        log.contains(&format!("blk@{BLK:#x}")) && log.contains("invalid message"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_reply_to_another_request_fails_start_up_naming_the_device() {
+    let log = refused_start_up("hb-wrong", FeaturesReply::WrongRequest, ConfigReply::Normal);
+    assert!(
+        log.contains(&format!("blk@{BLK:#x}")) && log.contains("GET_FEATURES"),
+        "{log}"
+    );
 }
