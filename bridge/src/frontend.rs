@@ -120,7 +120,7 @@ pub enum FrontendError {
     #[error("Refusing the backend: it maps memory outside zone RAM")]
     StrayMapping(#[source] StrayMapping),
     /// GET_CONFIG gave no config space.
-    #[error("{device}: cannot read the backend's config space")]
+    #[error("GET_CONFIG of {device} gave no config space")]
     GetConfig {
         /// The device's label.
         device: String,
@@ -129,7 +129,7 @@ pub enum FrontendError {
         source: GetConfigError,
     },
     /// The backend's config space states fewer queues than the window has.
-    #[error("{device}: the backend's queue count does not fit the window")]
+    #[error("The queue count of {device}'s backend does not fit its window")]
     QueueCountField {
         /// The device's label.
         device: String,
