@@ -19,22 +19,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend_maps::{self, Checked, StrayMapping};
+use crate::config_space::{self, GetConfigError, QueueCountMismatch};
+use crate::ratelimit::RateLimited;
 use crate::transport::{BackendError, QueueConfig, VirtioBackend};
-
-/// Feature bits the bridge passes through to the guest: the device-specific range, the ring
-/// features that need nothing from the transport, VERSION_1 and IN_ORDER. Everything else
-/// (ACCESS_PLATFORM, RING_PACKED, NOTIFICATION_DATA, RING_RESET, ...) would need transport
-/// support that virtio-mmio-over-hvisor does not have.
-const PASSTHROUGH_FEATURES: u64 = 0x00ff_ffff // device-specific bits 0..=23
-    | 1 << 28 // VIRTIO_RING_F_INDIRECT_DESC
-    | 1 << 29 // VIRTIO_RING_F_EVENT_IDX
-    | 1 << 32 // VIRTIO_F_VERSION_1
-    | 1 << 35; // VIRTIO_F_IN_ORDER
-
-const VIRTIO_ID_NET: u32 = 1;
-/// VIRTIO_NET_F_CTRL_VQ (17) and the features that need the control queue: CTRL_RX (18),
-/// CTRL_VLAN (19), CTRL_RX_EXTRA (20), GUEST_ANNOUNCE (21), MQ (22), CTRL_MAC_ADDR (23).
-const NET_CTRL_VQ_FEATURES: u64 = 0x7f << 17;
 
 /// Protocol features the bridge can use.
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
@@ -43,7 +30,13 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
+
+/// The memory regions SET_MEM_TABLE carries to any backend (the spec's
+/// VHOST_MEMORY_BASELINE_NREGIONS; libvhost-user takes no more fds in one message). More
+/// need CONFIGURE_MEM_SLOTS and ADD_MEM_REG, up to the backend's GET_MAX_MEM_SLOTS.
+const BASELINE_MEM_REGIONS: usize = 8;
 
 /// The backend-to-frontend channel's handler: it only records that the config changed; the
 /// event loop then re-reads the config and raises the guest's config interrupt.
@@ -126,6 +119,37 @@ pub enum FrontendError {
     /// The backend maps guest memory outside zone RAM, which on hvisor is root Linux's.
     #[error("Refusing the backend: it maps memory outside zone RAM")]
     StrayMapping(#[source] StrayMapping),
+    /// GET_CONFIG gave no config space.
+    #[error("GET_CONFIG of {device} gave no config space")]
+    GetConfig {
+        /// The device's label.
+        device: String,
+        /// Why.
+        #[source]
+        source: GetConfigError,
+    },
+    /// The backend's config space states fewer queues than the window has.
+    #[error("The queue count of {device}'s backend does not fit its window")]
+    QueueCountField {
+        /// The device's label.
+        device: String,
+        /// The numbers.
+        #[source]
+        source: QueueCountMismatch,
+    },
+    /// Zone RAM has more regions than the backend takes.
+    #[error(
+        "Zone RAM has {regions} memory regions, but the backend takes at most {limit} \
+         ({why}); use fewer `memory_region` entries for this zone"
+    )]
+    TooManyRegions {
+        /// Regions of zone RAM.
+        regions: usize,
+        /// The backend's limit.
+        limit: u64,
+        /// Where the limit comes from.
+        why: &'static str,
+    },
     /// A restarted backend no longer offers features the guest acked.
     #[error("Restarted backend offers features {after:#x}, the guest acked some of {before:#x}")]
     FeaturesLost {
@@ -280,6 +304,10 @@ pub struct VhostUserDevice {
     /// A warning that the mapping check could not be made was logged (once is enough).
     maps_warned: bool,
     restore: Restore,
+    /// Guest writes to config bytes that are not writable, for a rate-limited warning.
+    read_only_writes: RateLimited,
+    /// Zone RAM went to this connection by ADD_MEM_REG (more regions than SET_MEM_TABLE's).
+    mem_regions_added: bool,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -305,12 +333,41 @@ struct Negotiated {
     backend_req: Option<FrontendReqHandler<ConfigChanged>>,
 }
 
+/// The backend's config space, `spec.config_len` bytes of it, with its queue count made
+/// the window's.
+fn read_config_space(
+    frontend: &Frontend,
+    spec: &DeviceSpec,
+    backend_features: u64,
+) -> Result<Vec<u8>, FrontendError> {
+    // SAFETY: the raw fd belongs to `frontend`, which outlives the borrow.
+    let socket = unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) };
+    let mut config = config_space::get_config(socket, spec.config_len).map_err(|source| {
+        FrontendError::GetConfig {
+            device: spec.label.clone(),
+            source,
+        }
+    })?;
+    config_space::reconcile_queue_count(
+        spec.device_id,
+        config_space::guest_features(spec.device_id, spec.num_queues, backend_features),
+        spec.num_queues,
+        &mut config,
+    )
+    .map_err(|source| FrontendError::QueueCountField {
+        device: spec.label.clone(),
+        source,
+    })?;
+    Ok(config)
+}
+
 /// SET_OWNER, features, protocol features, queue count, config space and the
 /// backend-to-frontend channel: everything that needs no guest state.
 fn negotiate(
     spec: &DeviceSpec,
     mut frontend: Frontend,
     config_changed: &Arc<ConfigChanged>,
+    regions: usize,
 ) -> Result<Negotiated, FrontendError> {
     frontend.set_owner().map_err(request("SET_OWNER"))?;
     let backend_features = frontend.get_features().map_err(request("GET_FEATURES"))?;
@@ -326,6 +383,24 @@ fn negotiate(
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
+    }
+    let (limit, why) = if protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+        let slots = frontend
+            .get_max_mem_slots()
+            .map_err(request("GET_MAX_MEM_SLOTS"))?;
+        (slots, "its GET_MAX_MEM_SLOTS")
+    } else {
+        (
+            BASELINE_MEM_REGIONS as u64,
+            "SET_MEM_TABLE's limit for a backend without CONFIGURE_MEM_SLOTS",
+        )
+    };
+    if regions as u64 > limit {
+        return Err(FrontendError::TooManyRegions {
+            regions,
+            limit,
+            why,
+        });
     }
     if protocol.contains(VhostUserProtocolFeatures::MQ) {
         let offered = frontend.get_queue_num().map_err(request("GET_QUEUE_NUM"))?;
@@ -349,16 +424,7 @@ fn negotiate(
     }
     let mut config = vec![0u8; spec.config_len];
     if protocol.contains(VhostUserProtocolFeatures::CONFIG) && spec.config_len > 0 {
-        let (_, payload) = frontend
-            .get_config(
-                0,
-                spec.config_len as u32,
-                VhostUserConfigFlags::WRITABLE,
-                &config,
-            )
-            .map_err(request("GET_CONFIG"))?;
-        let n = payload.len().min(config.len());
-        config[..n].copy_from_slice(&payload[..n]);
+        config = read_config_space(&frontend, spec, backend_features)?;
     }
     let mut backend_req = None;
     if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
@@ -402,7 +468,7 @@ impl VhostUserDevice {
             );
         }
         let config_changed = Arc::new(ConfigChanged::default());
-        let n = negotiate(&spec, frontend, &config_changed)?;
+        let n = negotiate(&spec, frontend, &config_changed, memory.num_regions())?;
         let queues = usize::from(spec.num_queues);
         let new_fd = || EventFd::new(EFD_NONBLOCK).map_err(FrontendError::EventFd);
         let kicks = (0..queues)
@@ -430,6 +496,8 @@ impl VhostUserDevice {
             active_queues: Vec::new(),
             maps_warned: false,
             restore: Restore::default(),
+            read_only_writes: RateLimited::new(),
+            mem_regions_added: false,
         })
     }
 
@@ -441,23 +509,29 @@ impl VhostUserDevice {
     /// the restore starts its queues at 0 instead. Config bytes the guest wrote meanwhile are
     /// sent to the new backend first.
     pub fn reattach(&mut self, frontend: Frontend) -> Result<(), FrontendError> {
-        let n = negotiate(&self.spec, frontend, &self.config_changed)?;
+        let n = negotiate(
+            &self.spec,
+            frontend,
+            &self.config_changed,
+            self.memory.num_regions(),
+        )?;
+        self.mem_regions_added = false;
         let old_features = self.backend_features;
         self.frontend = n.frontend;
         self.backend_features = n.backend_features;
         self.protocol = n.protocol;
         self.backend_req = n.backend_req;
         let mut config = n.config;
-        if let Some((start, end)) = self.restore.unsent_config {
-            if let Some(written) = self.config.get(start..end) {
-                self.frontend
-                    .set_config(start as u32, VhostUserConfigFlags::WRITABLE, written)
-                    .map_err(request("SET_CONFIG"))?;
-                if let Some(fresh) = config.get_mut(start..end) {
-                    fresh.copy_from_slice(written);
+        if let Some((start, end)) = self.restore.unsent_config.take() {
+            // Only writable bytes were recorded, but the range may span others between them.
+            for (s, e) in config_space::split_write(self.spec.device_id, start, end).0 {
+                if let Some(written) = self.config.get(s..e).map(<[u8]>::to_vec) {
+                    self.set_config(s, &written)?;
+                    if let Some(fresh) = config.get_mut(s..e) {
+                        fresh.copy_from_slice(&written);
+                    }
                 }
             }
-            self.restore.unsent_config = None;
         }
         if config != self.config {
             log::warn!(
@@ -554,22 +628,19 @@ impl VhostUserDevice {
         Ok(true)
     }
 
+    /// SET_CONFIG of writable bytes, with flags 0: the spec's "front-end" type. Flags 1
+    /// (vhost's `WRITABLE`) means live migration in the spec, which backends may refuse.
+    fn set_config(&mut self, offset: usize, data: &[u8]) -> Result<(), FrontendError> {
+        self.frontend
+            .set_config(offset as u32, VhostUserConfigFlags::empty(), data)
+            .map_err(request("SET_CONFIG"))
+    }
+
     fn refresh_config(&mut self) -> Result<(), FrontendError> {
         if self.config.is_empty() || !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Ok(());
         }
-        let zeros = vec![0u8; self.config.len()];
-        let (_, payload) = self
-            .frontend
-            .get_config(
-                0,
-                zeros.len() as u32,
-                VhostUserConfigFlags::WRITABLE,
-                &zeros,
-            )
-            .map_err(request("GET_CONFIG"))?;
-        let n = payload.len().min(self.config.len());
-        self.config[..n].copy_from_slice(&payload[..n]);
+        self.config = read_config_space(&self.frontend, &self.spec, self.backend_features)?;
         Ok(())
     }
 
@@ -718,9 +789,20 @@ impl VhostUserDevice {
             .map_err(request("SET_FEATURES"))?;
         self.features_sent = true;
         let table = self.memory_table()?;
-        self.frontend
-            .set_mem_table(&table)
-            .map_err(request("SET_MEM_TABLE"))?;
+        if table.len() <= BASELINE_MEM_REGIONS {
+            self.frontend
+                .set_mem_table(&table)
+                .map_err(request("SET_MEM_TABLE"))?;
+        } else if !self.mem_regions_added {
+            // Negotiation checked CONFIGURE_MEM_SLOTS and the slot count. Zone RAM never
+            // changes, so a connection gets its regions once.
+            for region in &table {
+                self.frontend
+                    .add_mem_region(region)
+                    .map_err(request("ADD_MEM_REG"))?;
+            }
+            self.mem_regions_added = true;
+        }
         self.started.iter_mut().for_each(|s| *s = false);
         self.check_backend_mappings()?;
         for q in queues.iter().filter(|q| q.ready) {
@@ -822,13 +904,11 @@ impl VirtioBackend for VhostUserDevice {
     }
 
     fn device_features(&self) -> u64 {
-        let mut features = self.backend_features & PASSTHROUGH_FEATURES;
-        if self.spec.device_id == VIRTIO_ID_NET && self.spec.num_queues < 3 {
-            // The control queue is queue 2N; with only an rx/tx pair configured the guest
-            // would find it missing and fail to probe, so hide it and what depends on it.
-            features &= !NET_CTRL_VQ_FEATURES;
-        }
-        features
+        config_space::guest_features(
+            self.spec.device_id,
+            self.spec.num_queues,
+            self.backend_features,
+        )
     }
 
     fn num_queues(&self) -> u16 {
@@ -861,19 +941,36 @@ impl VirtioBackend for VhostUserDevice {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(BackendError::new("backend has no CONFIG protocol feature"));
         }
-        if self.disconnected {
-            if !self.restore.under_way {
-                return Err(BackendError::from_error(FrontendError::Disconnected));
-            }
-            // Nothing to send to: the restored backend gets the bytes.
-            self.restore.config_written(offset, end);
-            self.config[offset..end].copy_from_slice(data);
+        let (writable, ignored) = config_space::split_write(self.spec.device_id, offset, end);
+        if ignored && self.read_only_writes.hit() {
+            log::warn!(
+                "{}: guest wrote config bytes {offset:#x}..{end:#x}, of which only {writable:x?} \
+                 are writable; the rest is ignored ({} such writes)",
+                self.spec.label,
+                self.read_only_writes.count()
+            );
+        }
+        if writable.is_empty() {
             return Ok(());
         }
-        self.frontend
-            .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(|e| BackendError::from_error(request("SET_CONFIG")(e)))?;
-        self.config[offset..end].copy_from_slice(data);
+        if self.disconnected && !self.restore.under_way {
+            return Err(BackendError::from_error(FrontendError::Disconnected));
+        }
+        for (start, end) in writable {
+            let bytes = &data[start - offset..end - offset];
+            if self.disconnected {
+                // Nothing to send to: the restored backend gets the bytes.
+                self.restore.config_written(start, end);
+            } else {
+                self.set_config(start, bytes)
+                    .map_err(BackendError::from_error)?;
+            }
+            self.config[start..end].copy_from_slice(bytes);
+        }
+        if !self.disconnected && config_space::write_changes_config(self.spec.device_id) {
+            // What the driver reads next depends on what it wrote: ask the backend.
+            self.refresh_config().map_err(BackendError::from_error)?;
+        }
         Ok(())
     }
 
@@ -917,6 +1014,10 @@ impl VirtioBackend for VhostUserDevice {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "frontend_tests.rs"]
+mod scripted;
 
 #[cfg(test)]
 mod tests {

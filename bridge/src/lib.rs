@@ -3,6 +3,7 @@
 //!
 //! - [`config`]: hvisor-tool's `virtio_cfg.json` plus backend fields.
 //! - [`transport`]: the virtio-mmio register state machine (no I/O).
+//! - [`config_space`]: per device type, which config fields are writable, live or a queue count.
 //! - [`frontend`]: the vhost-user frontend of one device.
 //! - [`control`]: the control plane: each device's worker thread, which makes its vhost-user
 //!   round trips, and the handle the transport drives on the ring thread.
@@ -25,6 +26,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 pub mod affinity;
 pub mod backend_maps;
 pub mod config;
+pub mod config_space;
 pub mod control;
 pub mod event_loop;
 pub mod frontend;

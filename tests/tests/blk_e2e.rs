@@ -127,6 +127,47 @@ fn config_space_reads_at_every_width() {
     assert_eq!(blk.capacity(), sectors);
 }
 
+/// Linux's `cache_type` attribute writes `writeback` (offset 32) alone. The write must reach
+/// the backend as a front-end write (flags 0): qemu-storage-daemon ends the session on
+/// flags 1, the spec's live-migration write, which loses the write and then the device.
+#[test]
+fn a_cache_type_write_keeps_the_backend_and_its_io() {
+    let dir = dir_with_images("cache-type", &["disk.img"]);
+    let cfg = config(&[zone(1, &[blk_entry(BLK, IRQ, "disk.img", "")], None)]);
+    let (cfg, daemons) = blk_backend().prepare(&cfg, dir.path());
+    let log_path = dir.path().join("bridge.log");
+    let log = File::create(&log_path).unwrap();
+    let mut sb = SimBridge::start_with(dir, &cfg, &[], Some(log));
+    sb.extra = daemons;
+    let g = Guest::new(&sb, 1, 0, IRQ);
+    let opts = BlkOptions {
+        features: VIRTIO_F_VERSION_1 | feature::FLUSH | feature::CONFIG_WCE,
+        ..BlkOptions::default()
+    };
+    let mut blk = g.blk(BLK, 0x10_0000, &opts);
+    assert_ne!(
+        blk.features() & feature::CONFIG_WCE,
+        0,
+        "CONFIG_WCE offered"
+    );
+    for writeback in [0u8, 1] {
+        blk.device().write_config(32, &[writeback]);
+        assert_eq!(blk.device().read_config_u8(32), writeback);
+        let data = vec![writeback ^ 0x5a; 4096];
+        assert_eq!(blk.write(8, &data).unwrap(), BlkStatus::Ok);
+        let mut back = vec![0u8; 4096];
+        assert_eq!(blk.read(8, &mut back).unwrap(), BlkStatus::Ok);
+        assert_eq!(back, data);
+        assert_eq!(blk.device().status() & status::DEVICE_NEEDS_RESET, 0);
+    }
+    // I/O would also go on through a restored session; the write would not.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        !log.contains("hung up"),
+        "the backend dropped the session:\n{log}"
+    );
+}
+
 #[test]
 fn random_writes_verified_in_image_and_read_back() {
     let sb = one_blk("random", "");
