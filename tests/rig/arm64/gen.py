@@ -218,6 +218,7 @@ def cmd_build(args):
         f"#define RIG_DOORBELL {1 if args.doorbell else 0}",
         f"#define RIG_KICK {1 if args.doorbell and not args.no_kick else 0}",
         f"#define RIG_FENCED {1 if args.fenced else 0}",
+        f"#define RIG_SYNC_NOTIFY_READS {1 if args.sync_notify_reads else 0}",
         f"#define RIG_NUM_WINDOWS {len(wins)}",
         "#define RIG_WINDOWS { " + ", ".join(f"{{ {b:#x}, {s:#x} }}" for b, s in wins) + " }",
         f"#define RIG_NUM_IRQS {len(lay['devices'])}",
@@ -249,6 +250,9 @@ def main():
     b.add_argument("--fenced", action="store_true",
                    help="a StoreLoad barrier between publishing a request and reading need_wakeup "
                         "(hvisor has none, so by default the stub has none either)")
+    b.add_argument("--sync-notify-reads", action="store_true",
+                   help="a read at window offset 0x50 waits for the bridge's reply "
+                        "(hvisor sends it asynchronously and returns 0, as the stub does by default)")
     b.add_argument("--baseline", action="store_true",
                    help="no windows and no added nodes: QEMU's own virtio-mmio devices, no stage-2 hole")
     b.add_argument("--local-empty", action="store_true",

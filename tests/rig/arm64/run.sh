@@ -21,7 +21,8 @@
 #   RIG_DOORBELL=0 (the stub polls for results while idle instead of sleeping on the doorbell),
 #   RIG_KICK=0 (no wakeup byte from the stub: the provider's 50 us poll alone wakes the bridge),
 #   RIG_FENCED=1 (a StoreLoad barrier before the stub reads need_wakeup; default: none, as in
-#   hvisor, so a wakeup can be lost and the guard timeout recovers it),
+#   hvisor, so a wakeup can be lost and the guard timeout recovers it), RIG_SYNC_NOTIFY_READS=1
+#   (a read at window offset 0x50 waits for the bridge; default: asynchronous, as in hvisor),
 #   RIG_PROVIDER_POLL_US (the provider's guard poll with kicks, default 1000), RIG_NET_MIB
 #   (default 16), RIG_BRIDGE_ARGS (extra bridge options), CONSOLE_BACKEND (binary),
 #   RIG_BENCH_MIB / RIG_BENCH_4K / RIG_MMIO_READS (bench sizes, default 64 / 4096 / 20000).
@@ -192,6 +193,7 @@ GEN_ARGS=(--virt-dtb "$GEN/virt.dtb" --out "$GEN" --bootargs "$BOOTARGS"
 [ "$DOORBELL" = 1 ] && GEN_ARGS+=(--doorbell)
 [ "${RIG_KICK:-1}" = 0 ] && GEN_ARGS+=(--no-kick)
 [ "${RIG_FENCED:-0}" = 1 ] && GEN_ARGS+=(--fenced)
+[ "${RIG_SYNC_NOTIFY_READS:-0}" = 1 ] && GEN_ARGS+=(--sync-notify-reads)
 python3 "$RIG_DIR/gen.py" build "$CFG" "${GEN_ARGS[@]}"
 make -s -C "$RIG_DIR/stub" O="$GEN"
 

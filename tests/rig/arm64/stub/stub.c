@@ -480,7 +480,8 @@ void stub_main_boot(void)
 		puthex(windows[i].size);
 	}
 	puts_(RIG_LOCAL_EMPTY ? " (answered locally as empty)" : " (forwarded to the bridge)");
-	puts_(RIG_FENCED ? ", need_wakeup ordering: fenced\n" : ", need_wakeup ordering: hvisor\n");
+	puts_(RIG_FENCED ? ", need_wakeup ordering: fenced" : ", need_wakeup ordering: hvisor");
+	puts_(RIG_SYNC_NOTIFY_READS ? ", 0x50 reads: sync\n" : ", 0x50 reads: async\n");
 	build_stage2();
 	if (RIG_DOORBELL)
 		doorbell_uart_init();
@@ -581,7 +582,10 @@ static u64 forward_access(unsigned cpu, u64 ipa, u64 offset, unsigned size, int 
 		.value = is_write ? value : 0,
 		.src_zone = RIG_ZONE_ID,
 		.is_write = (u8)is_write,
-		.need_interrupt = (u8)(is_write && offset == QUEUE_NOTIFY_OFFSET),
+		/* hvisor does not look at the direction: a read at window offset 0x50 is sent
+		 * asynchronously too and returns 0 without a reply. RIG_SYNC_NOTIFY_READS=1 makes
+		 * it wait for the bridge like any other read. */
+		.need_interrupt = (u8)(offset == QUEUE_NOTIFY_OFFSET && (is_write || !RIG_SYNC_NOTIFY_READS)),
 	};
 
 	if (RIG_LOCAL_EMPTY) {
