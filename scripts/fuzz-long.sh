@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The long fuzz run: every fuzz-style property test in a release build for at least 10 M
-# executions (HVV_FUZZ_ITERS), from a fresh seed unless HVV_FUZZ_SEED is given. Prints each
-# target's executions, time and rate, then a summary; exits non-zero if any target failed.
+# The long fuzz run: every fuzz-style property test under the fuzz profile (release speed with
+# overflow checks and debug assertions, see Cargo.toml) for at least 10 M executions
+# (HVV_FUZZ_ITERS), from a fresh seed unless HVV_FUZZ_SEED is given. Prints each target's
+# executions, time and rate, then a summary; exits non-zero if any target failed.
 # A failure prints the seed that replays it alone: HVV_FUZZ_SEED=<seed> HVV_FUZZ_ITERS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ logs="$(mktemp -d)"
 trap 'rm -rf "$logs"' EXIT
 
 echo "fuzz-long: $iterations executions per target, seed $seed"
-cargo build --release --locked --tests -p hvisor-bridge -p vhost-user-blk
+cargo build --profile fuzz --locked --tests -p hvisor-bridge -p vhost-user-blk
 
 summary=()
 failed=0
@@ -30,7 +31,7 @@ for target in "${targets[@]}"; do
     start=$(date +%s)
     status=0
     HVV_FUZZ_ITERS="$iterations" HVV_FUZZ_SEED="$seed" \
-        cargo test --release --locked -p "$package" --test "$test" -- --nocapture --test-threads=1 \
+        cargo test --profile fuzz --locked -p "$package" --test "$test" -- --nocapture --test-threads=1 \
         2>&1 | tee "$logs/$test.log" || status=$?
     wall=$(($(date +%s) - start))
     line=$(grep -m1 -o 'fuzz-summary: .*' "$logs/$test.log" | sed 's/^fuzz-summary: //' || true)

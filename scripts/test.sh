@@ -29,9 +29,22 @@ cargo build --workspace --bins --locked --release
 step "third-party backends"
 tests/thirdparty/install.sh
 
+# The fuzz-style property tests run in their own step below, with overflow checks.
+fuzz_tests=(transport_survives_arbitrary_register_traffic config_parser_survives_arbitrary_json
+    blk_requests_survive_arbitrary_descriptor_chains)
+skip_fuzz=()
+for test in "${fuzz_tests[@]}"; do skip_fuzz+=(--skip "$test"); done
+
 step "unit, property and end-to-end tests (simulated hypervisor, real processes)"
 # The end-to-end tests drive the release binaries: the same ones the demo and the rigs run.
-HVV_BIN_DIR="$PWD/target/release" cargo test --workspace --locked --release --no-fail-fast
+HVV_BIN_DIR="$PWD/target/release" cargo test --workspace --locked --release --no-fail-fast \
+    -- "${skip_fuzz[@]}"
+
+step "fuzz-style property tests (release speed, overflow checks and debug assertions on)"
+# The fuzz profile (Cargo.toml) makes an arithmetic overflow on hostile input a failure
+# instead of a silent wrap.
+cargo test --locked --profile fuzz -p hvisor-bridge --test fuzz_transport --test fuzz_config
+cargo test --locked --profile fuzz -p vhost-user-blk --test fuzz_requests
 
 for rig in tests/rig/*/ci.sh; do
     step "real-guest rig: $rig"

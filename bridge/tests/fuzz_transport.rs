@@ -811,12 +811,28 @@ fn transport_survives_arbitrary_register_traffic() {
     let executions =
         fuzz_support::run("transport", CI_EXECUTIONS, |rng| execute(rng, &mut reached));
     println!("transport: reached {reached:?}");
-    // About half of the executions activate; demand a tenth, and some of every other state.
-    assert!(reached.activations >= executions / 10, "{reached:?}");
-    if executions >= 1000 {
-        assert!(
-            reached.refused_activations > 0 && reached.notifies > 0 && reached.needs_reset > 0,
-            "{reached:?}"
-        );
+    // Floors at about half of what the CI run reaches per execution (2.5 M executions:
+    // 70 accesses, 0.57 activations, 0.08 refused activations, 0.10 forwarded notifies and
+    // 10 accesses seen in DEVICE_NEEDS_RESET each), so that a generator which stops reaching
+    // a state fails here. Short replays (HVV_FUZZ_ITERS below 10 000) skip them.
+    if executions >= 10_000 {
+        let floors = [
+            ("accesses", reached.accesses, executions * 30),
+            ("activations", reached.activations, executions / 4),
+            (
+                "refused activations",
+                reached.refused_activations,
+                executions / 25,
+            ),
+            ("forwarded notifies", reached.notifies, executions / 20),
+            (
+                "accesses in DEVICE_NEEDS_RESET",
+                reached.needs_reset,
+                executions,
+            ),
+        ];
+        for (what, count, floor) in floors {
+            assert!(count >= floor, "{what}: {count} < {floor}; {reached:?}");
+        }
     }
 }

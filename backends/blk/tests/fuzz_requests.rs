@@ -1158,13 +1158,33 @@ fn blk_requests_survive_arbitrary_descriptor_chains() {
     let executions = fuzz_support::run("blk-requests", CI_EXECUTIONS, |rng| harness.execute(rng));
     let reached = &harness.reached;
     println!("blk-requests: reached {reached:?}");
-    if executions >= 1000 {
-        assert!(
-            reached.predicted > executions / 10
-                && reached.statuses.iter().all(|&n| n > 0)
-                && reached.with_status < reached.chains,
-            "{reached:?}"
-        );
+    // Floors at about half of what the CI run reaches per execution (500 k executions: 2.1
+    // chains, 1.0 with a status byte, 0.26 or more of each status, 0.31 checked against the
+    // disk model), so that a generator which stops reaching a state fails here. Short replays
+    // (HVV_FUZZ_ITERS below 10 000) skip them.
+    if executions >= 10_000 {
+        let [ok, ioerr, unsupp] = reached.statuses;
+        let floors = [
+            ("chains", reached.chains, executions),
+            (
+                "chains with a status byte",
+                reached.with_status,
+                executions / 2,
+            ),
+            ("OK statuses", ok, executions / 8),
+            ("IOERR statuses", ioerr, executions / 8),
+            ("UNSUPP statuses", unsupp, executions / 8),
+            (
+                "requests checked against the model",
+                reached.predicted,
+                executions / 8,
+            ),
+        ];
+        for (what, count, floor) in floors {
+            assert!(count >= floor, "{what}: {count} < {floor}; {reached:?}");
+        }
+        // Hostile chains without a status byte must keep coming too.
+        assert!(reached.with_status < reached.chains, "{reached:?}");
     }
 }
 

@@ -30,6 +30,7 @@ STACK_SIZE = 0x4000
 MAX_CPUS = 8
 DEVICE_TYPES = {"net": 1, "blk": 2, "console": 3}
 DOORBELL_NODE = "pl011@9040000"
+QUEUE_NOTIFY = 0x50  # window offset hvisor treats as an asynchronous QueueNotify
 # The stub's counter page: trapped like a window page but answered by the stub itself with its
 # statistics (the guest's benchmark samples them). Free space in QEMU virt's memory map.
 COUNTER_PAGE = 0x0b000000
@@ -115,6 +116,14 @@ def windows_of(layout):
     return layout["windows"] or [(d["addr"], d["len"]) for d in layout["devices"]]
 
 
+def async_notify_devices(layout):
+    """The devices whose QueueNotify hvisor (and the stub) treats as asynchronous: those that
+    cover offset 0x50 of their window. The others' notifies are synchronous writes."""
+    return [d for d in layout["devices"]
+            for base, _ in windows_of(layout)
+            if d["addr"] <= base + QUEUE_NOTIFY < d["addr"] + d["len"]]
+
+
 def holes_of(windows):
     return sorted({p for base, size in windows for p in range(base & ~(PAGE - 1), base + size, PAGE)})
 
@@ -133,6 +142,7 @@ def cmd_env(args):
         "RIG_INITRD_ADDR": hex(lay["initrd"]),
         "RIG_DEVICE_TYPES": " ".join(d["type"] for d in lay["devices"]),
         "RIG_COUNTER_PAGE": hex(COUNTER_PAGE),
+        "RIG_ASYNC_NOTIFY_DEVICES": len(async_notify_devices(lay)),
     }
     for k, v in out.items():
         print(f"{k}={shlex.quote(str(v))}")
@@ -207,6 +217,8 @@ def cmd_build(args):
         f"#define RIG_LOCAL_EMPTY {1 if args.local_empty else 0}",
         f"#define RIG_DOORBELL {1 if args.doorbell else 0}",
         f"#define RIG_KICK {1 if args.doorbell and not args.no_kick else 0}",
+        f"#define RIG_FENCED {1 if args.fenced else 0}",
+        f"#define RIG_SYNC_NOTIFY_READS {1 if args.sync_notify_reads else 0}",
         f"#define RIG_NUM_WINDOWS {len(wins)}",
         "#define RIG_WINDOWS { " + ", ".join(f"{{ {b:#x}, {s:#x} }}" for b, s in wins) + " }",
         f"#define RIG_NUM_IRQS {len(lay['devices'])}",
@@ -235,6 +247,12 @@ def main():
                    help="the host rings the stub through QEMU's second UART on FINISH_REQ")
     b.add_argument("--no-kick", action="store_true",
                    help="with --doorbell: no wakeup byte from the stub; the provider's poll alone wakes the bridge")
+    b.add_argument("--fenced", action="store_true",
+                   help="a StoreLoad barrier between publishing a request and reading need_wakeup "
+                        "(hvisor has none, so by default the stub has none either)")
+    b.add_argument("--sync-notify-reads", action="store_true",
+                   help="a read at window offset 0x50 waits for the bridge's reply "
+                        "(hvisor sends it asynchronously and returns 0, as the stub does by default)")
     b.add_argument("--baseline", action="store_true",
                    help="no windows and no added nodes: QEMU's own virtio-mmio devices, no stage-2 hole")
     b.add_argument("--local-empty", action="store_true",

@@ -479,7 +479,9 @@ void stub_main_boot(void)
 		puts_("+");
 		puthex(windows[i].size);
 	}
-	puts_(RIG_LOCAL_EMPTY ? " (answered locally as empty)\n" : " (forwarded to the bridge)\n");
+	puts_(RIG_LOCAL_EMPTY ? " (answered locally as empty)" : " (forwarded to the bridge)");
+	puts_(RIG_FENCED ? ", need_wakeup ordering: fenced" : ", need_wakeup ordering: hvisor");
+	puts_(RIG_SYNC_NOTIFY_READS ? ", 0x50 reads: sync\n" : ", 0x50 reads: async\n");
 	build_stage2();
 	if (RIG_DOORBELL)
 		doorbell_uart_init();
@@ -553,8 +555,12 @@ static void push_request(const struct device_req *r)
 			dmb_ish(); /* release: the slot is complete before req_rear moves */
 			bridge->req_rear = (rear + 1) % MAX_REQ;
 			unlock(&req_lock);
-			/* Store rear, then the provider's need_wakeup check: keep the order (StoreLoad). */
-			dmb_ish();
+			/* hvisor reads need_wakeup right after this store with no StoreLoad barrier,
+			 * so its load may return a stale 0 and the wakeup is lost until the daemon's
+			 * guard timeout: RIG_FENCED=0 plays that. RIG_FENCED=1 orders the req_rear
+			 * store before the load, for comparison. */
+			if (RIG_FENCED)
+				dmb_ish();
 			return;
 		}
 		unlock(&req_lock);
@@ -576,7 +582,10 @@ static u64 forward_access(unsigned cpu, u64 ipa, u64 offset, unsigned size, int 
 		.value = is_write ? value : 0,
 		.src_zone = RIG_ZONE_ID,
 		.is_write = (u8)is_write,
-		.need_interrupt = (u8)(is_write && offset == QUEUE_NOTIFY_OFFSET),
+		/* hvisor does not look at the direction: a read at window offset 0x50 is sent
+		 * asynchronously too and returns 0 without a reply. RIG_SYNC_NOTIFY_READS=1 makes
+		 * it wait for the bridge like any other read. */
+		.need_interrupt = (u8)(offset == QUEUE_NOTIFY_OFFSET && (is_write || !RIG_SYNC_NOTIFY_READS)),
 	};
 
 	if (RIG_LOCAL_EMPTY) {
@@ -590,9 +599,10 @@ static u64 forward_access(unsigned cpu, u64 ipa, u64 offset, unsigned size, int 
 	dmb_ish();
 	u64 start = now_ticks();
 	push_request(&req);
-	/* hvisor's wakeup IPI: a sleeping bridge has need_wakeup set. push_request ended with the
-	 * barrier that orders its req_rear store before this load; the bridge sets the flag and
-	 * then re-checks the ring, so either it sees the request or this sees the flag. */
+	/* hvisor's wakeup IPI: a sleeping bridge has need_wakeup set. With RIG_FENCED,
+	 * push_request ended with the barrier that orders its req_rear store before this load;
+	 * the bridge sets the flag and then re-checks the ring, so either it sees the request or
+	 * this sees the flag. Without it (hvisor's order) both may miss. */
 	if (RIG_KICK && bridge->need_wakeup)
 		kick_bridge();
 	if (req.need_interrupt) {
