@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hvisor_hsm::{DeviceReq, Hsm};
 use vhost::vhost_user::Frontend;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::config::{BackendSpec, DeviceConfig};
 use crate::frontend::{self, FrontendError, VhostUserDevice};
@@ -293,7 +293,7 @@ impl Bridge {
                 TOKEN_HSM_CONTROL,
             )?;
         }
-        let reconnect_event = EventFd::new(EFD_NONBLOCK).map_err(LoopError::Epoll)?;
+        let reconnect_event = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(LoopError::Epoll)?;
         add(reconnect_event.as_raw_fd(), EventSet::IN, TOKEN_RECONNECT)?;
         let (reconnect_tx, reconnect_rx) = channel();
         for (i, dev) in devices.iter().enumerate() {
