@@ -52,7 +52,10 @@ struct Args {
     /// in the guest. 0: inject once per assertion.
     #[arg(long, default_value_t = 10)]
     reinject_ms: u64,
-    /// Directory for the sockets of spawned backends (created with mode 0700).
+    /// Directory for the sockets of spawned backends [default: /run/hvisor-vhost as root,
+    /// else $XDG_RUNTIME_DIR/hvisor-vhost]. A missing one is created (mode 0700, its parent
+    /// must exist); an existing one must be a directory, not a symlink, owned by the bridge's
+    /// user and closed to group and others.
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
     /// The vhost-user-blk program for devices with "img" (default: beside this binary, else PATH).
@@ -156,9 +159,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
              instead of faulting; fix the config and start the bridge again"
         );
     })?;
-    let runtime_dir = args.runtime_dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("hvisor-vhost-{}", std::process::id()))
-    });
+    let runtime_dir = args
+        .runtime_dir
+        .unwrap_or_else(hvisor_bridge::supervisor::default_runtime_dir);
     let options = BridgeOptions {
         runtime_dir: runtime_dir.clone(),
         programs: {

@@ -1,7 +1,7 @@
 //! Starts the in-repo backends that a config entry written in hvisor-tool style implies
 //! (`"img": ...` spawns `vhost-user-blk`), and stops them when the bridge exits.
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,9 +14,18 @@ use crate::config::{BackendSpec, DeviceConfig};
 /// Errors while starting a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
-    /// The runtime directory could not be made private.
+    /// The runtime directory could not be created or examined.
     #[error("Cannot prepare runtime directory {}", .0.display())]
     RuntimeDir(PathBuf, #[source] std::io::Error),
+    /// The runtime directory exists but others could reach it: whoever can create a file
+    /// in it can serve the bridge a socket and receive guest memory.
+    #[error("Refusing runtime directory {}: {why}", .dir.display())]
+    UnsafeRuntimeDir {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The backend program could not be started.
     #[error("Cannot start {}", .0.display())]
     Spawn(PathBuf, #[source] std::io::Error),
@@ -114,16 +123,12 @@ impl BackendPrograms {
 }
 
 impl Supervisor {
-    /// Makes `runtime_dir` (mode 0700) and remembers the backend program paths.
+    /// Makes `runtime_dir` private (see [`prepare_runtime_dir`]) and remembers the backend
+    /// program paths.
     pub fn new(runtime_dir: PathBuf, programs: BackendPrograms) -> Result<Self, SupervisorError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&runtime_dir)
-            .and_then(|()| {
-                std::fs::set_permissions(&runtime_dir, std::fs::Permissions::from_mode(0o700))
-            })
-            .map_err(|e| SupervisorError::RuntimeDir(runtime_dir.clone(), e))?;
+        // SAFETY: geteuid cannot fail and touches no memory.
+        let owner = unsafe { libc::geteuid() };
+        prepare_runtime_dir(&runtime_dir, owner)?;
         Ok(Self {
             runtime_dir,
             programs,
@@ -269,6 +274,77 @@ impl Supervisor {
     }
 }
 
+/// Where spawned backends' sockets go by default: `/run/hvisor-vhost` for root, else
+/// `hvisor-vhost` in `$XDG_RUNTIME_DIR` (the user's private runtime directory), else
+/// `hvisor-vhost-<uid>` in the temporary directory.
+pub fn default_runtime_dir() -> PathBuf {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/hvisor-vhost");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("hvisor-vhost"),
+        None => std::env::temp_dir().join(format!("hvisor-vhost-{uid}")),
+    }
+}
+
+/// Makes `dir` a directory that only `owner` can reach. A missing one is created with
+/// mkdir (its parent must exist), so an attacker's file, directory or symlink of that name
+/// makes it fail instead of being reused. An existing one is used only when it is a
+/// directory itself, not a symlink, owned by `owner` and closed to group and others: only
+/// `owner` (or root) can have made it so, and a directory left by an earlier bridge that
+/// was killed is then reused.
+pub fn prepare_runtime_dir(dir: &Path, owner: libc::uid_t) -> Result<(), SupervisorError> {
+    let io_err = |e| SupervisorError::RuntimeDir(dir.to_path_buf(), e);
+    let refuse = |why: String| SupervisorError::UnsafeRuntimeDir {
+        dir: dir.to_path_buf(),
+        why,
+    };
+    let created = match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(io_err(e)),
+    };
+    // Examine what the path names now through an fd opened without following a symlink,
+    // so the checks and the fixes below apply to one and the same directory.
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(|e| match e.raw_os_error() {
+            // Linux says ENOTDIR for a symlink opened this way, ELOOP elsewhere.
+            Some(libc::ELOOP | libc::ENOTDIR) => {
+                if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+                    refuse("it is a symbolic link".into())
+                } else {
+                    refuse("it is not a directory".into())
+                }
+            }
+            _ => io_err(e),
+        })?;
+    let meta = handle.metadata().map_err(io_err)?;
+    if meta.uid() != owner {
+        return Err(refuse(format!(
+            "it belongs to uid {}, not to uid {owner}; remove it or choose another \
+             --runtime-dir",
+            meta.uid()
+        )));
+    }
+    if created {
+        // mkdir's mode went through the umask, which may have taken the owner's bits too.
+        handle
+            .set_permissions(std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err)?;
+    } else if meta.mode() & 0o077 != 0 {
+        return Err(refuse(format!(
+            "its mode is {:04o}, open to group or others; it must be 0700",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
 /// A spawn request for the spawner thread: the command and where to send the child.
 type SpawnRequest = (Command, Sender<std::io::Result<Child>>);
 
@@ -302,4 +378,128 @@ fn spawn_from_spawner(cmd: Command) -> std::io::Result<Child> {
     let (reply_tx, reply_rx) = channel();
     spawner.send((cmd, reply_tx)).map_err(|_| unavailable())?;
     reply_rx.recv().map_err(|_| unavailable())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh scratch directory, removed at the end.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let path =
+                std::env::temp_dir().join(format!("hvv-supervisor-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir(&path).unwrap();
+            Scratch(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn euid() -> libc::uid_t {
+        // SAFETY: geteuid cannot fail and touches no memory.
+        unsafe { libc::geteuid() }
+    }
+
+    fn supervisor(dir: &Path) -> Result<Supervisor, SupervisorError> {
+        Supervisor::new(dir.to_path_buf(), BackendPrograms::beside_bridge())
+    }
+
+    fn refusal(dir: &Path) -> String {
+        match supervisor(dir) {
+            Err(e @ SupervisorError::UnsafeRuntimeDir { .. }) => e.to_string(),
+            other => panic!("{} was not refused: {other:?}", dir.display()),
+        }
+    }
+
+    #[test]
+    fn a_missing_runtime_dir_is_created_private() {
+        let scratch = Scratch::new("create");
+        let dir = scratch.0.join("run");
+        supervisor(&dir).unwrap();
+        let meta = std::fs::symlink_metadata(&dir).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.mode() & 0o7777, 0o700);
+        assert_eq!(meta.uid(), euid());
+        // A directory the bridge made before (it was killed) is used again.
+        supervisor(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_runtime_dir_under_a_missing_parent_is_not_created() {
+        let scratch = Scratch::new("parent");
+        let dir = scratch.0.join("missing").join("run");
+        assert!(matches!(
+            supervisor(&dir),
+            Err(SupervisorError::RuntimeDir(..))
+        ));
+        assert!(!scratch.0.join("missing").exists());
+    }
+
+    #[test]
+    fn a_symlink_is_refused_even_to_a_private_directory() {
+        let scratch = Scratch::new("symlink");
+        let target = scratch.0.join("target");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&target)
+            .unwrap();
+        let link = scratch.0.join("run");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(refusal(&link).contains("symbolic link"));
+        // A dangling one too: mkdir does not create through it.
+        let dangling = scratch.0.join("dangling");
+        std::os::unix::fs::symlink(scratch.0.join("nowhere"), &dangling).unwrap();
+        assert!(refusal(&dangling).contains("symbolic link"));
+        assert!(!scratch.0.join("nowhere").exists());
+    }
+
+    #[test]
+    fn a_file_is_refused() {
+        let scratch = Scratch::new("file");
+        let file = scratch.0.join("run");
+        std::fs::write(&file, "").unwrap();
+        assert!(refusal(&file).contains("not a directory"));
+    }
+
+    #[test]
+    fn a_pre_created_open_directory_is_refused_and_left_alone() {
+        let scratch = Scratch::new("open");
+        let dir = scratch.0.join("run");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(refusal(&dir).contains("mode is 1777"));
+        let mode = std::fs::metadata(&dir).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o1777, "the refused directory was changed");
+    }
+
+    #[test]
+    fn a_directory_of_another_user_is_refused() {
+        let scratch = Scratch::new("foreign");
+        let dir = scratch.0.join("run");
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        if euid() == 0 {
+            // A private directory that a local user (nobody) made.
+            let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: a NUL-terminated path; chown touches no memory of ours.
+            assert_eq!(unsafe { libc::chown(path.as_ptr(), 65534, 65534) }, 0);
+            assert!(refusal(&dir).contains("belongs to uid 65534, not to uid 0"));
+        } else {
+            // Without root, no directory can be given away: the same check, seen from
+            // another user.
+            let other = euid().wrapping_add(1);
+            let e = prepare_runtime_dir(&dir, other).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("not to uid {other}")),
+                "{e}"
+            );
+        }
+    }
 }
