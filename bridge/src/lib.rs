@@ -7,6 +7,7 @@
 //! - [`irq`]: interrupt lines and hvisor's pending-IRQ limit.
 //! - [`event_loop`]: the one thread that ties the ring, the devices and the backends.
 //! - [`supervisor`]: spawns the in-repo backends a config implies.
+//! - [`peer`]: checks the process at the other end of every vhost-user socket.
 //! - [`affinity`]: pins the ring thread to the CPU that takes hvisor's interrupt.
 
 use std::fs::File;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod event_loop;
 pub mod frontend;
 pub mod irq;
+pub mod peer;
 pub mod ratelimit;
 pub mod supervisor;
 pub mod transport;
@@ -31,7 +33,7 @@ pub mod transport;
 use config::{BackendSpec, Config, ZoneConfig};
 use event_loop::{Bridge, BridgeDevice, LoopOptions, Reconnect};
 use frontend::{DeviceSpec, VhostUserDevice};
-use supervisor::{BackendPrograms, Supervisor};
+use supervisor::{BackendPolicy, BackendPrograms, Supervisor};
 use transport::MmioTransport;
 
 /// Errors while building the bridge.
@@ -88,6 +90,17 @@ pub enum BridgeError {
         #[source]
         source: frontend::FrontendError,
     },
+    /// The process serving a backend socket is not one the bridge may talk to.
+    #[error("Zone {zone}, {device}: refusing the backend")]
+    Peer {
+        /// Zone id.
+        zone: u32,
+        /// Device label.
+        device: String,
+        /// Why.
+        #[source]
+        source: peer::PeerError,
+    },
     /// The event loop could not be created.
     #[error("Cannot create the event loop")]
     Loop(#[source] event_loop::LoopError),
@@ -100,6 +113,8 @@ pub struct BridgeOptions {
     pub runtime_dir: PathBuf,
     /// The in-repo backend programs the bridge starts.
     pub programs: BackendPrograms,
+    /// Whom the bridge lets serve it.
+    pub backends: BackendPolicy,
     /// How long to wait for an external backend's socket.
     pub connect_timeout: Duration,
     /// How long to keep trying to restore a backend that hung up.
@@ -124,12 +139,16 @@ pub fn build(
     stop: Option<BorrowedFd<'_>>,
     hsm_control: Option<BorrowedFd<'_>>,
 ) -> Result<Running, BridgeError> {
-    let supervisor = Supervisor::new(options.runtime_dir.clone(), options.programs.clone())
-        .map_err(|source| BridgeError::Spawn {
-            zone: 0,
-            device: "runtime dir".into(),
-            source,
-        })?;
+    let supervisor = Supervisor::new(
+        options.runtime_dir.clone(),
+        options.programs.clone(),
+        options.backends.clone(),
+    )
+    .map_err(|source| BridgeError::Spawn {
+        zone: 0,
+        device: "runtime dir".into(),
+        source,
+    })?;
     let mut devices = Vec::new();
     for zone in &config.zones {
         let memory = map_zone_ram(hsm.as_ref(), zone)?;
@@ -155,6 +174,13 @@ pub fn build(
             };
             let frontend = frontend::connect(&socket, dev.num_queues, options.connect_timeout)
                 .map_err(backend_err)?;
+            supervisor
+                .check_peer(&frontend, &socket, spawned.as_ref())
+                .map_err(|source| BridgeError::Peer {
+                    zone: zone.id,
+                    device: label.clone(),
+                    source,
+                })?;
             let spec = DeviceSpec {
                 label: label.clone(),
                 device_id: dev.device_type.id,

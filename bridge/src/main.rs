@@ -12,7 +12,7 @@ use clap::Parser;
 use hvisor_bridge::affinity::{pin_current_thread, RingCpu};
 use hvisor_bridge::config::{Config, ConfigError};
 use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, AWAIT_SPIN_DEFAULT_US};
-use hvisor_bridge::supervisor::BackendPrograms;
+use hvisor_bridge::supervisor::{BackendPolicy, BackendPrograms};
 use hvisor_bridge::BridgeOptions;
 use hvisor_hsm::{DevHvisor, Hsm, HvisorAbi, ProviderHsm};
 
@@ -68,6 +68,10 @@ struct Args {
     /// binary, else PATH).
     #[arg(long)]
     console_backend: Option<PathBuf>,
+    /// A user (uid) whose processes may serve an external backend's socket, besides root and
+    /// the bridge's own user; repeat for more. The bridge hands every backend guest memory.
+    #[arg(long = "backend-uid", value_name = "UID")]
+    backend_uids: Vec<u32>,
     /// Seconds to wait for an external backend's socket to appear.
     #[arg(long, default_value_t = 10)]
     connect_timeout_s: u64,
@@ -170,6 +174,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             programs.net = args.net_backend.unwrap_or(programs.net);
             programs.console = args.console_backend.unwrap_or(programs.console);
             programs
+        },
+        backends: BackendPolicy {
+            external_uids: args.backend_uids,
         },
         connect_timeout: Duration::from_secs(args.connect_timeout_s),
         reconnect_timeout: Duration::from_secs(args.reconnect_timeout_s),

@@ -1,6 +1,7 @@
 //! Starts the in-repo backends that a config entry written in hvisor-tool style implies
 //! (`"img": ...` spawns `vhost-user-blk`), and stops them when the bridge exits.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,10 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use vhost::vhost_user::Frontend;
+
 use crate::config::{BackendSpec, DeviceConfig};
+use crate::peer::{self, ExpectedPeer, PeerError};
 
 /// Errors while starting a backend.
 #[derive(Debug, thiserror::Error)]
@@ -74,10 +78,12 @@ impl Drop for SpawnedBackend {
             let _ = std::fs::remove_file(&self.socket);
             return;
         }
-        // SIGTERM lets the backend flush; SIGKILL only if it does not exit in time.
-        // SAFETY: kill(2) on our own child, not reaped yet (checked above), so the pid is
-        // still ours; no memory is touched.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        // SIGTERM lets the backend flush; SIGKILL only if it does not exit in time. The
+        // signals go to its process group, so that what a wrapper started stops too.
+        let group = -(self.child.id() as libc::pid_t);
+        // SAFETY: kill(2) on the process group our child leads; the child is not reaped yet
+        // (checked above), so the group id is still ours. No memory is touched.
+        unsafe { libc::kill(group, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -86,7 +92,8 @@ impl Drop for SpawnedBackend {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.child.kill();
+        // SAFETY: as above; the child is still not reaped.
+        unsafe { libc::kill(group, libc::SIGKILL) };
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -97,7 +104,16 @@ impl Drop for SpawnedBackend {
 pub struct Supervisor {
     runtime_dir: PathBuf,
     programs: BackendPrograms,
+    policy: BackendPolicy,
     start_timeout: Duration,
+}
+
+/// Whom the bridge lets serve it, beyond the backends it starts.
+#[derive(Debug, Clone, Default)]
+pub struct BackendPolicy {
+    /// Users whose processes may serve an external backend's socket, besides root and the
+    /// bridge's own user.
+    pub external_uids: Vec<u32>,
 }
 
 /// The in-repo backend programs.
@@ -125,15 +141,45 @@ impl BackendPrograms {
 impl Supervisor {
     /// Makes `runtime_dir` private (see [`prepare_runtime_dir`]) and remembers the backend
     /// program paths.
-    pub fn new(runtime_dir: PathBuf, programs: BackendPrograms) -> Result<Self, SupervisorError> {
+    pub fn new(
+        runtime_dir: PathBuf,
+        programs: BackendPrograms,
+        policy: BackendPolicy,
+    ) -> Result<Self, SupervisorError> {
         // SAFETY: geteuid cannot fail and touches no memory.
         let owner = unsafe { libc::geteuid() };
         prepare_runtime_dir(&runtime_dir, owner)?;
         Ok(Self {
             runtime_dir,
             programs,
+            policy,
             start_timeout: Duration::from_secs(10),
         })
+    }
+
+    /// Checks the process that serves `frontend`'s connection to `socket`: the backend the
+    /// bridge started, when `spawned`; otherwise a process of root, of the bridge's user, or
+    /// of a user the policy allows.
+    pub fn check_peer(
+        &self,
+        frontend: &Frontend,
+        socket: &Path,
+        spawned: Option<&SpawnedBackend>,
+    ) -> Result<(), PeerError> {
+        let expected = match spawned {
+            Some(backend) => ExpectedPeer::Spawned { pid: backend.pid() },
+            None => {
+                // SAFETY: geteuid cannot fail and touches no memory.
+                let mut uids = vec![0, unsafe { libc::geteuid() }];
+                uids.extend(&self.policy.external_uids);
+                uids.sort_unstable();
+                uids.dedup();
+                ExpectedPeer::External { uids }
+            }
+        };
+        // SAFETY: the fd is the connection `frontend` owns, which outlives this call.
+        let connection = unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) };
+        peer::check(connection, socket, &expected)
     }
 
     /// The default backend program: next to the bridge binary, else from `PATH`.
@@ -409,7 +455,11 @@ mod tests {
     }
 
     fn supervisor(dir: &Path) -> Result<Supervisor, SupervisorError> {
-        Supervisor::new(dir.to_path_buf(), BackendPrograms::beside_bridge())
+        Supervisor::new(
+            dir.to_path_buf(),
+            BackendPrograms::beside_bridge(),
+            BackendPolicy::default(),
+        )
     }
 
     fn refusal(dir: &Path) -> String {

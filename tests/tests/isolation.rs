@@ -155,3 +155,133 @@ fn a_spawned_or_respawned_backend_inherits_no_fd_of_the_bridge() {
         );
     }
 }
+
+fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+/// Runs our `vhost-user-blk` as `nobody` on `dir/ext/blk.sock`, the image and the directory
+/// given to that user; returns the process and the socket.
+fn backend_of_nobody(dir: &Path) -> (Process, PathBuf) {
+    const NOBODY: u32 = 65534;
+    let ext = dir.join("ext");
+    std::fs::create_dir(&ext).unwrap();
+    let image = dir.join("d0.img");
+    for path in [&ext, &image] {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; chown touches no memory of ours.
+        assert_eq!(unsafe { libc::chown(c.as_ptr(), NOBODY, NOBODY) }, 0);
+    }
+    let socket = ext.join("blk.sock");
+    let mut cmd = std::process::Command::new(bin_path("vhost-user-blk"));
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .arg("--image")
+        .arg(&image)
+        .uid(NOBODY)
+        .gid(NOBODY);
+    (Process::spawn("vhost-user-blk", &mut cmd), socket)
+}
+
+fn external_disk(socket: &Path) -> String {
+    config(&[zone(
+        1,
+        &[format!(
+            r#"{{"type":"blk","addr":"{BLK0:#x}","len":"0x200","irq":78,"socket":"{}","status":"enable"}}"#,
+            socket.display()
+        )],
+        None,
+    )])
+}
+
+/// The bridge hands every backend guest memory (on hvisor, `/dev/hvisor`): an external
+/// backend of a user it was not told to trust is refused before it gets anything.
+#[test]
+fn an_external_backend_of_an_untrusted_user_is_refused() {
+    if euid() != 0 {
+        eprintln!("skipped: running a backend as another user needs root");
+        return;
+    }
+    let dir = dir_with_images("iso-uid", &["d0.img"]);
+    let (_backend, socket) = backend_of_nobody(dir.path());
+    let cfg = external_disk(&socket);
+    let mut rig = Rig::start(dir.clone(), &cfg, &[]);
+    assert!(!rig.wait_ready(), "the bridge served nobody's backend");
+    let status = rig
+        .bridge
+        .wait_timeout(PROCESS_WAIT)
+        .expect("bridge exited");
+    assert_eq!(status.code(), Some(1));
+    let log = rig.log();
+    assert!(
+        log.contains("of uid 65534, which may not serve the bridge (allowed: 0;"),
+        "{log}"
+    );
+    assert!(!log.contains("SET_MEM_TABLE"), "{log}");
+}
+
+/// ... and served once it is trusted.
+#[test]
+fn an_external_backend_of_a_user_given_with_backend_uid_serves() {
+    if euid() != 0 {
+        eprintln!("skipped: running a backend as another user needs root");
+        return;
+    }
+    let dir = dir_with_images("iso-uid-ok", &["d0.img"]);
+    let (_backend, socket) = backend_of_nobody(dir.path());
+    let cfg = external_disk(&socket);
+    let mut rig = Rig::start(dir.clone(), &cfg, &["--backend-uid", "65534"]);
+    assert!(rig.wait_ready(), "the bridge did not start:\n{}", rig.log());
+    assert!(rig.bridge.terminate().success());
+}
+
+/// A spawned backend's socket must be served by the very process the bridge started; a
+/// wrapper that runs the backend as its child instead of exec'ing it is refused, and what
+/// it started is stopped with it.
+#[test]
+fn a_spawned_backend_served_by_another_process_is_refused() {
+    let dir = dir_with_images("iso-pid", &["d0.img"]);
+    let d = dir.path().display();
+    let wrapper = script(
+        dir.path(),
+        "blk-wrapper.sh",
+        &format!(
+            "{} \"$@\" &\necho $! > {d}/child.pid\nwait\n",
+            bin_path("vhost-user-blk").display()
+        ),
+    );
+    let cfg = config(&[zone(1, &[blk_entry(BLK0, 78, "d0.img", "")], None)]);
+    let mut rig = Rig::start(
+        dir.clone(),
+        &cfg,
+        &["--blk-backend", wrapper.to_str().unwrap()],
+    );
+    assert!(!rig.wait_ready(), "the bridge served its backend's child");
+    let status = rig
+        .bridge
+        .wait_timeout(PROCESS_WAIT)
+        .expect("bridge exited");
+    assert_eq!(status.code(), Some(1));
+    let log = rig.log();
+    assert!(
+        log.contains("not by the backend the bridge started")
+            && log.contains("a wrapper program must exec the backend"),
+        "{log}"
+    );
+    let child: u32 = std::fs::read_to_string(dir.path().join("child.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The child was started before the bridge exited; a pidfd of it, if it still exists,
+    // says when it goes.
+    if std::path::Path::new(&format!("/proc/{child}")).exists() {
+        let exited = pidfd(child);
+        assert_eq!(
+            poll_in(&[std::os::fd::AsRawFd::as_raw_fd(&exited)], PROCESS_WAIT),
+            vec![0],
+            "the wrapper's child outlived the bridge"
+        );
+    }
+}
