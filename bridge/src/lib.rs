@@ -139,16 +139,21 @@ pub fn build(
     stop: Option<BorrowedFd<'_>>,
     hsm_control: Option<BorrowedFd<'_>>,
 ) -> Result<Running, BridgeError> {
-    let supervisor = Supervisor::new(
-        options.runtime_dir.clone(),
-        options.programs.clone(),
-        options.backends.clone(),
-    )
-    .map_err(|source| BridgeError::Spawn {
-        zone: 0,
-        device: "runtime dir".into(),
-        source,
-    })?;
+    let supervisor = options
+        .programs
+        .resolve_for(config)
+        .and_then(|programs| {
+            Supervisor::new(
+                options.runtime_dir.clone(),
+                programs,
+                options.backends.clone(),
+            )
+        })
+        .map_err(|source| BridgeError::Spawn {
+            zone: 0,
+            device: "runtime dir".into(),
+            source,
+        })?;
     let mut devices = Vec::new();
     for zone in &config.zones {
         let memory = map_zone_ram(hsm.as_ref(), zone)?;

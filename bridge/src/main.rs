@@ -12,7 +12,7 @@ use clap::Parser;
 use hvisor_bridge::affinity::{pin_current_thread, RingCpu};
 use hvisor_bridge::config::{Config, ConfigError};
 use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, AWAIT_SPIN_DEFAULT_US};
-use hvisor_bridge::supervisor::{BackendPolicy, BackendPrograms};
+use hvisor_bridge::supervisor::{BackendPolicy, BackendPrograms, RunAs};
 use hvisor_bridge::BridgeOptions;
 use hvisor_hsm::{DevHvisor, Hsm, HvisorAbi, ProviderHsm};
 
@@ -72,6 +72,13 @@ struct Args {
     /// the bridge's own user; repeat for more. The bridge hands every backend guest memory.
     #[arg(long = "backend-uid", value_name = "UID")]
     backend_uids: Vec<u32>,
+    /// Run the backends the bridge spawns as this user (a name or a uid) instead of the
+    /// bridge's own. Their runtime directory then belongs to that user.
+    #[arg(long, value_name = "USER")]
+    backend_user: Option<String>,
+    /// With --backend-user: the group (a name or a gid) instead of the user's primary group.
+    #[arg(long, value_name = "GROUP", requires = "backend_user")]
+    backend_group: Option<String>,
     /// Seconds to wait for an external backend's socket to appear.
     #[arg(long, default_value_t = 10)]
     connect_timeout_s: u64,
@@ -177,6 +184,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         backends: BackendPolicy {
             external_uids: args.backend_uids,
+            run_as: args
+                .backend_user
+                .as_deref()
+                .map(|user| RunAs::lookup(user, args.backend_group.as_deref()))
+                .transpose()?,
         },
         connect_timeout: Duration::from_secs(args.connect_timeout_s),
         reconnect_timeout: Duration::from_secs(args.reconnect_timeout_s),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Frontend;
 
-use crate::config::{BackendSpec, DeviceConfig};
+use crate::config::{BackendSpec, Config, DeviceConfig};
 use crate::peer::{self, ExpectedPeer, PeerError};
 
 /// Errors while starting a backend.
@@ -29,6 +29,22 @@ pub enum SupervisorError {
         dir: PathBuf,
         /// What is wrong with it.
         why: String,
+    },
+    /// A backend program the config needs was not found.
+    #[error("Backend program {}: {why}", .program.display())]
+    Program {
+        /// The program as given.
+        program: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A `--backend-user` or `--backend-group` that names no user or group.
+    #[error("No such {kind}: {name}")]
+    NoSuchId {
+        /// "user" or "group".
+        kind: &'static str,
+        /// The name given.
+        name: String,
     },
     /// The backend program could not be started.
     #[error("Cannot start {}", .0.display())]
@@ -114,6 +130,103 @@ pub struct BackendPolicy {
     /// Users whose processes may serve an external backend's socket, besides root and the
     /// bridge's own user.
     pub external_uids: Vec<u32>,
+    /// The user and group spawned backends run as; `None`: the bridge's own.
+    pub run_as: Option<RunAs>,
+}
+
+/// An unprivileged identity for spawned backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    /// The uid.
+    pub uid: u32,
+    /// The gid (supplementary groups are dropped).
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// `user` (a name or a uid) and `group` (a name or a gid; default: the user's primary
+    /// group).
+    pub fn lookup(user: &str, group: Option<&str>) -> Result<RunAs, SupervisorError> {
+        let (uid, primary) = match user.parse::<u32>() {
+            Ok(uid) => (uid, passwd_entry(Lookup::Uid(uid)).map(|(_, gid)| gid)),
+            Err(_) => {
+                let (uid, gid) =
+                    passwd_entry(Lookup::Name(user)).ok_or_else(|| SupervisorError::NoSuchId {
+                        kind: "user",
+                        name: user.into(),
+                    })?;
+                (uid, Some(gid))
+            }
+        };
+        let gid = match group {
+            Some(group) => match group.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => group_id(group).ok_or_else(|| SupervisorError::NoSuchId {
+                    kind: "group",
+                    name: group.into(),
+                })?,
+            },
+            None => primary.ok_or_else(|| SupervisorError::NoSuchId {
+                kind: "user (give --backend-group for a bare uid)",
+                name: user.into(),
+            })?,
+        };
+        Ok(RunAs { uid, gid })
+    }
+}
+
+enum Lookup<'a> {
+    Name(&'a str),
+    Uid(u32),
+}
+
+/// The uid and primary gid of a passwd entry.
+fn passwd_entry(key: Lookup<'_>) -> Option<(u32, u32)> {
+    // SAFETY: passwd is plain data; getpwnam_r/getpwuid_r fill it in.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    let rc = match key {
+        Lookup::Name(name) => {
+            let name = std::ffi::CString::new(name).ok()?;
+            // SAFETY: every pointer is valid for the call and `buf` is as long as stated;
+            // the results point into `entry` and `buf`, which outlive their use here.
+            unsafe {
+                libc::getpwnam_r(
+                    name.as_ptr(),
+                    &mut entry,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    &mut found,
+                )
+            }
+        }
+        // SAFETY: as above.
+        Lookup::Uid(uid) => unsafe {
+            libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found)
+        },
+    };
+    (rc == 0 && !found.is_null()).then_some((entry.pw_uid, entry.pw_gid))
+}
+
+/// The gid of group `name`.
+fn group_id(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: group is plain data; getgrnam_r fills it in.
+    let mut entry: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call and `buf` is as long as stated.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut entry,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    (rc == 0 && !found.is_null()).then_some(entry.gr_gid)
 }
 
 /// The in-repo backend programs.
@@ -138,6 +251,55 @@ impl BackendPrograms {
     }
 }
 
+impl BackendPrograms {
+    /// Makes the program of every backend kind `config` spawns an absolute path, found once
+    /// now: a later respawn runs the same file whatever appears on `PATH` or the working
+    /// directory meanwhile, and a missing program is an error at start-up.
+    pub fn resolve_for(&self, config: &Config) -> Result<BackendPrograms, SupervisorError> {
+        let mut resolved = self.clone();
+        for (_, device) in config.devices() {
+            let program = match device.backend {
+                BackendSpec::External { .. } => continue,
+                BackendSpec::SpawnBlk { .. } => &mut resolved.blk,
+                BackendSpec::SpawnNet { .. } => &mut resolved.net,
+                BackendSpec::SpawnConsole => &mut resolved.console,
+            };
+            if !program.is_absolute() {
+                *program = resolve_program(program)?;
+            }
+        }
+        Ok(resolved)
+    }
+}
+
+/// `program` as an absolute path: a path with a slash from the working directory, a bare
+/// name from `PATH`, as exec would. It must be an executable file.
+fn resolve_program(program: &Path) -> Result<PathBuf, SupervisorError> {
+    let err = |why: String| SupervisorError::Program {
+        program: program.to_path_buf(),
+        why,
+    };
+    let executable = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.components().count() > 1 {
+        Some(program.to_path_buf()).filter(|p| executable(p))
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|candidate| executable(candidate))
+    };
+    let found = found.ok_or_else(|| {
+        err(
+            "not found, or not an executable file (give its path with --blk-backend, \
+             --net-backend or --console-backend)"
+                .into(),
+        )
+    })?;
+    std::path::absolute(&found).map_err(|e| err(e.to_string()))
+}
+
 impl Supervisor {
     /// Makes `runtime_dir` private (see [`prepare_runtime_dir`]) and remembers the backend
     /// program paths.
@@ -146,8 +308,12 @@ impl Supervisor {
         programs: BackendPrograms,
         policy: BackendPolicy,
     ) -> Result<Self, SupervisorError> {
-        // SAFETY: geteuid cannot fail and touches no memory.
-        let owner = unsafe { libc::geteuid() };
+        // The backends create their sockets there, so the directory is theirs.
+        let owner = match policy.run_as {
+            Some(run_as) => (run_as.uid, run_as.gid),
+            // SAFETY: geteuid and getegid cannot fail and touch no memory.
+            None => unsafe { (libc::geteuid(), libc::getegid()) },
+        };
         prepare_runtime_dir(&runtime_dir, owner)?;
         Ok(Self {
             runtime_dir,
@@ -261,6 +427,10 @@ impl Supervisor {
             // service manager) must reach the bridge alone, which then stops its backends
             // itself; a backend killed by it would otherwise be restarted by the bridge.
             .process_group(0);
+        if let Some(run_as) = self.policy.run_as {
+            // std drops the supplementary groups too when root changes the uid.
+            cmd.uid(run_as.uid).gid(run_as.gid);
+        }
         let bridge_pid = std::process::id();
         // SAFETY: the closure runs in the child between fork and exec and only makes
         // async-signal-safe system calls (prctl, getppid), allocating nothing.
@@ -335,13 +505,17 @@ pub fn default_runtime_dir() -> PathBuf {
     }
 }
 
-/// Makes `dir` a directory that only `owner` can reach. A missing one is created with
+/// Makes `dir` a directory that only `owner` can reach (`group` is its group if it is
+/// created for a user other than the bridge's). A missing one is created with
 /// mkdir (its parent must exist), so an attacker's file, directory or symlink of that name
 /// makes it fail instead of being reused. An existing one is used only when it is a
 /// directory itself, not a symlink, owned by `owner` and closed to group and others: only
 /// `owner` (or root) can have made it so, and a directory left by an earlier bridge that
 /// was killed is then reused.
-pub fn prepare_runtime_dir(dir: &Path, owner: libc::uid_t) -> Result<(), SupervisorError> {
+pub fn prepare_runtime_dir(
+    dir: &Path,
+    (owner, group): (libc::uid_t, libc::gid_t),
+) -> Result<(), SupervisorError> {
     let io_err = |e| SupervisorError::RuntimeDir(dir.to_path_buf(), e);
     let refuse = |why: String| SupervisorError::UnsafeRuntimeDir {
         dir: dir.to_path_buf(),
@@ -369,6 +543,10 @@ pub fn prepare_runtime_dir(dir: &Path, owner: libc::uid_t) -> Result<(), Supervi
             }
             _ => io_err(e),
         })?;
+    if created && handle.metadata().map_err(io_err)?.uid() != owner {
+        // Made for backends that run as another user.
+        std::os::unix::fs::fchown(&handle, Some(owner), Some(group)).map_err(io_err)?;
+    }
     let meta = handle.metadata().map_err(io_err)?;
     if meta.uid() != owner {
         return Err(refuse(format!(
@@ -545,11 +723,76 @@ mod tests {
             // Without root, no directory can be given away: the same check, seen from
             // another user.
             let other = euid().wrapping_add(1);
-            let e = prepare_runtime_dir(&dir, other).unwrap_err();
+            let e = prepare_runtime_dir(&dir, (other, other)).unwrap_err();
             assert!(
                 e.to_string().contains(&format!("not to uid {other}")),
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn programs_become_absolute_once() {
+        let programs = BackendPrograms {
+            blk: PathBuf::from("sh"),
+            net: PathBuf::from("no-such-backend-program"),
+            console: PathBuf::from("./relative"),
+        };
+        let config = Config::parse(
+            r#"{"zones":[{"id":1,"memory_region":[{"zone0_ipa":"0x50000000",
+                "zonex_ipa":"0x50000000","size":"0x1000000"}],"devices":[
+                {"type":"blk","addr":"0xa003c00","len":"0x200","irq":78,
+                 "img":"Cargo.toml","status":"enable"}]}]}"#,
+            Path::new(env!("CARGO_MANIFEST_DIR")),
+        )
+        .unwrap();
+        let resolved = programs.resolve_for(&config).unwrap();
+        // Found on PATH, as exec would.
+        assert!(resolved.blk.is_absolute(), "{}", resolved.blk.display());
+        assert!(resolved.blk.ends_with("sh"));
+        // Programs of backends the config does not spawn are not looked for.
+        assert_eq!(resolved.net, programs.net);
+        assert_eq!(resolved.console, programs.console);
+        let missing = BackendPrograms {
+            blk: PathBuf::from("no-such-backend-program"),
+            ..programs
+        };
+        let e = missing.resolve_for(&config).unwrap_err();
+        assert!(e.to_string().contains("not found"), "{e}");
+    }
+
+    #[test]
+    fn a_relative_program_is_taken_from_the_working_directory() {
+        let here = std::env::current_dir().unwrap();
+        let scratch = Scratch::new("relative");
+        let script = scratch.0.join("backend.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // The same file, named from the working directory: up to / and down again.
+        let mut given = PathBuf::new();
+        for _ in here.components().skip(1) {
+            given.push("..");
+        }
+        given.push(script.strip_prefix("/").unwrap());
+        assert!(given.is_relative());
+        let resolved = resolve_program(&given).unwrap();
+        assert!(resolved.is_absolute(), "{}", resolved.display());
+        assert_eq!(resolved.canonicalize().unwrap(), script);
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(resolve_program(&given).is_err(), "a file that cannot run");
+    }
+
+    #[test]
+    fn backend_users_and_groups_by_name_or_number() {
+        assert_eq!(
+            RunAs::lookup("root", None).unwrap(),
+            RunAs { uid: 0, gid: 0 }
+        );
+        assert_eq!(
+            RunAs::lookup("0", Some("0")).unwrap(),
+            RunAs { uid: 0, gid: 0 }
+        );
+        assert!(RunAs::lookup("no-such-user-here", None).is_err());
+        assert!(RunAs::lookup("root", Some("no-such-group-here")).is_err());
     }
 }

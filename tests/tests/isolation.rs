@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +12,9 @@ use std::sync::Arc;
 use common::*;
 use hvisor_bridge::config::Config;
 use hvisor_hsm::{ProviderServer, SimHypervisor};
-use hvisor_vhost_tests::harness::{bin_path, bridge_command, sim_zones, Process, TempDir};
+use hvisor_vhost_tests::harness::{
+    bin_path, bridge_command, children_running, sim_zones, Process, TempDir,
+};
 
 const BLK0: u64 = 0xa003c00;
 const BLK1: u64 = 0xa003e00;
@@ -284,4 +286,39 @@ fn a_spawned_backend_served_by_another_process_is_refused() {
             "the wrapper's child outlived the bridge"
         );
     }
+}
+
+/// `--backend-user`: the spawned backend runs as that user, with its primary group and no
+/// other, in a private runtime directory that user owns.
+#[test]
+fn spawned_backends_run_as_the_backend_user() {
+    if euid() != 0 {
+        eprintln!("skipped: changing a backend's user needs root");
+        return;
+    }
+    let dir = dir_with_images("iso-user", &["d0.img"]);
+    let image = dir.path().join("d0.img");
+    let c = std::ffi::CString::new(image.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; chown touches no memory of ours.
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
+    let cfg = config(&[zone(1, &[blk_entry(BLK0, 78, "d0.img", "")], None)]);
+    let mut rig = Rig::start(dir.clone(), &cfg, &["--backend-user", "nobody"]);
+    assert!(rig.wait_ready(), "the bridge did not start:\n{}", rig.log());
+    let backends = children_running(rig.bridge.pid(), "vhost-user-blk");
+    assert_eq!(backends.len(), 1, "{backends:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", backends[0])).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("Uid:"), ["65534"; 4]);
+    assert_eq!(field("Gid:"), ["65534"; 4]);
+    assert!(field("Groups:").is_empty(), "{status}");
+    let run = std::fs::symlink_metadata(dir.path().join("run")).unwrap();
+    assert_eq!((run.uid(), run.mode() & 0o7777), (65534, 0o700));
+    assert!(rig.bridge.terminate().success());
 }
