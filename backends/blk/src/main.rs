@@ -312,7 +312,8 @@ fn serve(config: Config) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Rate-limited: the guest can trigger most warnings, virtio-queue's errors included.
+    vhost_user_frontdoor::ratelimit::init_logger();
     let result = Config::try_from(Args::parse()).and_then(serve);
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,7 @@ mod error;
 mod message;
 mod notifier;
 pub mod process;
+pub mod ratelimit;
 mod session;
 mod state;
 
