@@ -322,3 +322,23 @@ fn spawned_backends_run_as_the_backend_user() {
     assert_eq!((run.uid(), run.mode() & 0o7777), (65534, 0o700));
     assert!(rig.bridge.terminate().success());
 }
+
+/// Our backends run under their seccomp filter (see `vhost_user_frontdoor::seccomp`) from
+/// their first instructions on, where seccompiler supports the architecture.
+#[test]
+fn spawned_backends_run_under_seccomp() {
+    if !matches!(std::env::consts::ARCH, "x86_64" | "aarch64" | "riscv64") {
+        eprintln!("skipped: seccompiler has no filter for this architecture");
+        return;
+    }
+    let (dir, cfg) = two_disks("iso-seccomp");
+    let rig = Rig::start(dir, &cfg, &[]);
+    assert!(rig.wait_ready(), "the bridge did not start:\n{}", rig.log());
+    let backends = children_running(rig.bridge.pid(), "vhost-user-blk");
+    assert_eq!(backends.len(), 2, "{backends:?}");
+    for pid in backends {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        // 2: SECCOMP_MODE_FILTER.
+        assert!(status.contains("\nSeccomp:\t2\n"), "{status}");
+    }
+}

@@ -19,6 +19,7 @@ mod message;
 mod notifier;
 pub mod process;
 pub mod ratelimit;
+pub mod seccomp;
 mod session;
 mod state;
 
