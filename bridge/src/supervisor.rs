@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Frontend;
@@ -119,6 +119,9 @@ impl Drop for SpawnedBackend {
 #[derive(Debug, Clone)]
 pub struct Supervisor {
     runtime_dir: PathBuf,
+    /// The runtime directory, locked (flock) for as long as the bridge runs: a second bridge
+    /// on the same directory would replace this one's sockets.
+    _runtime_lock: Arc<std::fs::File>,
     programs: BackendPrograms,
     policy: BackendPolicy,
     start_timeout: Duration,
@@ -314,9 +317,21 @@ impl Supervisor {
             // SAFETY: geteuid and getegid cannot fail and touch no memory.
             None => unsafe { (libc::geteuid(), libc::getegid()) },
         };
-        prepare_runtime_dir(&runtime_dir, owner)?;
+        let handle = prepare_runtime_dir(&runtime_dir, owner)?;
+        // SAFETY: flock on an fd we own; no memory is touched.
+        if unsafe { libc::flock(handle.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            return Err(match error.raw_os_error() {
+                Some(libc::EWOULDBLOCK) => SupervisorError::UnsafeRuntimeDir {
+                    dir: runtime_dir,
+                    why: "another bridge is using it".into(),
+                },
+                _ => SupervisorError::RuntimeDir(runtime_dir, error),
+            });
+        }
         Ok(Self {
             runtime_dir,
+            _runtime_lock: Arc::new(handle),
             programs,
             policy,
             start_timeout: Duration::from_secs(10),
@@ -511,11 +526,11 @@ pub fn default_runtime_dir() -> PathBuf {
 /// makes it fail instead of being reused. An existing one is used only when it is a
 /// directory itself, not a symlink, owned by `owner` and closed to group and others: only
 /// `owner` (or root) can have made it so, and a directory left by an earlier bridge that
-/// was killed is then reused.
+/// was killed is then reused. Returns the directory, opened.
 pub fn prepare_runtime_dir(
     dir: &Path,
     (owner, group): (libc::uid_t, libc::gid_t),
-) -> Result<(), SupervisorError> {
+) -> Result<std::fs::File, SupervisorError> {
     let io_err = |e| SupervisorError::RuntimeDir(dir.to_path_buf(), e);
     let refuse = |why: String| SupervisorError::UnsafeRuntimeDir {
         dir: dir.to_path_buf(),
@@ -566,7 +581,7 @@ pub fn prepare_runtime_dir(
             meta.mode() & 0o7777
         )));
     }
-    Ok(())
+    Ok(handle)
 }
 
 /// A spawn request for the spawner thread: the command and where to send the child.
@@ -657,6 +672,20 @@ mod tests {
         assert_eq!(meta.mode() & 0o7777, 0o700);
         assert_eq!(meta.uid(), euid());
         // A directory the bridge made before (it was killed) is used again.
+        supervisor(&dir).unwrap();
+    }
+
+    #[test]
+    fn two_bridges_cannot_share_a_runtime_dir() {
+        let scratch = Scratch::new("shared");
+        let dir = scratch.0.join("run");
+        let first = supervisor(&dir).unwrap();
+        assert!(refusal(&dir).contains("another bridge is using it"));
+        // Clones (reconnect plans) hold the same lock; it goes with the last of them.
+        let clone = first.clone();
+        drop(first);
+        assert!(refusal(&dir).contains("another bridge is using it"));
+        drop(clone);
         supervisor(&dir).unwrap();
     }
 
