@@ -101,12 +101,24 @@ pub fn filter(ioctls: &[u64]) -> Result<Option<BpfProgram>, SeccompError> {
 }
 
 /// Installs the filter of [`filter`] on every thread of the process (and so on every
-/// thread and child it starts later). Logs once when the architecture has none.
+/// thread and child it starts later). Logs once, and goes on, when the architecture has no
+/// filter or the kernel no seccomp filter support.
 pub fn install(ioctls: &[u64]) -> Result<(), SeccompError> {
     match filter(ioctls)? {
-        Some(program) => {
-            seccompiler::apply_filter_all_threads(&program).map_err(SeccompError::Filter)
-        }
+        Some(program) => match seccompiler::apply_filter_all_threads(&program) {
+            // A root Linux built without CONFIG_SECCOMP(_FILTER), as some boards' are: the
+            // backend still serves its guest rather than leave the device dead.
+            Err(seccompiler::Error::Seccomp(e))
+                if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) =>
+            {
+                log::warn!(
+                    "The kernel refuses seccomp filters ({e}): ioctls on guest memory are not \
+                     restricted"
+                );
+                Ok(())
+            }
+            result => result.map_err(SeccompError::Filter),
+        },
         None => {
             log::warn!(
                 "No seccomp filter on {}: ioctls on guest memory are not restricted",
