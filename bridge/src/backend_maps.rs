@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Mutex;
 
@@ -169,26 +169,7 @@ pub fn check_backend(socket: BorrowedFd<'_>) -> Result<Checked, StrayMapping> {
 /// The pid of the process that created the other end of `socket` (for a backend, the
 /// process that listens on its socket).
 fn peer_pid(socket: BorrowedFd<'_>) -> io::Result<u32> {
-    let mut credentials = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes at most `len` bytes into `credentials`, which is a ucred
-    // of that size; the descriptor is borrowed for the call.
-    let ret = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            std::ptr::addr_of_mut!(credentials).cast(),
-            &mut len,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let credentials = crate::peer::credentials(socket)?;
     // A peer in a pid namespace this process cannot see reads as pid 0.
     u32::try_from(credentials.pid)
         .ok()
@@ -252,7 +233,7 @@ fn parse_line(line: &str) -> Option<Mapping> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::FromRawFd;
+    use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::net::UnixStream;
     use std::ptr::NonNull;
 

@@ -284,7 +284,7 @@ impl Bridge {
                 TOKEN_HSM_CONTROL,
             )?;
         }
-        let reconnect_event = EventFd::new(EFD_NONBLOCK).map_err(LoopError::Epoll)?;
+        let reconnect_event = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(LoopError::Epoll)?;
         add(reconnect_event.as_raw_fd(), EventSet::IN, TOKEN_RECONNECT)?;
         let (reconnect_tx, reconnect_rx) = channel();
         let control_event = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(LoopError::Epoll)?;

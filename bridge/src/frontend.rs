@@ -16,7 +16,7 @@ use vhost::vhost_user::{
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::backend_maps::{self, Checked, StrayMapping};
 use crate::config_space::{self, GetConfigError, QueueCountMismatch};
@@ -470,7 +470,7 @@ impl VhostUserDevice {
         let config_changed = Arc::new(ConfigChanged::default());
         let n = negotiate(&spec, frontend, &config_changed, memory.num_regions())?;
         let queues = usize::from(spec.num_queues);
-        let new_fd = || EventFd::new(EFD_NONBLOCK).map_err(FrontendError::EventFd);
+        let new_fd = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(FrontendError::EventFd);
         let kicks = (0..queues)
             .map(|_| new_fd())
             .collect::<Result<Vec<_>, _>>()?;

@@ -12,6 +12,7 @@
 //! - [`event_loop`]: the ring thread, which ties the ring, the devices and the backends
 //!   without ever waiting on a backend.
 //! - [`supervisor`]: spawns the in-repo backends a config implies.
+//! - [`peer`]: checks the process at the other end of every vhost-user socket.
 //! - [`affinity`]: pins the ring thread to the CPU that takes hvisor's interrupt.
 
 use std::fs::File;
@@ -31,6 +32,7 @@ pub mod control;
 pub mod event_loop;
 pub mod frontend;
 pub mod irq;
+pub mod peer;
 pub mod ratelimit;
 pub mod reconnect;
 pub mod supervisor;
@@ -41,7 +43,7 @@ use control::DeviceHandle;
 use event_loop::{Bridge, BridgeDevice, LoopOptions};
 use frontend::{DeviceSpec, VhostUserDevice};
 use reconnect::Reconnect;
-use supervisor::{BackendPrograms, Supervisor};
+use supervisor::{BackendPolicy, BackendPrograms, Supervisor};
 use transport::MmioTransport;
 
 /// Errors while building the bridge.
@@ -98,6 +100,17 @@ pub enum BridgeError {
         #[source]
         source: frontend::FrontendError,
     },
+    /// The process serving a backend socket is not one the bridge may talk to.
+    #[error("Zone {zone}, {device}: refusing the backend")]
+    Peer {
+        /// Zone id.
+        zone: u32,
+        /// Device label.
+        device: String,
+        /// Why.
+        #[source]
+        source: peer::PeerError,
+    },
     /// The event loop could not be created.
     #[error("Cannot create the event loop")]
     Loop(#[source] event_loop::LoopError),
@@ -110,6 +123,8 @@ pub struct BridgeOptions {
     pub runtime_dir: PathBuf,
     /// The in-repo backend programs the bridge starts.
     pub programs: BackendPrograms,
+    /// Whom the bridge lets serve it.
+    pub backends: BackendPolicy,
     /// How long to wait for an external backend's socket.
     pub connect_timeout: Duration,
     /// How long to keep trying to restore a backend that hung up.
@@ -134,7 +149,16 @@ pub fn build(
     stop: Option<BorrowedFd<'_>>,
     hsm_control: Option<BorrowedFd<'_>>,
 ) -> Result<Running, BridgeError> {
-    let supervisor = Supervisor::new(options.runtime_dir.clone(), options.programs.clone())
+    let supervisor = options
+        .programs
+        .resolve_for(config)
+        .and_then(|programs| {
+            Supervisor::new(
+                options.runtime_dir.clone(),
+                programs,
+                options.backends.clone(),
+            )
+        })
         .map_err(|source| BridgeError::Spawn {
             zone: 0,
             device: "runtime dir".into(),
@@ -165,6 +189,13 @@ pub fn build(
             };
             let frontend = frontend::connect(&socket, dev.num_queues, options.connect_timeout)
                 .map_err(backend_err)?;
+            supervisor
+                .check_peer(&frontend, &socket, spawned.as_ref())
+                .map_err(|source| BridgeError::Peer {
+                    zone: zone.id,
+                    device: label.clone(),
+                    source,
+                })?;
             let spec = DeviceSpec {
                 label: label.clone(),
                 device_id: dev.device_type.id,

@@ -13,7 +13,7 @@ use hvisor_bridge::affinity::{pin_current_thread, RingCpu};
 use hvisor_bridge::config::{Config, ConfigError};
 use hvisor_bridge::control::CONTROL_TIMEOUT_DEFAULT;
 use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, AWAIT_SPIN_DEFAULT_US};
-use hvisor_bridge::supervisor::BackendPrograms;
+use hvisor_bridge::supervisor::{BackendPolicy, BackendPrograms, RunAs};
 use hvisor_bridge::BridgeOptions;
 use hvisor_hsm::{DevHvisor, Hsm, HvisorAbi, ProviderHsm};
 
@@ -53,7 +53,10 @@ struct Args {
     /// in the guest. 0: inject once per assertion.
     #[arg(long, default_value_t = 10)]
     reinject_ms: u64,
-    /// Directory for the sockets of spawned backends (created with mode 0700).
+    /// Directory for the sockets of spawned backends [default: /run/hvisor-vhost as root,
+    /// else $XDG_RUNTIME_DIR/hvisor-vhost]. A missing one is created (mode 0700, its parent
+    /// must exist); an existing one must be a directory, not a symlink, owned by the bridge's
+    /// user and closed to group and others.
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
     /// The vhost-user-blk program for devices with "img" (default: beside this binary, else PATH).
@@ -66,6 +69,17 @@ struct Args {
     /// binary, else PATH).
     #[arg(long)]
     console_backend: Option<PathBuf>,
+    /// A user (uid) whose processes may serve an external backend's socket, besides root and
+    /// the bridge's own user; repeat for more. The bridge hands every backend guest memory.
+    #[arg(long = "backend-uid", value_name = "UID")]
+    backend_uids: Vec<u32>,
+    /// Run the backends the bridge spawns as this user (a name or a uid) instead of the
+    /// bridge's own. Their runtime directory then belongs to that user.
+    #[arg(long, value_name = "USER")]
+    backend_user: Option<String>,
+    /// With --backend-user: the group (a name or a gid) instead of the user's primary group.
+    #[arg(long, value_name = "GROUP", requires = "backend_user")]
+    backend_group: Option<String>,
     /// Seconds to wait for an external backend's socket to appear.
     #[arg(long, default_value_t = 10)]
     connect_timeout_s: u64,
@@ -162,9 +176,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
              instead of faulting; fix the config and start the bridge again"
         );
     })?;
-    let runtime_dir = args.runtime_dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("hvisor-vhost-{}", std::process::id()))
-    });
+    let runtime_dir = args
+        .runtime_dir
+        .unwrap_or_else(hvisor_bridge::supervisor::default_runtime_dir);
     let options = BridgeOptions {
         runtime_dir: runtime_dir.clone(),
         programs: {
@@ -173,6 +187,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             programs.net = args.net_backend.unwrap_or(programs.net);
             programs.console = args.console_backend.unwrap_or(programs.console);
             programs
+        },
+        backends: BackendPolicy {
+            external_uids: args.backend_uids,
+            run_as: args
+                .backend_user
+                .as_deref()
+                .map(|user| RunAs::lookup(user, args.backend_group.as_deref()))
+                .transpose()?,
         },
         connect_timeout: Duration::from_secs(args.connect_timeout_s),
         reconnect_timeout: Duration::from_secs(args.reconnect_timeout_s),

@@ -77,8 +77,11 @@ pub(crate) fn reconnect(
         let outcome = match &plan.device.backend {
             BackendSpec::External { socket } => {
                 frontend::connect(socket, plan.device.num_queues, Duration::ZERO)
-                    .map(|f| (f, None))
                     .map_err(|e| error_chain(&e))
+                    .and_then(|f| {
+                        let checked = plan.supervisor.check_peer(&f, socket, None);
+                        checked.map(|()| (f, None)).map_err(|e| error_chain(&e))
+                    })
             }
             _ => plan
                 .supervisor
@@ -91,8 +94,15 @@ pub(crate) fn reconnect(
                         plan.device.num_queues,
                         Duration::from_secs(5),
                     )
-                    .map(|f| (f, Some(spawned)))
                     .map_err(|e| error_chain(&e))
+                    .and_then(|f| {
+                        let checked =
+                            plan.supervisor
+                                .check_peer(&f, spawned.socket(), Some(&spawned));
+                        checked
+                            .map(|()| (f, Some(spawned)))
+                            .map_err(|e| error_chain(&e))
+                    })
                 }),
         };
         match outcome {

@@ -59,6 +59,8 @@ fn a_queue_size_the_backend_refuses_fails_at_start_up() {
         .arg(&cfg_path)
         .arg("--hsm-socket")
         .arg(&hsm_socket)
+        .arg("--runtime-dir")
+        .arg(dir.path().join("run"))
         .stdin(Stdio::null())
         .output()
         .unwrap();

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,76 +73,6 @@ impl Rig {
     /// The live `vhost-user-blk` processes serving this rig's sockets, whoever their parent.
     fn backends(&self) -> Vec<u32> {
         backends_serving(&self.dir.path().join("run"))
-    }
-}
-
-/// `pidfd_open(pid)`: readable once the process has exited, child or not.
-fn pidfd(pid: u32) -> OwnedFd {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    assert!(
-        fd >= 0,
-        "pidfd_open({pid}): {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a fresh fd nothing else owns.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
-}
-
-/// Polls `fds` for input; returns the indices that are ready, empty on timeout.
-fn poll_in(fds: &[i32], timeout: Duration) -> Vec<usize> {
-    let mut polls: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: `polls` is a valid array of pollfd of the given length.
-    let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, ms) };
-    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
-    (0..polls.len())
-        .filter(|&i| polls[i].revents != 0)
-        .collect()
-}
-
-/// Waits (inotify on the directory) until `path` exists; false if `pid` exits first.
-fn wait_for_file(path: &Path, pid: u32) -> bool {
-    // SAFETY: inotify_init1 returns a new fd or -1.
-    let inotify = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
-    assert!(inotify >= 0);
-    // SAFETY: a fresh fd nothing else owns.
-    let inotify = unsafe { OwnedFd::from_raw_fd(inotify) };
-    let dir =
-        std::ffi::CString::new(path.parent().unwrap().as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a valid fd and a NUL-terminated path.
-    let watch = unsafe {
-        libc::inotify_add_watch(
-            inotify.as_raw_fd(),
-            dir.as_ptr(),
-            libc::IN_CREATE | libc::IN_MOVED_TO,
-        )
-    };
-    assert!(watch >= 0);
-    let exited = pidfd(pid);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        // After arming the watch: a file created before is seen here, one created later
-        // wakes the poll.
-        if path.exists() {
-            return true;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ready = poll_in(&[inotify.as_raw_fd(), exited.as_raw_fd()], left);
-        if ready.contains(&1) {
-            return path.exists();
-        }
-        assert!(!ready.is_empty(), "{} did not appear", path.display());
-        let mut buf = [0u8; 4096];
-        // SAFETY: reading into a local buffer of its own length.
-        unsafe { libc::read(inotify.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     }
 }
 

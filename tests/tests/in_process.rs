@@ -38,6 +38,7 @@ fn bridge_library_serves_an_in_process_simulated_zone() {
     let options = BridgeOptions {
         runtime_dir: dir.path().join("run"),
         programs: hvisor_bridge::supervisor::BackendPrograms::beside_bridge(),
+        backends: Default::default(),
         connect_timeout: Duration::from_secs(10),
         reconnect_timeout: Duration::from_secs(10),
         loop_options: LoopOptions::default(),

@@ -125,6 +125,7 @@ fn shut_down_zone_has_its_devices_reset_and_the_other_zone_keeps_serving() {
     let options = BridgeOptions {
         runtime_dir: dir.path().join("run"),
         programs,
+        backends: Default::default(),
         connect_timeout: Duration::from_secs(10),
         reconnect_timeout: Duration::from_secs(10),
         loop_options: LoopOptions {

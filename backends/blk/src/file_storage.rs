@@ -21,6 +21,20 @@ ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, libc::size_t);
 ioctl_io_nr!(BLKDISCARD, 0x12, 119);
 ioctl_io_nr!(BLKZEROOUT, 0x12, 127);
 
+/// The ioctls this backend makes, for its seccomp filter: block device geometry, discard and
+/// write-zeroes.
+// The constants are c_ulong on some targets and c_int on others.
+#[allow(clippy::unnecessary_cast)]
+pub fn seccomp_ioctls() -> Vec<u64> {
+    vec![
+        BLKGETSIZE64() as u64,
+        BLKDISCARD() as u64,
+        BLKZEROOUT() as u64,
+        libc::BLKSSZGET as u64,
+        libc::BLKPBSZGET as u64,
+    ]
+}
+
 /// Linux's UIO_MAXIOV: the most iovecs one preadv/pwritev accepts.
 const IOV_MAX: usize = 1024;
 /// Largest bounce buffer used for O_DIRECT transfers from unaligned guest buffers.

@@ -312,7 +312,16 @@ fn serve(config: Config) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Rate-limited: the guest can trigger most warnings, virtio-queue's errors included.
+    vhost_user_frontdoor::ratelimit::init_logger();
+    // Before any thread or guest memory exists: no ioctl outside this backend's own list
+    // reaches the kernel, so none of hvisor's can be made on the guest memory fd.
+    if let Err(e) =
+        vhost_user_frontdoor::seccomp::install(&vhost_user_blk::file_storage::seccomp_ioctls())
+    {
+        error!("{}", error_chain(&e));
+        return ExitCode::FAILURE;
+    }
     let result = Config::try_from(Args::parse()).and_then(serve);
     match result {
         Ok(()) => ExitCode::SUCCESS,

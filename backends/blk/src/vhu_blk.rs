@@ -92,8 +92,6 @@ pub struct VhostUserBlkBackend {
     /// See [`Self::process_queue`]; zero signals at once.
     window: Duration,
     coalescing: Vec<Coalescing>,
-    bad_avail_warnings: AtomicU64,
-    bad_head_warnings: AtomicU64,
 }
 
 impl VhostUserBlkBackend {
@@ -109,8 +107,6 @@ impl VhostUserBlkBackend {
             exit_events,
             window: DEFAULT_COALESCE_WINDOW,
             coalescing: (0..queues.num_queues).map(|_| Coalescing::new()).collect(),
-            bad_avail_warnings: AtomicU64::new(0),
-            bad_head_warnings: AtomicU64::new(0),
         })
     }
 
@@ -224,11 +220,8 @@ impl VhostUserBlkBackend {
                 // The avail index says there is work, yet no chain can be popped: the guest
                 // wrote an index more than a ring ahead. Looping would spin forever; wait for
                 // the next kick instead.
-                if warn_rate_limited(&self.bad_avail_warnings) {
-                    warn!(
-                        "Guest avail index runs ahead of the ring; ignoring it until the next kick"
-                    );
-                }
+                // The process's logger rate-limits this line (a guest can repeat it at will).
+                warn!("Guest avail index runs ahead of the ring; ignoring it until the next kick");
                 return Ok(completed);
             }
         }
@@ -250,12 +243,9 @@ impl VhostUserBlkBackend {
             let used_len = self.device.process_chain(chain);
             match state.add_used(head, used_len) {
                 Ok(()) => completed += 1,
-                // A head index beyond the ring comes from the guest: count it, do not flood.
-                Err(e) => {
-                    if warn_rate_limited(&self.bad_head_warnings) {
-                        warn!("Cannot complete request {head}: {e}");
-                    }
-                }
+                // A head index beyond the ring comes from the guest; the process's logger
+                // rate-limits the line.
+                Err(e) => warn!("Cannot complete request {head}: {e}"),
             }
         }
         Ok((popped, completed))
@@ -344,13 +334,6 @@ fn wait_for_kick(vring: &VringRwLock, timeout: Duration) -> io::Result<bool> {
     };
     // Not under the lock above: std's RwLock may deadlock on a second read lock.
     Ok(kicked && vring.read_kick()?)
-}
-
-/// Logs the first ten occurrences, then every power of ten, so a hostile guest cannot flood
-/// the log.
-fn warn_rate_limited(counter: &AtomicU64) -> bool {
-    let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
-    n <= 10 || (n.is_power_of_two() && n >= 1024)
 }
 
 /// Worker-thread queue masks: a single thread for one queue, otherwise one thread per queue.

@@ -22,6 +22,22 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::virtio_console::{event, ControlHeader, CONTROL_HEADER_LEN};
 
+/// The ioctls this backend makes, for its seccomp filter: terminal attributes and window
+/// size, and opening a pty (TIOCGPTN and TIOCSPTLCK from grantpt, unlockpt and ptsname,
+/// TIOCGPTPEER from newer C libraries).
+// The constants are c_ulong on some targets and c_int on others.
+#[allow(clippy::unnecessary_cast)]
+pub const SECCOMP_IOCTLS: &[u64] = &[
+    libc::TCSETS as u64,
+    libc::TCSETSW as u64,
+    libc::TCSETSF as u64,
+    libc::TIOCGWINSZ as u64,
+    libc::TIOCSWINSZ as u64,
+    libc::TIOCGPTN as u64,
+    libc::TIOCSPTLCK as u64,
+    libc::TIOCGPTPEER as u64,
+];
+
 /// What a console reports as its size when the host has no terminal.
 pub const DEFAULT_WINDOW: WindowSize = WindowSize { cols: 80, rows: 25 };
 

@@ -18,6 +18,8 @@ mod error;
 mod message;
 mod notifier;
 pub mod process;
+pub mod ratelimit;
+pub mod seccomp;
 mod session;
 mod state;
 

@@ -28,6 +28,36 @@ ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, std::os::raw::c_int);
 ioctl_iow_nr!(TUNSETQUEUE, TUNTAP, 217, std::os::raw::c_int);
 ioctl_iow_nr!(TUNSETVNETLE, TUNTAP, 220, std::os::raw::c_int);
 
+/// The ioctls this backend makes, for its seccomp filter: the TAP's own, and its link's
+/// index, MTU and flags.
+// The constants are c_ulong on some targets and c_int on others.
+#[allow(clippy::unnecessary_cast)]
+pub fn seccomp_ioctls() -> Vec<u64> {
+    let mut ioctls: Vec<u64> = [
+        TUNSETIFF(),
+        TUNSETOFFLOAD(),
+        TUNGETIFF(),
+        TUNSETVNETHDRSZ(),
+        TUNSETQUEUE(),
+        TUNSETVNETLE(),
+    ]
+    .into_iter()
+    .map(|request| request as u64)
+    .collect();
+    ioctls.extend(
+        [
+            libc::SIOCGIFMTU,
+            libc::SIOCSIFMTU,
+            libc::SIOCGIFFLAGS,
+            libc::SIOCSIFFLAGS,
+            // if_nametoindex
+            libc::SIOCGIFINDEX,
+        ]
+        .map(|request| request as u64),
+    );
+    ioctls
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
     #[error("Invalid interface name {0:?}: 1 to {MAX_NAME_LEN} bytes, no '/', ':' or spaces")]

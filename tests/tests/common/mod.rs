@@ -1,7 +1,10 @@
 //! Shared set-up for the end-to-end tests: configs, and a guest that owns its accessors.
 #![allow(dead_code)]
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hvisor_vhost_tests::driver::{BlkDriver, BlkOptions, GuestAllocator};
 use hvisor_vhost_tests::harness::{Irq, Ram, SimBridge, TempDir, Vcpu};
@@ -72,5 +75,78 @@ impl Guest {
         let mut alloc = GuestAllocator::new(RAM_BASE + offset, 0x200_0000);
         BlkDriver::new(&self.vcpu, base, &self.ram, &self.irq, &mut alloc, options)
             .unwrap_or_else(|e| panic!("blk init at {base:#x}: {e}"))
+    }
+}
+
+/// Upper bound on waits for a process event; they normally come within milliseconds.
+pub const PROCESS_WAIT: Duration = Duration::from_secs(20);
+
+/// `pidfd_open(pid)`: readable once the process has exited, child or not.
+pub fn pidfd(pid: u32) -> OwnedFd {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    assert!(
+        fd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Polls `fds` for input; returns the indices that are ready, empty on timeout.
+pub fn poll_in(fds: &[i32], timeout: Duration) -> Vec<usize> {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `polls` is a valid array of pollfd of the given length.
+    let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, ms) };
+    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+    (0..polls.len())
+        .filter(|&i| polls[i].revents != 0)
+        .collect()
+}
+
+/// Waits (inotify on the directory) until `path` exists; false if `pid` exits first.
+pub fn wait_for_file(path: &Path, pid: u32) -> bool {
+    // SAFETY: inotify_init1 returns a new fd or -1.
+    let inotify = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    assert!(inotify >= 0);
+    // SAFETY: a fresh fd nothing else owns.
+    let inotify = unsafe { OwnedFd::from_raw_fd(inotify) };
+    let dir =
+        std::ffi::CString::new(path.parent().unwrap().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid fd and a NUL-terminated path.
+    let watch = unsafe {
+        libc::inotify_add_watch(
+            inotify.as_raw_fd(),
+            dir.as_ptr(),
+            libc::IN_CREATE | libc::IN_MOVED_TO,
+        )
+    };
+    assert!(watch >= 0);
+    let exited = pidfd(pid);
+    let deadline = Instant::now() + PROCESS_WAIT;
+    loop {
+        // After arming the watch: a file created before is seen here, one created later
+        // wakes the poll.
+        if path.exists() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ready = poll_in(&[inotify.as_raw_fd(), exited.as_raw_fd()], left);
+        if ready.contains(&1) {
+            return path.exists();
+        }
+        assert!(!ready.is_empty(), "{} did not appear", path.display());
+        let mut buf = [0u8; 4096];
+        // SAFETY: reading into a local buffer of its own length.
+        unsafe { libc::read(inotify.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     }
 }
