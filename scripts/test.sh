@@ -22,6 +22,7 @@ fi
 step "style"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+scripts/check-msrv.sh
 
 step "build"
 cargo build --workspace --bins --locked --release
