@@ -18,7 +18,7 @@ use hvisor_hsm::{DevHvisor, Hsm, HvisorAbi, ProviderHsm};
 
 /// hvisor virtio-mmio to vhost-user bridge.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "hvisor-vhost-bridge", version, about)]
 struct Args {
     /// hvisor-tool style virtio_cfg.json (with optional backend fields).
     #[arg(short, long)]
@@ -90,6 +90,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Only in host builds made for the board tarball's man pages and completions.
+    #[cfg(feature = "docgen")]
+    if let Some(dir) = hvisor_vhost_docgen::requested() {
+        return hvisor_vhost_docgen::run::<Args>(&dir);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
     match run(args) {

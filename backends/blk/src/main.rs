@@ -312,6 +312,11 @@ fn serve(config: Config) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
+    // Only in host builds made for the board tarball's man pages and completions.
+    #[cfg(feature = "docgen")]
+    if let Some(dir) = hvisor_vhost_docgen::requested() {
+        return hvisor_vhost_docgen::run::<Args>(&dir);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let result = Config::try_from(Args::parse()).and_then(serve);
     match result {
