@@ -61,6 +61,8 @@ for b in $BINS; do
 done
 
 log "service files, examples, licence"
+install -D -m 0644 -t "$stage/lib/systemd/system" configs/systemd/*.service
+install -D -m 0755 configs/init.d/hvisor-vhost "$stage/share/hvisor-vhost/init.d/hvisor-vhost"
 install -D -m 0644 -t "$stage/share/doc/hvisor-vhost/examples" configs/*.json
 install -D -m 0644 -t "$stage/share/doc/hvisor-vhost" README.md docs/configuration.md
 install -D -m 0644 LICENSE "$stage/LICENSE"

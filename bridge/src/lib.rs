@@ -8,6 +8,7 @@
 //! - [`event_loop`]: the one thread that ties the ring, the devices and the backends.
 //! - [`supervisor`]: spawns the in-repo backends a config implies.
 //! - [`affinity`]: pins the ring thread to the CPU that takes hvisor's interrupt.
+//! - [`service`]: the readiness notification a service manager waits for.
 
 use std::fs::File;
 use std::os::fd::BorrowedFd;
@@ -25,6 +26,7 @@ pub mod event_loop;
 pub mod frontend;
 pub mod irq;
 pub mod ratelimit;
+pub mod service;
 pub mod supervisor;
 pub mod transport;
 

@@ -202,6 +202,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .map(|p| format!("; pid file {}", p.display()))
             .unwrap_or_default()
     );
+    let status = format!("serving {} devices", running.bridge.devices().len());
+    match hvisor_bridge::service::notify_ready(&status) {
+        Ok(told) => log::debug!("service manager notified: {told}"),
+        // A Type=notify unit then fails its start timeout: say why in the log.
+        Err(e) => log::warn!("{}", hvisor_bridge::event_loop::error_chain(&e)),
+    }
     let stats = loop {
         let stats = running.bridge.run()?;
         if !running.bridge.reload_requested() {

@@ -4,7 +4,9 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,6 +37,17 @@ struct Rig {
 
 impl Rig {
     fn start(dir: Arc<TempDir>, config_json: &str, extra_args: &[&str], own_group: bool) -> Rig {
+        Rig::start_with_env(dir, config_json, extra_args, own_group, &[])
+    }
+
+    /// [`Rig::start`] with `env` added to the bridge's environment.
+    fn start_with_env(
+        dir: Arc<TempDir>,
+        config_json: &str,
+        extra_args: &[&str],
+        own_group: bool,
+        env: &[(&str, &OsStr)],
+    ) -> Rig {
         let config_path = dir.path().join("virtio_cfg.json");
         std::fs::write(&config_path, config_json).unwrap();
         let config = Config::from_file(&config_path).unwrap();
@@ -50,6 +63,7 @@ impl Rig {
         // The bridge's log (and its backends'), for the tests that read it.
         let log = std::fs::File::create(dir.path().join("bridge.log")).unwrap();
         cmd.env("RUST_LOG", "info").stderr(log);
+        cmd.envs(env.iter().copied());
         let bridge = Process::spawn("hvisor-vhost-bridge", &mut cmd);
         Rig {
             sim,
@@ -255,6 +269,54 @@ fn pid_file_appears_once_every_device_serves_and_goes_at_exit() {
     assert!(!rig.pid_file.exists(), "the pid file outlived the bridge");
 }
 
+/// A datagram socket standing in for systemd's notification socket, and the environment that
+/// names it.
+fn notify_socket(dir: &TempDir) -> (UnixDatagram, std::path::PathBuf) {
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    (socket, path)
+}
+
+#[test]
+fn systemd_is_told_ready_once_every_device_serves() {
+    let (dir, cfg) = two_disks();
+    let (socket, path) = notify_socket(&dir);
+    let mut rig = Rig::start_with_env(
+        dir,
+        &cfg,
+        &[],
+        false,
+        &[("NOTIFY_SOCKET", path.as_os_str())],
+    );
+    let exited = pidfd(rig.bridge.pid());
+    let ready = poll_in(&[socket.as_raw_fd(), exited.as_raw_fd()], WAIT);
+    assert_eq!(
+        ready,
+        [0],
+        "no notification before exit or timeout: {}",
+        rig.log()
+    );
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).unwrap();
+    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(message.starts_with("READY=1\n"), "{message:?}");
+    assert!(
+        message.contains("STATUS=serving 2 devices\n"),
+        "{message:?}"
+    );
+    // Sent at the moment the pid file says ready, not before: both devices answer at once.
+    assert!(rig.pid_file.exists(), "READY=1 before the pid file");
+    verified_io(&rig, BLK0, IRQ0, 0x10_0000);
+    verified_io(&rig, BLK1, IRQ1, 0x200_0000);
+    assert!(rig.bridge.terminate().success());
+    // One READY=1 per start.
+    assert_eq!(
+        socket.recv(&mut buf).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock)
+    );
+}
+
 #[test]
 fn no_pid_file_when_a_device_cannot_be_served() {
     // An external backend that never listens: the bridge gives up and must never have
@@ -266,11 +328,24 @@ fn no_pid_file_when_a_device_cannot_be_served() {
         socket.display()
     );
     let cfg = config(&[zone(1, &[entry], None)]);
-    let mut rig = Rig::start(dir, &cfg, &["--connect-timeout-s", "1"], false);
+    let (socket, path) = notify_socket(&dir);
+    let mut rig = Rig::start_with_env(
+        dir,
+        &cfg,
+        &["--connect-timeout-s", "1"],
+        false,
+        &[("NOTIFY_SOCKET", path.as_os_str())],
+    );
     assert!(!rig.wait_ready(), "pid file written without a backend");
     let status = rig.bridge.wait_timeout(WAIT).expect("bridge exited");
     assert!(!status.success());
     assert!(!rig.pid_file.exists());
+    // Nor did it tell systemd it was ready.
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        socket.recv(&mut buf).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock)
+    );
 }
 
 #[test]
