@@ -9,6 +9,7 @@
 //! - [`supervisor`]: spawns the in-repo backends a config implies.
 //! - [`affinity`]: pins the ring thread to the CPU that takes hvisor's interrupt.
 //! - [`service`]: the readiness notification a service manager waits for.
+//! - [`logging`]: `--log-target` and `--log-level`, and the spawned backends' lines.
 
 use std::fs::File;
 use std::os::fd::BorrowedFd;
@@ -25,6 +26,7 @@ pub mod config;
 pub mod event_loop;
 pub mod frontend;
 pub mod irq;
+pub mod logging;
 pub mod ratelimit;
 pub mod service;
 pub mod supervisor;

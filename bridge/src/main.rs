@@ -12,6 +12,7 @@ use clap::Parser;
 use hvisor_bridge::affinity::{pin_current_thread, RingCpu};
 use hvisor_bridge::config::{Config, ConfigError};
 use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, AWAIT_SPIN_DEFAULT_US};
+use hvisor_bridge::logging::LogTarget;
 use hvisor_bridge::supervisor::BackendPrograms;
 use hvisor_bridge::BridgeOptions;
 use hvisor_hsm::{DevHvisor, Hsm, HvisorAbi, ProviderHsm};
@@ -87,6 +88,14 @@ struct Args {
     /// Validate the config, print a summary and exit.
     #[arg(long)]
     check: bool,
+    /// Where the log goes: stderr, syslog (/dev/log, facility daemon) or journald. Spawned
+    /// backends' lines go there too, marked with their zone, device and pid.
+    #[arg(long, value_enum, default_value_t)]
+    log_target: LogTarget,
+    /// error, warn, info, debug or trace, for the bridge and the backends it spawns
+    /// (default: RUST_LOG, else info).
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<log::LevelFilter>,
 }
 
 fn main() -> ExitCode {
@@ -95,8 +104,14 @@ fn main() -> ExitCode {
     if let Some(dir) = hvisor_vhost_docgen::requested() {
         return hvisor_vhost_docgen::run::<Args>(&dir);
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    if let Err(e) = hvisor_bridge::logging::init(args.log_target, args.log_level) {
+        eprintln!(
+            "hvisor-vhost-bridge: {}",
+            hvisor_bridge::event_loop::error_chain(&e)
+        );
+        return ExitCode::FAILURE;
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -160,6 +160,39 @@ fn wait_for_file(path: &Path, pid: u32) -> bool {
     }
 }
 
+/// Waits (inotify on the file) until the rig's log has a line for which `matches` is true;
+/// returns it, or fails at the deadline with the log.
+fn wait_for_log_line(rig: &Rig, matches: impl Fn(&str) -> bool) -> String {
+    let path = rig.dir.path().join("bridge.log");
+    // SAFETY: inotify_init1 returns a new fd or -1.
+    let inotify = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    assert!(inotify >= 0);
+    // SAFETY: a fresh fd nothing else owns.
+    let inotify = unsafe { OwnedFd::from_raw_fd(inotify) };
+    let file = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid fd and a NUL-terminated path.
+    let watch =
+        unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), file.as_ptr(), libc::IN_MODIFY) };
+    assert!(watch >= 0);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // After arming the watch: what was written before is read here, later writes wake
+        // the poll.
+        let log = rig.log();
+        if let Some(line) = log.lines().find(|l| matches(l)) {
+            return line.to_owned();
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !poll_in(&[inotify.as_raw_fd()], left).is_empty(),
+            "no such line in the log:\n{log}"
+        );
+        let mut buf = [0u8; 4096];
+        // SAFETY: reading into a local buffer of its own length.
+        unsafe { libc::read(inotify.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    }
+}
+
 /// Waits until every process of `pids` has exited; returns those still running at the
 /// deadline.
 fn wait_all_exit(pids: &[u32], timeout: Duration) -> Vec<u32> {
@@ -315,6 +348,45 @@ fn systemd_is_told_ready_once_every_device_serves() {
         socket.recv(&mut buf).map_err(|e| e.kind()),
         Err(std::io::ErrorKind::WouldBlock)
     );
+}
+
+#[test]
+fn backend_lines_carry_zone_device_and_pid() {
+    let (dir, cfg) = two_disks();
+    let mut rig = Rig::start(dir, &cfg, &[], false);
+    assert!(rig.wait_ready(), "the bridge exited before it was ready");
+    let backends = rig.backends();
+    assert_eq!(backends.len(), 2, "{backends:?}");
+    for (addr, disk) in [(BLK0, "d0.img"), (BLK1, "d1.img")] {
+        let prefix = format!("zone 1 blk@{addr:#x} vhost-user-blk pid ");
+        let line = wait_for_log_line(&rig, |l| {
+            l.contains(&prefix) && l.contains("vhost_user_blk: Serving") && l.contains(disk)
+        });
+        let pid: u32 = line
+            .split_once(&prefix)
+            .and_then(|(_, rest)| rest.split_once(':'))
+            .and_then(|(pid, _)| pid.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {line:?}"));
+        assert!(backends.contains(&pid), "{line:?}: not one of {backends:?}");
+    }
+    assert!(rig.bridge.terminate().success());
+}
+
+#[test]
+fn log_level_reaches_the_bridge_and_its_backends() {
+    // The rig's RUST_LOG says info; --log-level overrides it for the backends too.
+    let (dir, cfg) = two_disks();
+    let mut rig = Rig::start(dir, &cfg, &["--log-level", "debug"], false);
+    assert!(rig.wait_ready(), "the bridge exited before it was ready");
+    wait_for_log_line(&rig, |l| {
+        l.contains(" DEBUG ") && l.contains("service manager notified: false")
+    });
+    wait_for_log_line(&rig, |l| {
+        l.contains(" DEBUG ")
+            && l.contains(&format!("zone 1 blk@{BLK0:#x} vhost-user-blk pid "))
+            && l.contains("vhost_user_frontdoor: Vhost-user daemon connected")
+    });
+    assert!(rig.bridge.terminate().success());
 }
 
 #[test]
