@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the board release: a tarball with static aarch64 binaries of the bridge and every
 # backend (cargo profile `board`: LTO, stripped), their man pages and bash/zsh/fish completions,
-# the sample systemd units and init script, example configs, LICENSE and CHANGELOG.
+# the sample systemd units and init script, example configs, LICENSE, the third-party licence
+# notices and CHANGELOG.
 #
 # Uses the rig's cross toolchain (tests/rig/hvisor/toolchain.sh: Debian's rustc-web with the
 # arm64 standard library, no rustup target needed; the first run downloads it, and installs
@@ -64,8 +65,11 @@ log "service files, examples, licence"
 install -D -m 0644 -t "$stage/lib/systemd/system" configs/systemd/*.service
 install -D -m 0755 configs/init.d/hvisor-vhost "$stage/share/hvisor-vhost/init.d/hvisor-vhost"
 install -D -m 0644 -t "$stage/share/doc/hvisor-vhost/examples" configs/*.json
-install -D -m 0644 -t "$stage/share/doc/hvisor-vhost" README.md docs/configuration.md
+install -D -m 0644 -t "$stage/share/doc/hvisor-vhost" README.md CHANGELOG.md docs/configuration.md
 install -D -m 0644 LICENSE "$stage/LICENSE"
+# The licences and notices of what the binaries link, from the sources the cross build used.
+# shellcheck source=/dev/null
+(. "$RIG_BUILD/out/env.sh" && scripts/check-licenses.py --notices "$stage/THIRD-PARTY-NOTICES") >&2
 
 for b in $BINS; do
     what=$(file -b "$stage/bin/$b")

@@ -23,6 +23,7 @@ step "style"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 scripts/check-msrv.sh
+scripts/check-licenses.py
 scripts/check-units.sh
 
 step "build"
