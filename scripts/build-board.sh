@@ -65,7 +65,8 @@ log "service files, examples, licence"
 install -D -m 0644 -t "$stage/lib/systemd/system" configs/systemd/*.service
 install -D -m 0755 configs/init.d/hvisor-vhost "$stage/share/hvisor-vhost/init.d/hvisor-vhost"
 install -D -m 0644 -t "$stage/share/doc/hvisor-vhost/examples" configs/*.json
-install -D -m 0644 -t "$stage/share/doc/hvisor-vhost" README.md CHANGELOG.md docs/configuration.md
+install -D -m 0644 -t "$stage/share/doc/hvisor-vhost" README.md CHANGELOG.md docs/configuration.md \
+    docs/migrating-from-hvisor-tool.md
 install -D -m 0644 LICENSE "$stage/LICENSE"
 # The licences and notices of what the binaries link, from the sources the cross build used.
 # shellcheck source=/dev/null

@@ -307,6 +307,9 @@ struct PidFileError {
 /// Parses and validates the config and logs its devices.
 fn load_config(path: &std::path::Path, abi: HvisorAbi) -> Result<Config, ConfigError> {
     let config = Config::from_file_for(path, abi)?;
+    for warning in &config.warnings {
+        log::warn!("{warning}");
+    }
     for (zone, dev) in config.devices() {
         log::info!(
             "zone {}: {} irq {} queues {}x{} backend {:?}",
