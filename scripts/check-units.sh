@@ -11,7 +11,7 @@ if command -v systemd-analyze >/dev/null; then
     trap 'rm -rf "$tmp"' EXIT
     mkdir -p "$tmp/bin" "$tmp/units"
     for unit in configs/systemd/*.service; do
-        for exe in $(grep -ho '/usr/local/bin/[^ ]*' "$unit"); do
+        grep -ho '/usr/local/bin/[^ ]*' "$unit" | while read -r exe; do
             printf '#!/bin/sh\n' >"$tmp/bin/${exe##*/}"
             chmod +x "$tmp/bin/${exe##*/}"
         done

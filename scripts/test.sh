@@ -36,6 +36,9 @@ step "unit, property and end-to-end tests (simulated hypervisor, real processes)
 # The end-to-end tests drive the release binaries: the same ones the demo and the rigs run.
 HVV_BIN_DIR="$PWD/target/release" cargo test --workspace --locked --release --no-fail-fast
 
+step "unit tests as aarch64 binaries (qemu-aarch64 user mode)"
+scripts/test-aarch64.sh
+
 for rig in tests/rig/*/ci.sh; do
     step "real-guest rig: $rig"
     "$rig"
