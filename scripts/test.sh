@@ -22,6 +22,9 @@ fi
 step "style"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+scripts/check-msrv.sh
+scripts/check-licenses.py
+scripts/check-units.sh
 
 step "build"
 cargo build --workspace --bins --locked --release
@@ -45,6 +48,9 @@ step "fuzz-style property tests (release speed, overflow checks and debug assert
 # instead of a silent wrap.
 cargo test --locked --profile fuzz -p hvisor-bridge --test fuzz_transport --test fuzz_config
 cargo test --locked --profile fuzz -p vhost-user-blk --test fuzz_requests
+
+step "unit tests as aarch64 binaries (qemu-aarch64 user mode)"
+scripts/test-aarch64.sh
 
 for rig in tests/rig/*/ci.sh; do
     step "real-guest rig: $rig"

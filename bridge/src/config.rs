@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use hvisor_hsm::abi::{HvisorAbi, MAX_CPUS};
 use serde_json::{Map, Value};
 
+mod hvisor_tool;
+
 /// The smallest device window: registers end at 0x100, where config space starts.
 const MIN_DEVICE_LEN: u64 = 0x100;
 /// The largest device window we accept; virtio-mmio config space never needs more.
@@ -321,6 +323,9 @@ pub struct ZoneConfig {
 pub struct Config {
     /// Zones in file order.
     pub zones: Vec<ZoneConfig>,
+    /// What the file asks for that is accepted but not served (e.g. hvisor-tool's gpu
+    /// fields on a disabled device), one line each, naming zone, device and field.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -361,8 +366,14 @@ impl Config {
             field: "<json>".into(),
             reason: format!("invalid JSON: {e}"),
         })?;
-        let parser = Parser { base_dir, abi };
-        parser.config(&root)
+        let parser = Parser {
+            base_dir,
+            abi,
+            warnings: Default::default(),
+        };
+        let mut config = parser.config(&root)?;
+        config.warnings = parser.warnings.into_inner();
+        Ok(config)
     }
 
     /// All enabled devices with their zone.
@@ -376,6 +387,7 @@ impl Config {
 struct Parser<'a> {
     base_dir: &'a Path,
     abi: HvisorAbi,
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 /// Error-building context: which zone and device we are in.
@@ -430,8 +442,8 @@ const ROOT_KEYS: &[&str] = &["zones"];
 const ZONE_KEYS: &[&str] = &["id", "name", "memory_region", "devices", "virtio_windows"];
 const REGION_KEYS: &[&str] = &["zone0_ipa", "zonex_ipa", "size"];
 const WINDOW_KEYS: &[&str] = &["base", "size"];
-// hvisor-tool's device fields come first: `width`/`height` (gpu) and `allowed_list`/`reset_map`
-// (scmi) configure its in-process devices and are accepted and ignored here.
+// hvisor-tool's device fields come first. Those of its in-process gpu and scmi are accepted
+// besides these (see hvisor_tool.rs).
 const DEVICE_KEYS: &[&str] = &[
     "type",
     "device_id",
@@ -442,10 +454,6 @@ const DEVICE_KEYS: &[&str] = &[
     "img",
     "tap",
     "mac",
-    "width",
-    "height",
-    "allowed_list",
-    "reset_map",
     "socket",
     "queue_size",
     "num_queues",
@@ -773,10 +781,34 @@ impl Parser<'_> {
             (None, None) => return Err(ctx.err("type", "missing")),
         };
         ctx.device = Some(device_name(index, info.name));
-        check_keys(obj, DEVICE_KEYS, "", &ctx)?;
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !DEVICE_KEYS.contains(&k.as_str()) && !hvisor_tool::is_tool_only_key(k))
+        {
+            return Err(ctx.err(k.as_str(), "unknown field"));
+        }
+        let tool_only = hvisor_tool::tool_only_keys(obj.keys());
         match status {
             "enable" => {}
-            "disable" => return Ok(None),
+            "disable" => {
+                if let Some(instead) = hvisor_tool::served_instead(info.name) {
+                    self.warn(
+                        &ctx,
+                        "status",
+                        format!(
+                            "disabled; hvisor-vhost serves a {} only through {instead}",
+                            info.name
+                        ),
+                    );
+                } else if !tool_only.is_empty() {
+                    self.warn(
+                        &ctx,
+                        tool_only[0],
+                        "disabled device: hvisor-tool's fields ignored",
+                    );
+                }
+                return Ok(None);
+            }
             other => {
                 return Err(ctx.err(
                     "status",
@@ -946,12 +978,28 @@ impl Parser<'_> {
             },
             (None, "console") => BackendSpec::SpawnConsole,
             (None, name) => {
-                return Err(ctx.err(
-                    "socket",
-                    format!("a {name} device needs `socket` (a vhost-user backend to connect to)"),
-                ))
+                let reason = match hvisor_tool::served_instead(name) {
+                    Some(instead) => format!(
+                        "hvisor-tool emulates a {name} itself, hvisor-vhost does not: use \
+                         {instead}, or set \"status\": \"disable\""
+                    ),
+                    None => {
+                        format!(
+                            "a {name} device needs `socket` (a vhost-user backend to connect to)"
+                        )
+                    }
+                };
+                return Err(ctx.err("socket", reason));
             }
         };
+        if let Some(field) = tool_only.first() {
+            // The external backend takes its own options; these would silently do nothing.
+            self.warn(
+                &ctx,
+                field,
+                "hvisor-tool's field, ignored: configure the backend instead",
+            );
+        }
         Ok(Some(DeviceConfig {
             index,
             device_type: DeviceType {
@@ -967,6 +1015,13 @@ impl Parser<'_> {
             tap,
             mac,
         }))
+    }
+
+    /// Records a warning located like an error.
+    fn warn(&self, ctx: &Ctx, field: &str, reason: impl Into<String>) {
+        self.warnings
+            .borrow_mut()
+            .push(ctx.err(field, reason).to_string());
     }
 
     fn resolve(&self, path: &str) -> PathBuf {
@@ -2379,6 +2434,84 @@ mod tests {
         let config = parse_ok(&config);
         let names: Vec<_> = config.devices().map(|(_, d)| d.device_type.name).collect();
         assert_eq!(names, ["blk", "scmi", "gpu"]);
+        // With a backend of their own, hvisor-tool's fields do nothing: said once per device.
+        assert_eq!(
+            config.warnings,
+            [
+                "zone 1: device #1 (scmi): field `allowed_list`: hvisor-tool's field, ignored: \
+                 configure the backend instead",
+                "zone 1: device #2 (gpu): field `height`: hvisor-tool's field, ignored: configure \
+                 the backend instead",
+            ]
+        );
+    }
+
+    /// hvisor-tool's in-process gpu and scmi, as its examples write them.
+    fn tool_gpu(status: &str) -> Value {
+        json!({
+            "type": "gpu", "addr": "0xa003400", "len": "0x200", "irq": 74,
+            "status": status, "width": 1280, "height": 800
+        })
+    }
+
+    #[test]
+    fn a_disabled_in_process_device_is_accepted_with_a_warning() {
+        let mut config = base();
+        let mut scmi = json!({ "type": "scmi", "status": "disable", "clock_ids": [1] });
+        scmi["scmi_phandle"] = json!(5);
+        devices(&mut config).extend([tool_gpu("disable"), scmi]);
+        let config = parse_ok(&config);
+        assert_eq!(config.devices().count(), 1);
+        assert_eq!(config.warnings.len(), 2, "{:?}", config.warnings);
+        assert!(
+            config.warnings[0].starts_with("zone 1: device #1 (gpu): field `status`: disabled;")
+                && config.warnings[0].contains("vhost-device-gpu"),
+            "{}",
+            config.warnings[0]
+        );
+        assert!(
+            config.warnings[1].starts_with("zone 1: device #2 (scmi): field `status`: disabled;")
+                && config.warnings[1].contains("vhost-device-scmi"),
+            "{}",
+            config.warnings[1]
+        );
+    }
+
+    #[test]
+    fn hvisor_tool_fields_on_another_disabled_device_get_a_warning() {
+        let mut config = base();
+        let mut net = json!({ "type": "net", "status": "disable" });
+        net["width"] = json!(1);
+        devices(&mut config).push(net);
+        assert_eq!(
+            parse_ok(&config).warnings,
+            ["zone 1: device #1 (net): field `width`: disabled device: hvisor-tool's fields ignored"]
+        );
+    }
+
+    #[test]
+    fn an_enabled_in_process_device_says_what_to_use_instead() {
+        for (device, instead) in [
+            (tool_gpu("enable"), "vhost-device-gpu"),
+            (
+                json!({ "type": "scmi", "addr": "0xa003400", "len": "0x200", "irq": 74 }),
+                "vhost-device-scmi",
+            ),
+        ] {
+            let mut config = base();
+            devices(&mut config).push(device);
+            let err = parse(&config).expect_err("an in-process device without socket");
+            assert_eq!(err.field, "socket", "{err}");
+            assert!(
+                err.reason.contains(instead) && err.reason.contains("\"status\": \"disable\""),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_plain_config_has_no_warnings() {
+        assert_eq!(parse_ok(&base()).warnings, Vec::<String>::new());
     }
 
     #[test]

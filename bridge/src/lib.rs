@@ -14,6 +14,8 @@
 //! - [`supervisor`]: spawns the in-repo backends a config implies.
 //! - [`peer`]: checks the process at the other end of every vhost-user socket.
 //! - [`affinity`]: pins the ring thread to the CPU that takes hvisor's interrupt.
+//! - [`service`]: the readiness notification a service manager waits for.
+//! - [`logging`]: `--log-target` and `--log-level`, and the spawned backends' lines.
 
 use std::fs::File;
 use std::os::fd::BorrowedFd;
@@ -32,9 +34,11 @@ pub mod control;
 pub mod event_loop;
 pub mod frontend;
 pub mod irq;
+pub mod logging;
 pub mod peer;
 pub mod ratelimit;
 pub mod reconnect;
+pub mod service;
 pub mod supervisor;
 pub mod transport;
 

@@ -13,13 +13,14 @@ use hvisor_bridge::affinity::{pin_current_thread, RingCpu};
 use hvisor_bridge::config::{Config, ConfigError};
 use hvisor_bridge::control::CONTROL_TIMEOUT_DEFAULT;
 use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, AWAIT_SPIN_DEFAULT_US};
+use hvisor_bridge::logging::LogTarget;
 use hvisor_bridge::supervisor::{BackendPolicy, BackendPrograms, RunAs};
 use hvisor_bridge::BridgeOptions;
 use hvisor_hsm::{DevHvisor, Hsm, HvisorAbi, ProviderHsm};
 
 /// hvisor virtio-mmio to vhost-user bridge.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "hvisor-vhost-bridge", version, about)]
 struct Args {
     /// hvisor-tool style virtio_cfg.json (with optional backend fields).
     #[arg(short, long)]
@@ -107,11 +108,30 @@ struct Args {
     /// Validate the config, print a summary and exit.
     #[arg(long)]
     check: bool,
+    /// Where the log goes: stderr, syslog (/dev/log, facility daemon) or journald. Spawned
+    /// backends' lines go there too, marked with their zone, device and pid.
+    #[arg(long, value_enum, default_value_t)]
+    log_target: LogTarget,
+    /// error, warn, info, debug or trace, for the bridge and the backends it spawns
+    /// (default: RUST_LOG, else info).
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<log::LevelFilter>,
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Only in host builds made for the board tarball's man pages and completions.
+    #[cfg(feature = "docgen")]
+    if let Some(dir) = hvisor_vhost_docgen::requested() {
+        return hvisor_vhost_docgen::run::<Args>(&dir);
+    }
     let args = Args::parse();
+    if let Err(e) = hvisor_bridge::logging::init(args.log_target, args.log_level) {
+        eprintln!(
+            "hvisor-vhost-bridge: {}",
+            hvisor_bridge::control::error_chain(&e)
+        );
+        return ExitCode::FAILURE;
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -226,6 +246,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .map(|p| format!("; pid file {}", p.display()))
             .unwrap_or_default()
     );
+    let status = format!("serving {} devices", running.bridge.devices().len());
+    match hvisor_bridge::service::notify_ready(&status) {
+        Ok(told) => log::debug!("service manager notified: {told}"),
+        // A Type=notify unit then fails its start timeout: say why in the log.
+        Err(e) => log::warn!("{}", hvisor_bridge::control::error_chain(&e)),
+    }
     let stats = loop {
         let stats = running.bridge.run()?;
         if !running.bridge.reload_requested() {
@@ -310,6 +336,9 @@ struct PidFileError {
 /// Parses and validates the config and logs its devices.
 fn load_config(path: &std::path::Path, abi: HvisorAbi) -> Result<Config, ConfigError> {
     let config = Config::from_file_for(path, abi)?;
+    for warning in &config.warnings {
+        log::warn!("{warning}");
+    }
     for (zone, dev) in config.devices() {
         log::info!(
             "zone {}: {} irq {} queues {}x{} backend {:?}",

@@ -447,6 +447,8 @@ impl Supervisor {
             .arg(&socket)
             .args(&args)
             .stdin(Stdio::null())
+            // Its log goes through the bridge's, marked with the zone, device and pid.
+            .stderr(Stdio::piped())
             // Its own process group: a signal to the bridge's group (Ctrl-C, `kill %1`, a
             // service manager) must reach the bridge alone, which then stops its backends
             // itself; a backend killed by it would otherwise be restarted by the bridge.
@@ -472,8 +474,22 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let child = spawn_from_spawner(cmd)
+        let mut child = spawn_from_spawner(cmd)
             .map_err(|e| SupervisorError::Spawn(program.to_path_buf(), e))?;
+        if let Some(stderr) = child.stderr.take() {
+            let name = program.file_name().unwrap_or(program.as_os_str());
+            let prefix = format!(
+                "zone {zone} {} {} pid {}",
+                device.label(),
+                name.to_string_lossy(),
+                child.id()
+            );
+            if let Err(e) = crate::logging::forward_backend_output(stderr, prefix) {
+                // The pipe's read end is closed with the thread that never ran: the backend's
+                // log writes fail and it serves on.
+                log::warn!("{}: cannot forward the backend's log: {e}", device.label());
+            }
+        }
         let mut backend = SpawnedBackend {
             child,
             socket,

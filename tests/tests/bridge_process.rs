@@ -4,7 +4,9 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,6 +37,17 @@ struct Rig {
 
 impl Rig {
     fn start(dir: Arc<TempDir>, config_json: &str, extra_args: &[&str], own_group: bool) -> Rig {
+        Rig::start_with_env(dir, config_json, extra_args, own_group, &[])
+    }
+
+    /// [`Rig::start`] with `env` added to the bridge's environment.
+    fn start_with_env(
+        dir: Arc<TempDir>,
+        config_json: &str,
+        extra_args: &[&str],
+        own_group: bool,
+        env: &[(&str, &OsStr)],
+    ) -> Rig {
         let config_path = dir.path().join("virtio_cfg.json");
         std::fs::write(&config_path, config_json).unwrap();
         let config = Config::from_file(&config_path).unwrap();
@@ -50,6 +63,7 @@ impl Rig {
         // The bridge's log (and its backends'), for the tests that read it.
         let log = std::fs::File::create(dir.path().join("bridge.log")).unwrap();
         cmd.env("RUST_LOG", "info").stderr(log);
+        cmd.envs(env.iter().copied());
         let bridge = Process::spawn("hvisor-vhost-bridge", &mut cmd);
         Rig {
             sim,
@@ -73,6 +87,109 @@ impl Rig {
     /// The live `vhost-user-blk` processes serving this rig's sockets, whoever their parent.
     fn backends(&self) -> Vec<u32> {
         backends_serving(&self.dir.path().join("run"))
+    }
+}
+
+/// `pidfd_open(pid)`: readable once the process has exited, child or not.
+fn pidfd(pid: u32) -> OwnedFd {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    assert!(
+        fd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Polls `fds` for input; returns the indices that are ready, empty on timeout.
+fn poll_in(fds: &[i32], timeout: Duration) -> Vec<usize> {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `polls` is a valid array of pollfd of the given length.
+    let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, ms) };
+    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+    (0..polls.len())
+        .filter(|&i| polls[i].revents != 0)
+        .collect()
+}
+
+/// Waits (inotify on the directory) until `path` exists; false if `pid` exits first.
+fn wait_for_file(path: &Path, pid: u32) -> bool {
+    // SAFETY: inotify_init1 returns a new fd or -1.
+    let inotify = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    assert!(inotify >= 0);
+    // SAFETY: a fresh fd nothing else owns.
+    let inotify = unsafe { OwnedFd::from_raw_fd(inotify) };
+    let dir =
+        std::ffi::CString::new(path.parent().unwrap().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid fd and a NUL-terminated path.
+    let watch = unsafe {
+        libc::inotify_add_watch(
+            inotify.as_raw_fd(),
+            dir.as_ptr(),
+            libc::IN_CREATE | libc::IN_MOVED_TO,
+        )
+    };
+    assert!(watch >= 0);
+    let exited = pidfd(pid);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // After arming the watch: a file created before is seen here, one created later
+        // wakes the poll.
+        if path.exists() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ready = poll_in(&[inotify.as_raw_fd(), exited.as_raw_fd()], left);
+        if ready.contains(&1) {
+            return path.exists();
+        }
+        assert!(!ready.is_empty(), "{} did not appear", path.display());
+        let mut buf = [0u8; 4096];
+        // SAFETY: reading into a local buffer of its own length.
+        unsafe { libc::read(inotify.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    }
+}
+
+/// Waits (inotify on the file) until the rig's log has a line for which `matches` is true;
+/// returns it, or fails at the deadline with the log.
+fn wait_for_log_line(rig: &Rig, matches: impl Fn(&str) -> bool) -> String {
+    let path = rig.dir.path().join("bridge.log");
+    // SAFETY: inotify_init1 returns a new fd or -1.
+    let inotify = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    assert!(inotify >= 0);
+    // SAFETY: a fresh fd nothing else owns.
+    let inotify = unsafe { OwnedFd::from_raw_fd(inotify) };
+    let file = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid fd and a NUL-terminated path.
+    let watch =
+        unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), file.as_ptr(), libc::IN_MODIFY) };
+    assert!(watch >= 0);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // After arming the watch: what was written before is read here, later writes wake
+        // the poll.
+        let log = rig.log();
+        if let Some(line) = log.lines().find(|l| matches(l)) {
+            return line.to_owned();
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !poll_in(&[inotify.as_raw_fd()], left).is_empty(),
+            "no such line in the log:\n{log}"
+        );
+        let mut buf = [0u8; 4096];
+        // SAFETY: reading into a local buffer of its own length.
+        unsafe { libc::read(inotify.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     }
 }
 
@@ -185,6 +302,93 @@ fn pid_file_appears_once_every_device_serves_and_goes_at_exit() {
     assert!(!rig.pid_file.exists(), "the pid file outlived the bridge");
 }
 
+/// A datagram socket standing in for systemd's notification socket, and the environment that
+/// names it.
+fn notify_socket(dir: &TempDir) -> (UnixDatagram, std::path::PathBuf) {
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    (socket, path)
+}
+
+#[test]
+fn systemd_is_told_ready_once_every_device_serves() {
+    let (dir, cfg) = two_disks();
+    let (socket, path) = notify_socket(&dir);
+    let mut rig = Rig::start_with_env(
+        dir,
+        &cfg,
+        &[],
+        false,
+        &[("NOTIFY_SOCKET", path.as_os_str())],
+    );
+    let exited = pidfd(rig.bridge.pid());
+    let ready = poll_in(&[socket.as_raw_fd(), exited.as_raw_fd()], WAIT);
+    assert_eq!(
+        ready,
+        [0],
+        "no notification before exit or timeout: {}",
+        rig.log()
+    );
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).unwrap();
+    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(message.starts_with("READY=1\n"), "{message:?}");
+    assert!(
+        message.contains("STATUS=serving 2 devices\n"),
+        "{message:?}"
+    );
+    // Sent at the moment the pid file says ready, not before: both devices answer at once.
+    assert!(rig.pid_file.exists(), "READY=1 before the pid file");
+    verified_io(&rig, BLK0, IRQ0, 0x10_0000);
+    verified_io(&rig, BLK1, IRQ1, 0x200_0000);
+    assert!(rig.bridge.terminate().success());
+    // One READY=1 per start.
+    assert_eq!(
+        socket.recv(&mut buf).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock)
+    );
+}
+
+#[test]
+fn backend_lines_carry_zone_device_and_pid() {
+    let (dir, cfg) = two_disks();
+    let mut rig = Rig::start(dir, &cfg, &[], false);
+    assert!(rig.wait_ready(), "the bridge exited before it was ready");
+    let backends = rig.backends();
+    assert_eq!(backends.len(), 2, "{backends:?}");
+    for (addr, disk) in [(BLK0, "d0.img"), (BLK1, "d1.img")] {
+        let prefix = format!("zone 1 blk@{addr:#x} vhost-user-blk pid ");
+        let line = wait_for_log_line(&rig, |l| {
+            l.contains(&prefix) && l.contains("vhost_user_blk: Serving") && l.contains(disk)
+        });
+        let pid: u32 = line
+            .split_once(&prefix)
+            .and_then(|(_, rest)| rest.split_once(':'))
+            .and_then(|(pid, _)| pid.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {line:?}"));
+        assert!(backends.contains(&pid), "{line:?}: not one of {backends:?}");
+    }
+    assert!(rig.bridge.terminate().success());
+}
+
+#[test]
+fn log_level_reaches_the_bridge_and_its_backends() {
+    // The rig's RUST_LOG says info; --log-level overrides it for the backends too.
+    let (dir, cfg) = two_disks();
+    let mut rig = Rig::start(dir, &cfg, &["--log-level", "debug"], false);
+    assert!(rig.wait_ready(), "the bridge exited before it was ready");
+    wait_for_log_line(&rig, |l| {
+        l.contains(" DEBUG ") && l.contains("service manager notified: false")
+    });
+    wait_for_log_line(&rig, |l| {
+        l.contains(" DEBUG ")
+            && l.contains(&format!("zone 1 blk@{BLK0:#x} vhost-user-blk pid "))
+            && l.contains("vhost_user_frontdoor: Vhost-user daemon connected")
+    });
+    assert!(rig.bridge.terminate().success());
+}
+
 #[test]
 fn no_pid_file_when_a_device_cannot_be_served() {
     // An external backend that never listens: the bridge gives up and must never have
@@ -196,11 +400,24 @@ fn no_pid_file_when_a_device_cannot_be_served() {
         socket.display()
     );
     let cfg = config(&[zone(1, &[entry], None)]);
-    let mut rig = Rig::start(dir, &cfg, &["--connect-timeout-s", "1"], false);
+    let (socket, path) = notify_socket(&dir);
+    let mut rig = Rig::start_with_env(
+        dir,
+        &cfg,
+        &["--connect-timeout-s", "1"],
+        false,
+        &[("NOTIFY_SOCKET", path.as_os_str())],
+    );
     assert!(!rig.wait_ready(), "pid file written without a backend");
     let status = rig.bridge.wait_timeout(WAIT).expect("bridge exited");
     assert!(!status.success());
     assert!(!rig.pid_file.exists());
+    // Nor did it tell systemd it was ready.
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        socket.recv(&mut buf).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock)
+    );
 }
 
 #[test]

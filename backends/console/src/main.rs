@@ -450,6 +450,11 @@ fn serve(config: Config) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
+    // Only in host builds made for the board tarball's man pages and completions.
+    #[cfg(feature = "docgen")]
+    if let Some(dir) = hvisor_vhost_docgen::requested() {
+        return hvisor_vhost_docgen::run::<Args>(&dir);
+    }
     // Rate-limited: the guest can trigger most warnings, virtio-queue's errors included.
     vhost_user_frontdoor::ratelimit::init_logger();
     // Before any thread or guest memory exists: no ioctl outside this backend's own list

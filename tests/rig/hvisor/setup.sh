@@ -74,10 +74,7 @@ rig_apt_install_tools -b qemu-system-aarch64:qemu-system-arm qemu-aarch64:qemu-u
 rig_apt_install_tools mkimage:u-boot-tools dtc:device-tree-compiler aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu \
     /usr/aarch64-linux-gnu/lib/crti.o:libc6-dev-arm64-cross cpio:cpio python3:python3 make:make gcc:gcc \
     xz:xz-utils file:file bc:bc patch:patch modinfo:kmod
-# Shared libraries the unpacked rustc-web, cargo-web and LLVM tools load from the host.
-L=/usr/lib/x86_64-linux-gnu
-rig_apt_install_tools $L/libz3.so.4:libz3-4 $L/libxml2.so.2:libxml2 $L/libedit.so.2:libedit2 $L/libffi.so.8:libffi8 \
-    $L/libcurl.so.4:libcurl4 $L/libssh2.so.1:libssh2-1 $L/libsqlite3.so.0:libsqlite3-0
+# The shared libraries the unpacked Rust toolchain loads are installed by toolchain.sh.
 log "host packages ok ($(qemu-system-aarch64 --version | head -1))"
 
 # ---- 2. the source kit --------------------------------------------------------------------------

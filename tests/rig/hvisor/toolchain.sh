@@ -10,8 +10,8 @@
 #
 # Idempotent: a second run only checks. RIG_REFRESH=1 asks APT for the current version again.
 # Environment: RIG_BUILD (default <repo>/build/rig-hvisor). Needs root only for the APT lock
-# files of the private configuration; the host packages (aarch64 gcc, libc6-dev-arm64-cross, the
-# shared libraries the compiler loads from the host) are installed by setup.sh.
+# files of the private configuration and to install the few host packages it needs (the aarch64
+# C linker and runtime, the shared libraries the compiler loads from the host) when missing.
 set -euo pipefail
 
 RIG_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -29,6 +29,14 @@ die() {
     echo "[hvisor-toolchain] error: $*" >&2
     exit 1
 }
+
+# The aarch64 C linker and runtime for our user-space binaries, `file` to check them, and the
+# shared libraries the unpacked rustc-web, cargo-web and LLVM tools load from the host.
+rig_apt_install_tools aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu \
+    /usr/aarch64-linux-gnu/lib/crti.o:libc6-dev-arm64-cross file:file
+L=/usr/lib/x86_64-linux-gnu
+rig_apt_install_tools $L/libz3.so.4:libz3-4 $L/libxml2.so.2:libxml2 $L/libedit.so.2:libedit2 $L/libffi.so.8:libffi8 \
+    $L/libcurl.so.4:libcurl4 $L/libssh2.so.1:libssh2-1 $L/libsqlite3.so.0:libsqlite3-0
 
 # The LLVM the unpacked toolchain uses (llvm-22 for rustc-web 1.96), as found in the unpacking.
 llvm_dir() {
