@@ -147,6 +147,10 @@ pub struct ControlDone {
     /// The backend-to-frontend channel after the operation, when it changed: a new one after
     /// a reattach, or none after it broke. `None`: unchanged.
     pub backend_req: Option<Option<OwnedFd>>,
+    /// The device has a live connection after the operation: for a reattach that failed
+    /// after negotiating (the backend lost features, say), the new connection stays, and is
+    /// watched, so that the guest's reset can use it.
+    pub connected: bool,
 }
 
 /// What the ring thread reads of a device between operations.
@@ -375,9 +379,9 @@ impl DeviceHandle {
             self.backend_req = backend_req;
         }
         if done.kind == OpKind::Reattach {
-            match done.outcome {
-                Outcome::Done { .. } => self.disconnected = false,
-                Outcome::Failed { .. } => self.socket = None,
+            self.disconnected = !done.connected;
+            if self.disconnected {
+                self.socket = None;
             }
         }
     }
@@ -497,10 +501,18 @@ fn serve(
     while let Ok(op) = ops.recv() {
         let kind = op.kind();
         let had_channel = device.backend_req_fd().is_some();
-        let outcome = carry_out(&mut device, op);
-        *view.lock().unwrap_or_else(|p| p.into_inner()) = DeviceView::of(&device);
+        let mut outcome = carry_out(&mut device, op);
+        let after = DeviceView::of(&device);
+        let before = std::mem::replace(&mut *view.lock().unwrap_or_else(|p| p.into_inner()), after);
+        let connected = !device.is_disconnected();
+        // A restored backend that reports other config than its predecessor is a config
+        // change the guest must be told of, as if the backend had sent one.
+        if let (OpKind::Reattach, Outcome::Done { config_changed }) = (kind, &mut outcome) {
+            *config_changed =
+                before.config != view.lock().unwrap_or_else(|p| p.into_inner()).config;
+        }
         let channel = device.backend_req_fd();
-        let backend_req = if kind == OpKind::Reattach && matches!(outcome, Outcome::Done { .. }) {
+        let backend_req = if kind == OpKind::Reattach && connected {
             Some(channel.and_then(|fd| fd.try_clone_to_owned().ok()))
         } else if had_channel && channel.is_none() {
             Some(None)
@@ -512,6 +524,7 @@ fn serve(
             kind,
             outcome,
             backend_req,
+            connected,
         };
         if done.send(report).is_err() {
             return;

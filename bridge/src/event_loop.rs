@@ -675,7 +675,6 @@ impl Bridge {
         let Some(dev) = self.devices.get_mut(index) else {
             return;
         };
-        let base = TOKEN_DEVICE_BASE * (index as u64 + 1);
         // A channel that changed is unwatched before its duplicate is dropped.
         if done.backend_req.is_some() {
             if let Some(old) = dev.transport.backend().backend_req_fd() {
@@ -700,17 +699,9 @@ impl Bridge {
                     }
                 }
             }
-            (OpKind::Reattach, Outcome::Done { .. }) => {
+            (OpKind::Reattach, Outcome::Done { config_changed }) => {
                 self.stats.reconnects += 1;
-                let handle = self.devices[index].transport.backend();
-                if let Some(fd) = handle.socket_fd() {
-                    let event = EpollEvent::new(SOCKET_EVENTS, base + DEVICE_SOCKET_SLOT);
-                    let _ = self.epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), event);
-                }
-                if let Some(fd) = handle.backend_req_fd() {
-                    let event = EpollEvent::new(BACKEND_REQ_EVENTS, base + DEVICE_BACKEND_REQ_SLOT);
-                    let _ = self.epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), event);
-                }
+                self.watch_connection(index);
                 log::info!(
                     "{label}: backend restored; its queues resume where the guest left them"
                 );
@@ -718,7 +709,13 @@ impl Bridge {
                 // (inside its interrupt-coalescing window, say); the new one starts from the
                 // guest's used index and has nothing to announce. An interrupt now tells the
                 // driver about them; a spurious one costs the driver one empty look.
-                if self.devices[index].transport.signal_used_buffer() {
+                let transport = &mut self.devices[index].transport;
+                let mut raise = transport.signal_used_buffer();
+                if config_changed {
+                    log::warn!("{label}: the restored backend's config differs; telling the guest");
+                    raise |= transport.signal_config_change();
+                }
+                if raise {
                     self.raise(index);
                 }
             }
@@ -736,6 +733,11 @@ impl Bridge {
             }
             (OpKind::Reattach | OpKind::Activate, Outcome::Failed { error, .. }) => {
                 let what = if done.kind == OpKind::Reattach {
+                    // Negotiated, then refused (lost features, say): the new connection is
+                    // the device's now, and its hang-up must still be seen.
+                    if done.connected {
+                        self.watch_connection(index);
+                    }
                     "cannot restore the backend"
                 } else {
                     "backend activation failed"
@@ -758,6 +760,21 @@ impl Bridge {
         }
         if !self.devices[index].transport.backend().holds_the_guest() {
             self.release(index);
+        }
+    }
+
+    /// Watches device `index`'s (new) connection for hang-up and its backend-to-frontend
+    /// channel for messages.
+    fn watch_connection(&mut self, index: usize) {
+        let base = TOKEN_DEVICE_BASE * (index as u64 + 1);
+        let handle = self.devices[index].transport.backend();
+        if let Some(fd) = handle.socket_fd() {
+            let event = EpollEvent::new(SOCKET_EVENTS, base + DEVICE_SOCKET_SLOT);
+            let _ = self.epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), event);
+        }
+        if let Some(fd) = handle.backend_req_fd() {
+            let event = EpollEvent::new(BACKEND_REQ_EVENTS, base + DEVICE_BACKEND_REQ_SLOT);
+            let _ = self.epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), event);
         }
     }
 
@@ -961,10 +978,29 @@ impl Bridge {
             if effect.inject_interrupt {
                 self.raise(index);
             }
+            let status = u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS);
+            if offset == status && req.value == 0 {
+                self.restore_again(index);
+            }
         } else {
             let value = dev.transport.read(offset, size);
             self.reply(req, value);
         }
+    }
+
+    /// The guest reset a device whose backend is gone and whose restore gave up (it timed
+    /// out, say): the reset is its way of asking for the device back, so try again.
+    fn restore_again(&mut self, index: usize) {
+        let dev = &self.devices[index];
+        if dev.reconnect.is_none() || dev.reconnecting || !dev.transport.backend().is_disconnected()
+        {
+            return;
+        }
+        log::info!(
+            "{}: the guest reset the device; restoring its backend again",
+            dev.transport.backend().label()
+        );
+        self.backend_gone(index);
     }
 
     /// Replies to a synchronous request; asynchronous ones (QueueNotify) get none.
