@@ -10,7 +10,8 @@
 # man pages and completions come from the binaries' own clap definitions: a host build with
 # the `docgen` feature writes them (see docgen/).
 #
-# Output: target/dist/hvisor-vhost-<version>-aarch64-linux.tar.gz, laid out as an installation
+# Output: target/dist/hvisor-vhost-<version>-aarch64-linux.tar.gz (its path is printed on
+# stdout; everything else goes to stderr), laid out as an installation
 # prefix under one top directory (bin/, lib/systemd/system/, share/...). Install with e.g.
 #   tar -C /usr/local --strip-components=1 -xzf hvisor-vhost-<version>-aarch64-linux.tar.gz
 # Environment: RIG_BUILD (the toolchain and build caches, default build/rig-hvisor).
@@ -28,7 +29,7 @@ die() {
     exit 1
 }
 
-"$RIG/toolchain.sh"
+"$RIG/toolchain.sh" >&2
 version=$(awk -F'"' '/^\[workspace.package\]/ { p = 1 } p && /^version/ { print $2; exit }' Cargo.toml)
 [ -n "$version" ] || die "no workspace version in Cargo.toml"
 name=hvisor-vhost-$version-aarch64-linux
@@ -38,7 +39,7 @@ rm -rf "$stage" "$dist/$name.tar.gz"
 mkdir -p "$stage/bin"
 
 log "aarch64 binaries (profile board)"
-CROSS_PROFILE=board CROSS_OUT=$stage/bin "$RIG/cross-build.sh"
+CROSS_PROFILE=board CROSS_OUT=$stage/bin "$RIG/cross-build.sh" >&2
 
 log "man pages and completions (host build with the docgen feature)"
 features=""
@@ -83,3 +84,5 @@ done
 tar -C "$dist" --sort=name --owner=0 --group=0 --numeric-owner -czf "$dist/$name.tar.gz" "$name"
 log "$dist/$name.tar.gz ($(du -h "$dist/$name.tar.gz" | cut -f1)):"
 tar -tzvf "$dist/$name.tar.gz" >&2
+# The one line on standard output: the tarball, for scripts (the rig's ci.sh).
+echo "$dist/$name.tar.gz"

@@ -27,7 +27,9 @@
 #   asynchronous; default shared: the example's one region, where only 0xa000050 is),
 #   RIG_ZONE1_NET_PARAMS (zone1's virtio_net module parameters, e.g. "csum=0 gso=0"),
 #   RIG_NO_CARGO=1 (do not run cross-build.sh first), RIG_BIN_DIR (our four static aarch64
-#   binaries from elsewhere, e.g. another commit's; implies no cross-build). For --test bench:
+#   binaries from elsewhere, e.g. another commit's; implies no cross-build), RIG_TARBALL (the
+#   board tarball of scripts/build-board.sh: unpacked into a prefix as a user installs it, and
+#   its bin/ put in zone0; implies no cross-build). For --test bench:
 #   RIG_LOAD_BIN (bench.sh's static aarch64 rigload, put in both zones), RIG_BENCH_MIB (default
 #   32), RIG_BENCH_RAND (4 KiB random reads, and as many writes, at QD1; default 1000),
 #   RIG_BENCH_QD (default 32), RIG_BENCH_QD_RAND (4 KiB random reads, and as many writes, at
@@ -91,7 +93,9 @@ for f in "$HVISOR_BIN" "$OUT/u-boot-atf.bin" "$OUT/zone0.dts" "$OUT/Image" "$OUT
     [ -f "$f" ] || die "$f missing (setup.sh's output)"
 done
 BIN=${RIG_BIN_DIR:-$OUT/bin}
-if [ "$DAEMON" = ours ]; then
+if [ -n "${RIG_TARBALL:-}" ]; then
+    [ -f "$RIG_TARBALL" ] || die "RIG_TARBALL=$RIG_TARBALL missing (scripts/build-board.sh makes it)"
+elif [ "$DAEMON" = ours ]; then
     # Our binaries from the working tree, as the other rigs build theirs (incremental).
     if [ -z "${RIG_BIN_DIR:-}" ] && [ "${RIG_NO_CARGO:-0}" != 1 ]; then
         "$RIG_DIR/cross-build.sh"
@@ -126,6 +130,16 @@ trap cleanup EXIT
 GEN=$RUN/gen
 ROOT0=$RUN/zone0-root
 mkdir -p "$GEN" "$ROOT0"
+if [ -n "${RIG_TARBALL:-}" ]; then
+    # As the README tells a board user: unpack into a prefix, run what its bin/ holds.
+    mkdir -p "$RUN/prefix"
+    tar -C "$RUN/prefix" --strip-components=1 -xzf "$RIG_TARBALL"
+    BIN=$RUN/prefix/bin
+    for b in hvisor-vhost-bridge vhost-user-blk vhost-user-net vhost-user-console; do
+        [ -x "$BIN/$b" ] || die "$RIG_TARBALL has no executable bin/$b"
+    done
+    log "our binaries from $RIG_TARBALL"
+fi
 
 # ---- zone1: initramfs, device tree, zone config --------------------------------------------
 "$RIG_DIR/zone1/mkinitrd.sh" "$OUT/modules" "$OUT/busybox" "$GEN/zone1-initrd.cpio.gz"
