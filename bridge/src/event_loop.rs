@@ -935,11 +935,7 @@ impl Bridge {
         };
         let dev = &mut self.devices[index];
         if dev.waiting.is_some() {
-            // A notify repeated while the device waits adds nothing: the first one kicks the
-            // queue. Sync accesses are bounded by the vCPUs, each of which waits for its reply.
-            if sync || !dev.held.contains(req) {
-                dev.held.push_back(*req);
-            }
+            hold(&mut dev.held, req);
             return;
         }
         self.serve(index, req);
@@ -967,12 +963,8 @@ impl Bridge {
                 self.reply(req, 0);
             }
             if was_asserted && !now_asserted {
-                let gap = self.devices[index].last_injection.elapsed().as_micros();
-                let bucket = ACK_GAP_BOUNDS_US
-                    .iter()
-                    .position(|&bound| gap < u128::from(bound))
-                    .unwrap_or(ACK_GAP_BOUNDS_US.len());
-                self.stats.ack_gaps[bucket] += 1;
+                let gap = self.devices[index].last_injection.elapsed();
+                self.stats.ack_gaps[ack_gap_bucket(gap)] += 1;
                 self.retry_deferred(zone);
             }
             if effect.inject_interrupt {
@@ -1035,6 +1027,24 @@ impl Bridge {
     }
 }
 
+/// Queues an access behind the one that waits for the control worker. A notify repeated
+/// meanwhile adds nothing (the first one kicks the queue), so a guest cannot grow the queue
+/// without bound; sync accesses are bounded by the vCPUs, each of which waits for its reply.
+fn hold(held: &mut VecDeque<DeviceReq>, req: &DeviceReq) {
+    if req.need_interrupt == 0 || !held.contains(req) {
+        held.push_back(*req);
+    }
+}
+
+/// The [`LoopStats::ack_gaps`] bucket of an injection-to-ACK gap.
+fn ack_gap_bucket(gap: Duration) -> usize {
+    let gap = gap.as_micros();
+    ACK_GAP_BOUNDS_US
+        .iter()
+        .position(|&bound| gap < u128::from(bound))
+        .unwrap_or(ACK_GAP_BOUNDS_US.len())
+}
+
 /// Clears the stop fd; for a signalfd, returns the signal number it carried.
 fn read_stop_signal(fd: RawFd) -> Option<u32> {
     // Room for one `struct signalfd_siginfo` (128 bytes) or an eventfd counter (8 bytes).
@@ -1044,4 +1054,66 @@ fn read_stop_signal(fd: RawFd) -> Option<u32> {
     let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
     // signalfd_siginfo starts with ssi_signo (u32).
     (n == 128).then(|| u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(is_write: u8, address: u64, value: u64, asynchronous: bool) -> DeviceReq {
+        DeviceReq {
+            src_cpu: 1,
+            address,
+            size: 4,
+            value,
+            src_zone: 1,
+            is_write,
+            need_interrupt: u8::from(asynchronous),
+            ..DeviceReq::default()
+        }
+    }
+
+    #[test]
+    fn held_accesses_keep_their_order_and_repeated_notifies_collapse() {
+        let mut held = VecDeque::new();
+        let notify = access(1, 0xa000_0050, 0, true);
+        let status = access(0, 0xa000_0070, 0, false);
+        hold(&mut held, &notify);
+        hold(&mut held, &status);
+        for _ in 0..1000 {
+            hold(&mut held, &notify);
+        }
+        // A notify of another queue is news.
+        let other_queue = access(1, 0xa000_0050, 1, true);
+        hold(&mut held, &other_queue);
+        // Sync accesses are never dropped, even identical ones (two reads in a row).
+        hold(&mut held, &status);
+        assert_eq!(
+            held.into_iter().collect::<Vec<_>>(),
+            vec![notify, status, other_queue, status]
+        );
+    }
+
+    #[test]
+    fn ack_gaps_fall_in_the_bucket_of_their_bound() {
+        let us = Duration::from_micros;
+        assert_eq!(ack_gap_bucket(us(0)), 0);
+        assert_eq!(ack_gap_bucket(us(99)), 0);
+        assert_eq!(ack_gap_bucket(us(100)), 1);
+        assert_eq!(ack_gap_bucket(us(7_999)), ACK_GAP_BOUNDS_US.len() - 1);
+        assert_eq!(ack_gap_bucket(us(8_000)), ACK_GAP_BOUNDS_US.len());
+        assert_eq!(
+            ack_gap_bucket(Duration::from_secs(3600)),
+            ACK_GAP_BOUNDS_US.len()
+        );
+    }
+
+    #[test]
+    fn a_stop_eventfd_carries_no_signal() {
+        let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).unwrap();
+        stop.write(1).unwrap();
+        assert_eq!(read_stop_signal(stop.as_raw_fd()), None);
+        // Cleared: nothing left to read.
+        assert!(stop.read().is_err());
+    }
 }
