@@ -113,6 +113,8 @@ pub struct BridgeDevice {
     reinject_owed: bool,
     /// When the line was last injected (the re-injection timer counts from here).
     last_injection: Instant,
+    /// An injection found the result ring full: tried again every [`irq::INJECTION_RETRY`].
+    injection_failed: bool,
     /// When the guest last wrote QueueNotify, until the backend signals a used buffer: its
     /// answer is on the way.
     kicked_at: Option<Instant>,
@@ -147,6 +149,7 @@ impl BridgeDevice {
             transport,
             deferred: false,
             reinject_owed: false,
+            injection_failed: false,
             last_injection: Instant::now(),
             kicked_at: None,
             reconnect: None,
@@ -228,6 +231,8 @@ pub struct Bridge {
     reload_requested: bool,
     unknown_access: RateLimited,
     bad_request: RateLimited,
+    /// Injections that found the result ring full.
+    ring_full: RateLimited,
     reconnect_event: EventFd,
     reconnect_tx: Sender<Reconnected>,
     reconnect_rx: Receiver<Reconnected>,
@@ -326,6 +331,7 @@ impl Bridge {
             reload_requested: false,
             unknown_access: RateLimited::new(),
             bad_request: RateLimited::new(),
+            ring_full: RateLimited::new(),
             reconnect_event,
             reconnect_tx,
             reconnect_rx,
@@ -375,6 +381,7 @@ impl Bridge {
             }
             let now = Instant::now();
             self.reinject_overdue(now);
+            self.retry_failed_injections(now);
             self.cut_off_overdue(now);
             if busy {
                 last_activity = now;
@@ -395,10 +402,14 @@ impl Bridge {
             self.stats.sleeps += 1;
             // Wake for the next re-injection and control deadline too; rounded up so that it
             // is due on waking.
-            let sleep = [self.next_reinjection(now), self.next_control_deadline(now)]
-                .into_iter()
-                .flatten()
-                .fold(self.options.guard_timeout, Duration::min);
+            let sleep = [
+                self.next_reinjection(now),
+                self.next_injection_retry(now),
+                self.next_control_deadline(now),
+            ]
+            .into_iter()
+            .flatten()
+            .fold(self.options.guard_timeout, Duration::min);
             let timeout = sleep.as_micros().div_ceil(1000).clamp(1, i32::MAX as u128) as i32;
             let n = self.epoll_wait(&mut events, timeout)?;
             ring.disarm_wakeup();
@@ -624,9 +635,48 @@ impl Bridge {
         } else if irq::inject(self.hsm.as_ref(), zone, dev.irq) {
             dev.transport.mark_line_asserted();
             dev.deferred = false;
+            dev.injection_failed = false;
             dev.last_injection = Instant::now();
             self.stats.interrupts += 1;
+        } else {
+            if self.ring_full.hit() {
+                log::warn!(
+                    "zone {zone}: the result ring is full; irq {} is injected again every {:?}",
+                    dev.irq,
+                    irq::INJECTION_RETRY
+                );
+            }
+            dev.injection_failed = true;
+            dev.last_injection = Instant::now();
         }
+    }
+
+    /// Tries again the injections that found the result ring full, once their retry period
+    /// has passed: without this, the line would wait for the device's next event.
+    fn retry_failed_injections(&mut self, now: Instant) {
+        for index in 0..self.devices.len() {
+            let dev = &mut self.devices[index];
+            if !dev.injection_failed
+                || now.saturating_duration_since(dev.last_injection) < irq::INJECTION_RETRY
+            {
+                continue;
+            }
+            if dev.transport.line_asserted() || dev.transport.interrupt_status() == 0 {
+                // Injected meanwhile, or acknowledged: nothing owed any more.
+                dev.injection_failed = false;
+            } else {
+                self.raise(index);
+            }
+        }
+    }
+
+    /// How long until a failed injection is tried again, if one is owed.
+    fn next_injection_retry(&self, now: Instant) -> Option<Duration> {
+        self.devices
+            .iter()
+            .filter(|d| d.injection_failed)
+            .map(|d| (d.last_injection + irq::INJECTION_RETRY).saturating_duration_since(now))
+            .min()
     }
 
     fn handle_request(&mut self, req: &DeviceReq) {

@@ -21,11 +21,23 @@ use std::time::Duration;
 pub use hvisor_hsm::abi::MAX_PENDING_IRQS;
 use hvisor_hsm::Hsm;
 
+/// How long an injection waits for room in a full result ring. hvisor drains the ring inside
+/// the FINISH_REQ hypercall, so it is full only when the hypervisor has stopped draining; the
+/// ring thread must not wait on that (every other device would), and retries on a timer
+/// instead ([`INJECTION_RETRY`]).
+pub const RESULT_RING_WAIT: Duration = Duration::from_micros(100);
+
+/// How often an injection that found the result ring full is tried again.
+pub const INJECTION_RETRY: Duration = Duration::from_millis(1);
+
 /// Queues `{zone, irq}` in the result ring and tells the hypervisor (FINISH_REQ). False when
-/// the ring stayed full: the status bit stays set and the next signal or ACK retries.
+/// the ring stayed full for [`RESULT_RING_WAIT`]: the caller retries.
 pub fn inject(hsm: &dyn Hsm, zone: u32, irq: u32) -> bool {
-    if let Err(e) = hsm.bridge().push_result(zone, irq) {
-        log::error!("zone {zone}: cannot queue irq {irq}: {e}");
+    if hsm
+        .bridge()
+        .push_result_within(zone, irq, RESULT_RING_WAIT)
+        .is_err()
+    {
         return false;
     }
     if let Err(e) = hsm.finish_req() {

@@ -369,6 +369,13 @@ impl BridgePage {
         self.u8_at(self.layout.need_wakeup).load(Ordering::Relaxed) != 0
     }
 
+    /// Injection results queued and not yet taken.
+    pub fn results_queued(&self) -> usize {
+        let front = self.u32_at(RES_FRONT).load(Ordering::Acquire);
+        let rear = self.u32_at(RES_REAR).load(Ordering::Acquire);
+        (rear.wrapping_sub(front) & self.ring_mask) as usize
+    }
+
     /// Takes the oldest injection result (single consumer).
     pub fn pop_result(&self) -> Option<DeviceRes> {
         let front = self.u32_at(RES_FRONT).load(Ordering::Relaxed) & self.ring_mask;

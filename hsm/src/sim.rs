@@ -148,6 +148,8 @@ pub(crate) struct Shared {
     irqs: Mutex<IrqState>,
     irq_arrived: Condvar,
     counters: Counters,
+    /// A test holds the result ring: FINISH_REQ drains nothing until it lets go.
+    results_held: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -350,6 +352,9 @@ impl Shared {
 
     /// hvisor's `hv_virtio_inject_irq`: take every result and mark its IRQ pending.
     fn drain_results(&self) {
+        if self.results_held.load(Ordering::Acquire) {
+            return;
+        }
         let mut irqs = lock(&self.irqs);
         while let Some(res) = self.page.pop_result() {
             if self.zone(res.target_zone).is_none() {
@@ -562,6 +567,7 @@ impl SimHypervisor {
             irqs: Mutex::new(IrqState::default()),
             irq_arrived: Condvar::new(),
             counters: Counters::default(),
+            results_held: std::sync::atomic::AtomicBool::new(false),
         });
 
         let exit = eventfd()?;
@@ -721,6 +727,20 @@ impl SimHypervisor {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .0;
         }
+    }
+
+    /// Holds the result ring (`true`): FINISH_REQ drains nothing, so the bridge's injections
+    /// fill it, as a hypervisor that has stopped draining would. Letting go drains at once.
+    pub fn hold_results(&self, hold: bool) {
+        self.shared.results_held.store(hold, Ordering::Release);
+        if !hold {
+            self.shared.drain_results();
+        }
+    }
+
+    /// Injection results waiting in the result ring.
+    pub fn results_queued(&self) -> usize {
+        self.shared.page.results_queued()
     }
 
     /// Whether the bridge has asked for a wakeup (`need_wakeup` set, read with a fence): it
