@@ -82,6 +82,9 @@ pub enum BridgeError {
         #[source]
         source: std::io::Error,
     },
+    /// The runtime directory or the backend programs are not usable.
+    #[error("Cannot prepare for the backends the bridge starts")]
+    Supervisor(#[source] supervisor::SupervisorError),
     /// A backend could not be started.
     #[error("Zone {zone}, {device}: cannot start the backend")]
     Spawn {
@@ -163,11 +166,7 @@ pub fn build(
                 options.backends.clone(),
             )
         })
-        .map_err(|source| BridgeError::Spawn {
-            zone: 0,
-            device: "runtime dir".into(),
-            source,
-        })?;
+        .map_err(BridgeError::Supervisor)?;
     let mut devices = Vec::new();
     for zone in &config.zones {
         let memory = map_zone_ram(hsm.as_ref(), zone)?;

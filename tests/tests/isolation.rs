@@ -289,7 +289,7 @@ fn a_spawned_backend_served_by_another_process_is_refused() {
 }
 
 /// `--backend-user`: the spawned backend runs as that user, with its primary group and no
-/// other, in a private runtime directory that user owns.
+/// other, in a private runtime directory that user owns, and still ends with the bridge.
 #[test]
 fn spawned_backends_run_as_the_backend_user() {
     if euid() != 0 {
@@ -320,7 +320,15 @@ fn spawned_backends_run_as_the_backend_user() {
     assert!(field("Groups:").is_empty(), "{status}");
     let run = std::fs::symlink_metadata(dir.path().join("run")).unwrap();
     assert_eq!((run.uid(), run.mode() & 0o7777), (65534, 0o700));
-    assert!(rig.bridge.terminate().success());
+    // The parent-death signal survives the change of user (it is set after it): the
+    // backend does not outlive a killed bridge.
+    let exited = pidfd(backends[0]);
+    rig.bridge.signal(libc::SIGKILL);
+    assert_eq!(
+        poll_in(&[std::os::fd::AsRawFd::as_raw_fd(&exited)], PROCESS_WAIT),
+        vec![0],
+        "the backend outlived the killed bridge"
+    );
 }
 
 /// Our backends run under their seccomp filter (see `vhost_user_frontdoor::seccomp`) from
