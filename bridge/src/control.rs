@@ -580,6 +580,59 @@ fn frontend_error(e: &FrontendError) -> Outcome {
     }
 }
 
+/// Bounds a round trip made outside a control worker (a device's negotiation at start-up):
+/// unless disarmed within the bound, it shuts the socket down under the caller, whose blocked
+/// call then fails at once, as [`DeviceHandle::cut_off_overdue`] does for the workers.
+#[derive(Debug)]
+pub struct Watchdog {
+    disarm: Option<Sender<()>>,
+    thread: Option<JoinHandle<bool>>,
+}
+
+impl Watchdog {
+    /// Watches `socket` for `bound`.
+    pub fn arm(socket: BorrowedFd<'_>, bound: Duration) -> std::io::Result<Self> {
+        let socket = socket.try_clone_to_owned()?;
+        let (disarm, armed) = channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || {
+                let fired = matches!(
+                    armed.recv_timeout(bound),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                );
+                if fired {
+                    // SAFETY: shutdown(2) on a socket fd we own; it touches no memory.
+                    unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+                }
+                fired
+            })?;
+        Ok(Self {
+            disarm: Some(disarm),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops watching; true when the bound had passed and the socket was shut down.
+    pub fn disarm(mut self) -> bool {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> bool {
+        // Closing the channel wakes the thread at once.
+        self.disarm = None;
+        self.thread
+            .take()
+            .is_some_and(|thread| thread.join().unwrap_or(false))
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A duplicate of `event` that is close-on-exec, unlike `EventFd::try_clone`'s: a backend
 /// spawned later must not inherit it.
 pub fn dup_event(event: &EventFd) -> std::io::Result<EventFd> {
@@ -665,5 +718,20 @@ mod tests {
         ops.new_connection();
         ops.queued(OpKind::Reattach, t0 + 2 * BOUND);
         assert_eq!(ops.overdue(t0 + 3 * BOUND, BOUND), Some(OpKind::Reattach));
+    }
+
+    #[test]
+    fn a_watchdog_cuts_off_a_round_trip_that_outlives_its_bound() {
+        use std::io::Read;
+        let (mut ours, _backend) = std::os::unix::net::UnixStream::pair().unwrap();
+        let watchdog = Watchdog::arm(ours.as_fd(), Duration::from_millis(50)).unwrap();
+        // A backend that never answers: the read returns (end of file) once the watchdog
+        // fires, instead of blocking for ever.
+        assert_eq!(ours.read(&mut [0u8; 1]).unwrap(), 0);
+        assert!(watchdog.disarm());
+
+        let (ours, _backend) = std::os::unix::net::UnixStream::pair().unwrap();
+        let watchdog = Watchdog::arm(ours.as_fd(), Duration::from_secs(3600)).unwrap();
+        assert!(!watchdog.disarm(), "disarmed in time: nothing shut down");
     }
 }

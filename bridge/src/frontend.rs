@@ -106,6 +106,9 @@ pub enum FrontendError {
     /// The backend has gone.
     #[error("Backend disconnected")]
     Disconnected,
+    /// The backend did not answer in time; its connection was shut down.
+    #[error("Backend did not answer within {0:?} (see --backend-timeout-ms)")]
+    Unresponsive(Duration),
     /// The backend refused the configured queue size.
     #[error(
         "Backend refuses queue size {size} for queue {queue}; lower `queue_size` in the config"

@@ -43,7 +43,7 @@ pub mod supervisor;
 pub mod transport;
 
 use config::{BackendSpec, Config, ZoneConfig};
-use control::DeviceHandle;
+use control::{DeviceHandle, Watchdog};
 use event_loop::{Bridge, BridgeDevice, LoopOptions};
 use frontend::{DeviceSpec, VhostUserDevice};
 use reconnect::Reconnect;
@@ -78,6 +78,17 @@ pub enum BridgeError {
     DupFd {
         /// Zone id.
         zone: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The start-up watchdog of a device's negotiation could not be started.
+    #[error("Zone {zone}: {device}: cannot start the watchdog of its negotiation")]
+    Watchdog {
+        /// Zone id.
+        zone: u32,
+        /// The device's label.
+        device: String,
         /// Why.
         #[source]
         source: std::io::Error,
@@ -206,9 +217,25 @@ pub fn build(
                 queue_size: dev.queue_size,
                 config_len: config::config_space_len(dev.device_type.id),
             };
-            let device = VhostUserDevice::new(spec, frontend, memory.clone())
-                .and_then(DeviceHandle::new)
-                .map_err(backend_err)?;
+            // Negotiation is bounded like every later round trip: a backend that accepts
+            // the connection and never answers must not hang the bridge's start.
+            let bound = options.loop_options.control_timeout;
+            let watchdog = Watchdog::arm(frontend_fd(&frontend), bound).map_err(|source| {
+                BridgeError::Watchdog {
+                    zone: zone.id,
+                    device: label.clone(),
+                    source,
+                }
+            })?;
+            let device = VhostUserDevice::new(spec, frontend, memory.clone());
+            let device = match (device, watchdog.disarm()) {
+                (Ok(device), _) => device,
+                (Err(_), true) => {
+                    return Err(backend_err(frontend::FrontendError::Unresponsive(bound)))
+                }
+                (Err(e), false) => return Err(backend_err(e)),
+            };
+            let device = DeviceHandle::new(device).map_err(backend_err)?;
             let reconnect = Reconnect {
                 supervisor: supervisor.clone(),
                 zone: zone.id,
@@ -230,6 +257,13 @@ pub fn build(
     let bridge = Bridge::new(hsm, devices, options.loop_options, stop, hsm_control)
         .map_err(BridgeError::Loop)?;
     Ok(Running { bridge })
+}
+
+/// The connection's socket, for the start-up watchdog.
+fn frontend_fd(frontend: &vhost::vhost_user::Frontend) -> BorrowedFd<'_> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd belongs to `frontend`, which outlives the returned borrow.
+    unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) }
 }
 
 fn map_zone_ram(hsm: &dyn Hsm, zone: &ZoneConfig) -> Result<GuestMemoryMmap, BridgeError> {

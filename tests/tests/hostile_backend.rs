@@ -257,3 +257,37 @@ fn a_reply_to_another_request_fails_start_up_naming_the_device() {
         "{log}"
     );
 }
+
+/// A backend that accepts the connection and reads, but never answers: the bridge gives up
+/// after `--backend-timeout-ms` with an error naming the device, instead of hanging before
+/// it serves anything.
+#[test]
+fn a_backend_that_never_answers_fails_start_up_within_the_bound() {
+    let dir = dir_with_images("hb-silent", &[]);
+    let socket = dir.path().join("blk.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        // Swallow everything until the bridge hangs up.
+        let mut sink = [0u8; 4096];
+        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let log_path = dir.path().join("bridge.log");
+    let log = File::create(&log_path).unwrap();
+    let mut sb = SimBridge::start_with(
+        dir.clone(),
+        &external_blk(&socket),
+        &["--backend-timeout-ms", "500"],
+        Some(log),
+    );
+    let status = sb
+        .bridge
+        .wait_timeout(EXIT_WAIT)
+        .expect("the bridge hangs on a backend that never answers");
+    assert!(!status.success(), "bridge exit status {status}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains(&format!("blk@{BLK:#x}")) && log.contains("did not answer within 500ms"),
+        "{log}"
+    );
+}
