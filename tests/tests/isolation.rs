@@ -302,7 +302,7 @@ fn spawned_backends_run_as_the_backend_user() {
     // SAFETY: a NUL-terminated path; chown touches no memory of ours.
     assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
     let cfg = config(&[zone(1, &[blk_entry(BLK0, 78, "d0.img", "")], None)]);
-    let mut rig = Rig::start(dir.clone(), &cfg, &["--backend-user", "nobody"]);
+    let rig = Rig::start(dir.clone(), &cfg, &["--backend-user", "nobody"]);
     assert!(rig.wait_ready(), "the bridge did not start:\n{}", rig.log());
     let backends = children_running(rig.bridge.pid(), "vhost-user-blk");
     assert_eq!(backends.len(), 1, "{backends:?}");
