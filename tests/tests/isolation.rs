@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -76,14 +76,6 @@ impl Rig {
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("bridge.log")).unwrap_or_default()
     }
-}
-
-/// An executable shell script at `dir/name`.
-fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
 }
 
 fn two_disks(tag: &str) -> (Arc<TempDir>, String) {

@@ -3,64 +3,27 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hvisor_vhost_tests::driver::{BlkDriver, BlkOptions, BlkStatus};
-use hvisor_vhost_tests::harness::{bin_path, children_running, Irq, Ram, Rng, SimBridge, Vcpu};
+use hvisor_vhost_tests::driver::BlkOptions;
+use hvisor_vhost_tests::harness::{bin_path, children_running, Rng, SimBridge};
 
 const BLK: u64 = 0xa003c00;
 const IRQ: u32 = 78;
 const NEEDS_RESET: u32 = 0x40;
-
-fn verified_io(blk: &mut BlkDriver<'_, Vcpu, Ram, Irq>, rng: &mut Rng, what: &str) {
-    let sector = rng.below(4096) * 8;
-    let mut block = vec![0u8; 4096];
-    rng.fill(&mut block);
-    assert_eq!(
-        blk.write(sector, &block).unwrap(),
-        BlkStatus::Ok,
-        "{what}: write"
-    );
-    let mut back = vec![0u8; 4096];
-    assert_eq!(
-        blk.read(sector, &mut back).unwrap(),
-        BlkStatus::Ok,
-        "{what}: read"
-    );
-    assert!(
-        back == block,
-        "{what}: sector {sector} reads back different data"
-    );
-}
 
 /// SIGKILLs the backend and waits until it is dead: kill(2) returns before it is, and until
 /// then it may still complete a request.
 fn kill_backend(sb: &SimBridge) {
     let pids = children_running(sb.bridge.pid(), "vhost-user-blk");
     assert_eq!(pids.len(), 1, "one backend: {pids:?}");
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pids[0] as libc::pid_t, 0) };
-    assert!(
-        pidfd >= 0,
-        "pidfd_open: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a fresh fd that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let exited = pidfd(pids[0]);
     // SAFETY: kill(2) on a backend of the bridge this test started; no memory is touched.
     assert_eq!(unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) }, 0);
-    let mut poll = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; a pidfd turns readable when its process has exited.
-    let ready = unsafe { libc::poll(&mut poll, 1, 30_000) };
-    assert_eq!(ready, 1, "the backend did not die");
+    let ready = poll_in(&[exited.as_raw_fd()], PROCESS_WAIT);
+    assert_eq!(ready, [0], "the backend did not die");
 }
 
 #[test]
@@ -98,13 +61,6 @@ fn a_restored_backend_with_other_config_raises_a_config_interrupt() {
         verified_io(&mut blk, &mut rng, "after the restart");
     }
     assert_eq!(blk.reread_config().unwrap().capacity, 2 * DISK_SIZE / 512);
-}
-
-fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
 }
 
 #[test]

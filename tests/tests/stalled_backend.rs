@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hvisor_vhost_tests::driver::{BlkDriver, BlkOptions, BlkStatus};
-use hvisor_vhost_tests::harness::{children_running, Irq, Ram, Rng, SimBridge, Vcpu};
+use hvisor_vhost_tests::driver::BlkOptions;
+use hvisor_vhost_tests::harness::{children_running, Rng, SimBridge};
 
 const A: u64 = 0xa003c00;
 const A_IRQ: u32 = 78;
@@ -24,30 +24,6 @@ const BOUND_MS: u64 = 1000;
 /// virtio-blk config: the `writeback` byte (virtio 1.x §5.2.4).
 const WRITEBACK_OFFSET: u64 = 32;
 const NEEDS_RESET: u32 = 0x40;
-
-/// Writes a block, reads it back, checks it; returns the round trip.
-fn verified_io(blk: &mut BlkDriver<'_, Vcpu, Ram, Irq>, rng: &mut Rng, what: &str) -> Duration {
-    let started = Instant::now();
-    let sector = rng.below(4096) * 8;
-    let mut block = vec![0u8; 4096];
-    rng.fill(&mut block);
-    assert_eq!(
-        blk.write(sector, &block).unwrap(),
-        BlkStatus::Ok,
-        "{what}: write"
-    );
-    let mut back = vec![0u8; 4096];
-    assert_eq!(
-        blk.read(sector, &mut back).unwrap(),
-        BlkStatus::Ok,
-        "{what}: read"
-    );
-    assert!(
-        back == block,
-        "{what}: sector {sector} reads back different data"
-    );
-    started.elapsed()
-}
 
 /// SIGSTOP `pid`, and wait until every thread of it has stopped: kill(2) returns before they
 /// do, and a thread that has not stopped yet still answers the bridge.

@@ -150,3 +150,42 @@ pub fn wait_for_file(path: &Path, pid: u32) -> bool {
         unsafe { libc::read(inotify.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     }
 }
+
+/// Writes a block of random data at a random sector, reads it back and checks it; returns
+/// the round trip.
+pub fn verified_io(
+    blk: &mut hvisor_vhost_tests::driver::BlkDriver<'_, Vcpu, Ram, Irq>,
+    rng: &mut hvisor_vhost_tests::harness::Rng,
+    what: &str,
+) -> Duration {
+    use hvisor_vhost_tests::driver::BlkStatus;
+    let started = Instant::now();
+    let sector = rng.below(4096) * 8;
+    let mut block = vec![0u8; 4096];
+    rng.fill(&mut block);
+    assert_eq!(
+        blk.write(sector, &block).unwrap(),
+        BlkStatus::Ok,
+        "{what}: write"
+    );
+    let mut back = vec![0u8; 4096];
+    assert_eq!(
+        blk.read(sector, &mut back).unwrap(),
+        BlkStatus::Ok,
+        "{what}: read"
+    );
+    assert!(
+        back == block,
+        "{what}: sector {sector} reads back different data"
+    );
+    started.elapsed()
+}
+
+/// An executable shell script `name` in `dir` with `body`.
+pub fn script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
