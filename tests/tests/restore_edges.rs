@@ -13,6 +13,8 @@ use hvisor_vhost_tests::harness::{bin_path, children_running, Rng, SimBridge};
 const BLK: u64 = 0xa003c00;
 const IRQ: u32 = 78;
 const NEEDS_RESET: u32 = 0x40;
+/// VIRTIO_BLK_F_RO.
+const BLK_F_RO: u64 = 1 << 5;
 
 /// SIGKILLs the backend and waits until it is dead: kill(2) returns before it is, and until
 /// then it may still complete a request.
@@ -106,6 +108,71 @@ fn a_restore_that_gave_up_is_tried_again_at_the_guest_reset() {
 
     // The backend could start again; the guest resets the device and sets it up afresh.
     std::fs::remove_file(&refuse).unwrap();
+    drop(blk);
+    let mut blk = g.blk(BLK, 0x10_0000, &opts);
+    verified_io(&mut blk, &mut rng, "after the guest's reset");
+}
+
+/// A restored backend that negotiates and then cannot take the guest's features (it offers
+/// fewer) fails the device, but its connection stays the device's and is watched: when that
+/// backend dies too, the bridge notices and restores a good one, which the guest's reset
+/// then uses.
+#[test]
+fn a_restore_refused_after_negotiation_keeps_watching_the_new_backend() {
+    let dir = dir_with_images("restore-refused", &["disk.img"]);
+    let degrade = dir.path().join("read-only");
+    // While `read-only` exists the backend is started read-only, which offers neither
+    // DISCARD nor WRITE_ZEROES, both of which the guest acked.
+    let wrapper = script(
+        dir.path(),
+        "blk-wrapper.sh",
+        &format!(
+            "[ -e {} ] && set -- \"$@\" --read-only\nexec {} \"$@\"\n",
+            degrade.display(),
+            bin_path("vhost-user-blk").display()
+        ),
+    );
+    let cfg = config(&[zone(1, &[blk_entry(BLK, IRQ, "disk.img", "")], None)]);
+    let log_path = dir.path().join("bridge.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let sb = SimBridge::start_with(
+        dir.clone(),
+        &cfg,
+        &["--blk-backend", wrapper.to_str().unwrap()],
+        Some(log),
+    );
+    let g = Guest::new(&sb, 1, 0, IRQ);
+    // A driver that does not take RO, so that the read-only backend's features are a subset
+    // of the good one's: the guest's reset then negotiates what both can serve.
+    let opts = BlkOptions {
+        features: BlkOptions::default().features & !BLK_F_RO,
+        ..BlkOptions::default()
+    };
+    let mut blk = g.blk(BLK, 0x10_0000, &opts);
+    let mut rng = Rng::new(9);
+    verified_io(&mut blk, &mut rng, "before the crash");
+
+    std::fs::write(&degrade, b"").unwrap();
+    kill_backend(&sb);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while blk.device().status() & NEEDS_RESET == 0 {
+        assert!(Instant::now() < deadline, "the device never needed a reset");
+        std::thread::yield_now();
+    }
+
+    // The refused backend dies too: the bridge must see it and start a good one.
+    std::fs::remove_file(&degrade).unwrap();
+    kill_backend(&sb);
+    let log_lines = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let restarts = |log: &str| log.matches("hung up; restarting it").count();
+    while restarts(&log_lines()) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the bridge never noticed the refused backend's death:\n{}",
+            log_lines()
+        );
+        std::thread::yield_now();
+    }
     drop(blk);
     let mut blk = g.blk(BLK, 0x10_0000, &opts);
     verified_io(&mut blk, &mut rng, "after the guest's reset");
