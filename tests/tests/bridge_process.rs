@@ -594,3 +594,23 @@ fn sigusr1_logs_the_status_and_the_bridge_goes_on() {
     verified_io(&rig, BLK1, IRQ1, 0x200_0000);
     assert!(rig.bridge.terminate().success());
 }
+
+#[test]
+fn sigusr1_to_vhost_user_blk_logs_its_queue_counters() {
+    let (dir, cfg) = two_disks();
+    let mut rig = Rig::start(dir, &cfg, &[], false);
+    assert!(rig.wait_ready(), "the bridge exited before it was ready");
+    let status = bridge_status(rig.dir.path());
+    let pid = status.devices[0].backend_pid.expect("a spawned backend");
+    verified_io(&rig, BLK0, IRQ0, 0x10_0000);
+    // SAFETY: kill(2) on a backend of the bridge this test started; no memory is touched.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) }, 0);
+    // One 4 KiB write and one 4 KiB read, and nothing failed.
+    let prefix = format!("vhost-user-blk pid {pid}: ");
+    let line = wait_for_log_line(&rig, |l| l.contains(&prefix) && l.contains("queue 0: "));
+    assert!(
+        line.ends_with(" 4096 bytes read, 4096 bytes written, 0 errors"),
+        "{line}"
+    );
+    assert!(rig.bridge.terminate().success());
+}

@@ -14,6 +14,7 @@ use log::{debug, error, info, warn};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vhost_user_blk::blk::{BlockDevice, BlockStorage, SERIAL_LEN};
 use vhost_user_blk::file_storage::{FileStorage, IoEngine, OpenError, StorageOptions};
+use vhost_user_blk::stats::IoStats;
 use vhost_user_blk::vhu_blk::{
     self, QueueConfig, VhostUserBlkBackend, MAX_COALESCE_WINDOW, MAX_QUEUES, MAX_QUEUE_SIZE,
 };
@@ -23,7 +24,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Signals handled by the signal thread; blocked everywhere else.
-const HANDLED_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+const HANDLED_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1];
 
 #[derive(Parser, Debug)]
 #[command(author, version, about = "vhost-user block device backend")]
@@ -220,10 +222,25 @@ impl ServeState {
     }
 }
 
+/// Logs each queue's I/O counters.
+fn log_stats(stats: &IoStats) {
+    for line in stats.lines() {
+        info!("{line}");
+    }
+}
+
 /// SIGTERM/SIGINT request a clean shutdown; SIGHUP re-reads the image size and tells the
-/// frontend.
-fn spawn_signal_thread(state: Arc<ServeState>, storage: Arc<FileStorage>) -> io::Result<()> {
+/// frontend; SIGUSR1 logs the I/O counters.
+fn spawn_signal_thread(
+    state: Arc<ServeState>,
+    storage: Arc<FileStorage>,
+    stats: Arc<IoStats>,
+) -> io::Result<()> {
     process::spawn_signal_thread(&HANDLED_SIGNALS, move |signal| {
+        if signal == libc::SIGUSR1 {
+            log_stats(&stats);
+            return SignalAction::Continue;
+        }
         if signal != libc::SIGHUP {
             state.request_shutdown();
             return SignalAction::Stop;
@@ -247,7 +264,9 @@ fn serve(config: Config) -> Result<(), Error> {
     // tolerating padded memory tables and carrying configuration-change notifications.
     let door = FrontDoor::bind(&config.socket_path).map_err(Error::Listen)?;
     let state = Arc::new(ServeState::new().map_err(Error::Signals)?);
-    spawn_signal_thread(state.clone(), storage.clone()).map_err(Error::Signals)?;
+    // Counted across connections: a restored frontend adds to the same totals.
+    let stats = Arc::new(IoStats::new(config.queues.num_queues));
+    spawn_signal_thread(state.clone(), storage.clone(), stats.clone()).map_err(Error::Signals)?;
     // clap's value name, so the log spells the engine as `--io-engine` takes it.
     let engine = config.storage.engine.to_possible_value();
     info!(
@@ -275,7 +294,8 @@ fn serve(config: Config) -> Result<(), Error> {
         );
         let backend = VhostUserBlkBackend::new(device, config.queues)
             .map_err(Error::Backend)?
-            .with_coalesce_window(config.coalesce_window);
+            .with_coalesce_window(config.coalesce_window)
+            .with_stats(stats.clone());
         let mut daemon = VhostUserDaemon::new(
             "vhost-user-blk".into(),
             Arc::new(backend),
@@ -306,6 +326,7 @@ fn serve(config: Config) -> Result<(), Error> {
     }
 
     storage.flush().map_err(Error::Flush)?;
+    log_stats(&stats);
     info!("Shut down");
     // Dropping the front door removes the socket.
     Ok(())
