@@ -23,6 +23,7 @@ use crate::supervisor::SpawnedBackend;
 use crate::transport::MmioTransport;
 
 mod backend_events;
+mod status;
 
 /// Epoll tokens: fixed ones first, then one per device fd.
 const TOKEN_WAKEUP: u64 = 0;
@@ -30,6 +31,7 @@ const TOKEN_STOP: u64 = 1;
 const TOKEN_HSM_CONTROL: u64 = 2;
 const TOKEN_RECONNECT: u64 = 3;
 const TOKEN_CONTROL: u64 = 4;
+const TOKEN_STATUS: u64 = 5;
 const TOKEN_DEVICE_BASE: u64 = 1 << 32;
 /// Within a device's token space: queue `q` call fd is `q`, the socket and the
 /// backend-to-frontend channel are these.
@@ -194,8 +196,8 @@ pub enum LoopError {
     },
 }
 
-/// Counters, for logs and benchmarks.
-#[derive(Debug, Default, Clone, Copy)]
+/// Counters, for logs, the status socket and benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoopStats {
     /// Requests taken from the ring.
     pub requests: u64,
@@ -247,6 +249,9 @@ pub struct Bridge {
     next_zone_poll: Instant,
     /// Zones with devices that the hypervisor has reported running.
     seen_live: BTreeSet<u32>,
+    /// Where the status snapshot is published (see [`crate::status`]).
+    status: Option<Arc<crate::status::StatusBoard>>,
+    status_published: Instant,
 }
 
 impl Drop for Bridge {
@@ -342,6 +347,8 @@ impl Bridge {
             stopping: false,
             next_zone_poll: Instant::now(),
             seen_live: BTreeSet::new(),
+            status: None,
+            status_published: Instant::now(),
         })
     }
 
@@ -394,6 +401,7 @@ impl Bridge {
             }
             // Idle (and at least once per guard timeout while idle): off the hot path.
             self.poll_zones(now);
+            self.refresh_status(now, false);
             // need_wakeup=1, SeqCst fence, re-check: a request pushed before the flag was
             // visible is caught here instead of being slept on.
             if !ring.arm_wakeup() {
@@ -442,18 +450,23 @@ impl Bridge {
         let mut stop = false;
         if events.iter().any(|e| e.data() == TOKEN_STOP) {
             let signal = self.stop_fd.and_then(read_stop_signal);
-            self.reload_requested = signal == Some(libc::SIGHUP as u32);
-            if !self.reload_requested {
-                self.stopping = true;
-                self.cancel.cancel();
-                return true;
+            if signal == Some(libc::SIGUSR1 as u32) {
+                self.log_status();
+            } else {
+                self.reload_requested = signal == Some(libc::SIGHUP as u32);
+                if !self.reload_requested {
+                    self.stopping = true;
+                    self.cancel.cancel();
+                    return true;
+                }
+                stop = true;
             }
-            stop = true;
         }
         for event in events {
             match event.data() {
                 TOKEN_WAKEUP => self.hsm.ack_wakeup(),
                 TOKEN_STOP => {}
+                TOKEN_STATUS => self.refresh_status(Instant::now(), true),
                 TOKEN_RECONNECT => {
                     let _ = self.reconnect_event.read();
                     while let Ok(done) = self.reconnect_rx.try_recv() {

@@ -39,6 +39,7 @@ pub mod peer;
 pub mod ratelimit;
 pub mod reconnect;
 pub mod service;
+pub mod status;
 pub mod supervisor;
 pub mod transport;
 

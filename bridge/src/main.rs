@@ -8,23 +8,32 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use hvisor_bridge::affinity::{pin_current_thread, RingCpu};
 use hvisor_bridge::config::{Config, ConfigError};
 use hvisor_bridge::control::CONTROL_TIMEOUT_DEFAULT;
 use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, AWAIT_SPIN_DEFAULT_US};
 use hvisor_bridge::logging::LogTarget;
+use hvisor_bridge::status;
 use hvisor_bridge::supervisor::{BackendPolicy, BackendPrograms, RunAs};
 use hvisor_bridge::BridgeOptions;
 use hvisor_hsm::{DevHvisor, Hsm, HvisorAbi, ProviderHsm};
 
 /// hvisor virtio-mmio to vhost-user bridge.
 #[derive(Debug, Parser)]
-#[command(name = "hvisor-vhost-bridge", version, about)]
+#[command(
+    name = "hvisor-vhost-bridge",
+    version,
+    about,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// hvisor-tool style virtio_cfg.json (with optional backend fields).
-    #[arg(short, long)]
-    config: PathBuf,
+    #[arg(short, long, required = true)]
+    config: Option<PathBuf>,
     /// The hvisor kernel module device.
     #[arg(long, default_value = "/dev/hvisor", conflicts_with = "hsm_socket")]
     hsm_dev: PathBuf,
@@ -105,6 +114,10 @@ struct Args {
     /// config may have.
     #[arg(long)]
     hvisor_abi: Option<HvisorAbi>,
+    /// The status socket, answered with one JSON document per connection (see the `status`
+    /// command) [default: status.sock in the runtime directory].
+    #[arg(long)]
+    status_socket: Option<PathBuf>,
     /// Validate the config, print a summary and exit.
     #[arg(long)]
     check: bool,
@@ -118,6 +131,20 @@ struct Args {
     log_level: Option<log::LevelFilter>,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the zones, devices and counters of a running bridge (SIGUSR1 logs the same).
+    Status {
+        /// The bridge's status socket [default: status.sock in the default runtime
+        /// directory].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() -> ExitCode {
     // Only in host builds made for the board tarball's man pages and completions.
     #[cfg(feature = "docgen")]
@@ -125,6 +152,9 @@ fn main() -> ExitCode {
         return hvisor_vhost_docgen::run::<Args>(&dir);
     }
     let args = Args::parse();
+    if let Some(Command::Status { socket, json }) = &args.command {
+        return print_status(socket.as_deref(), *json);
+    }
     if let Err(e) = hvisor_bridge::logging::init(args.log_target, args.log_level) {
         eprintln!(
             "hvisor-vhost-bridge: {}",
@@ -141,13 +171,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// `status`: asks a running bridge and prints its answer.
+fn print_status(socket: Option<&std::path::Path>, json: bool) -> ExitCode {
+    let socket = socket.map_or_else(
+        || hvisor_bridge::supervisor::default_runtime_dir().join(status::SOCKET_NAME),
+        std::path::Path::to_path_buf,
+    );
+    match status::query(&socket) {
+        Ok(snapshot) if json => match serde_json::to_string_pretty(&snapshot) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("hvisor-vhost-bridge status: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(snapshot) => {
+            print!("{}", status::render(&snapshot));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "hvisor-vhost-bridge status: {}",
+                hvisor_bridge::control::error_chain(&e)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // clap requires --config unless a command is given, and commands return before this.
+    let config_path = args.config.clone().ok_or("--config is required")?;
     if args.check {
         // `--check` never touches the hypervisor device.
-        let config = load_config(&args.config, args.hvisor_abi.unwrap_or_default())?;
+        let config = load_config(&config_path, args.hvisor_abi.unwrap_or_default())?;
         println!(
             "{}: {} zones, {} devices: OK",
-            args.config.display(),
+            config_path.display(),
             config.zones.len(),
             config.devices().count()
         );
@@ -190,7 +253,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             format!("--hvisor-abi {stated} was stated, but the HSM's page is {abi}").into(),
         );
     }
-    let config = load_config(&args.config, abi).inspect_err(|_| {
+    let config = load_config(&config_path, abi).inspect_err(|_| {
         log::error!(
             "the config was rejected after the HSM was initialised: zones wait for a daemon \
              instead of faulting; fix the config and start the bridge again"
@@ -230,6 +293,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let control_fd: Option<BorrowedFd<'_>> = control.as_deref().map(|c| c.control_fd());
     let mut running =
         hvisor_bridge::build(&config, hsm, &options, Some(signals.as_fd()), control_fd)?;
+    let status_server = {
+        let board = status::StatusBoard::new()?;
+        running.bridge.publish_status(Arc::clone(&board))?;
+        let path = args
+            .status_socket
+            .clone()
+            .unwrap_or_else(|| runtime_dir.join(status::SOCKET_NAME));
+        let server = status::StatusServer::start(&path, board)?;
+        log::info!("status socket {}", server.path().display());
+        server
+    };
     // Once every other thread is started: only the ring thread (this one) is pinned.
     if let Some(target) = args.ring_cpu {
         let cpu = pin_current_thread(target)?;
@@ -257,7 +331,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         if !running.bridge.reload_requested() {
             break stats;
         }
-        report_config_changes(&args.config, &config, abi);
+        report_config_changes(&config_path, &config, abi);
     };
     log::info!(
         "stopping: {} requests, {} interrupts, {} sleeps, {} guard wakeups, {} zone resets, \
@@ -270,6 +344,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         stats.reinjections,
         ack_gap_summary(&stats.ack_gaps)
     );
+    drop(status_server);
     drop(running);
     let _ = std::fs::remove_dir(&runtime_dir);
     Ok(())
@@ -395,8 +470,8 @@ fn report_config_changes(path: &std::path::Path, running: &Config, abi: HvisorAb
     log::info!("SIGHUP: restart the bridge to apply these changes");
 }
 
-/// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and so in every thread it starts) and
-/// returns a signalfd that reads them.
+/// Blocks SIGTERM, SIGINT, SIGHUP and SIGUSR1 (log the status) in this thread (and so in
+/// every thread it starts) and returns a signalfd that reads them.
 fn block_stop_signals() -> std::io::Result<OwnedFd> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -406,6 +481,7 @@ fn block_stop_signals() -> std::io::Result<OwnedFd> {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
     }
     // SAFETY: `set` is initialised; the old mask is not needed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };

@@ -298,6 +298,11 @@ impl<B: VirtioBackend> MmioTransport<B> {
         self.acked_features
     }
 
+    /// Each queue's configuration as the driver set it (its size is the maximum until then).
+    pub fn queues(&self) -> impl Iterator<Item = &QueueConfig> {
+        self.queues.iter().map(|q| &q.config)
+    }
+
     /// The backend was activated and has not been reset since.
     pub fn is_activated(&self) -> bool {
         self.activated

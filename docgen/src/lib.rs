@@ -35,16 +35,15 @@ pub fn run<A: CommandFactory>(dir: &Path) -> ExitCode {
     }
 }
 
-/// `dir` receives the layout of an installation prefix:
-/// `share/man/man1/NAME.1`, `share/bash-completion/completions/NAME`,
+/// `dir` receives the layout of an installation prefix: `share/man/man1/NAME.1` (and
+/// `NAME-SUB.1` per subcommand), `share/bash-completion/completions/NAME`,
 /// `share/zsh/site-functions/_NAME` and `share/fish/vendor_completions.d/NAME.fish`.
 pub fn write_all(cmd: clap::Command, dir: &Path) -> io::Result<()> {
     let name = cmd.get_name().to_owned();
     let man_dir = dir.join("share/man/man1");
     fs::create_dir_all(&man_dir)?;
-    let mut page = Vec::new();
-    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
-    fs::write(man_dir.join(format!("{name}.1")), page)?;
+    // NAME.1, and NAME-SUB.1 for each subcommand, which NAME.1 refers to.
+    clap_mangen::generate_to(cmd.clone(), &man_dir)?;
 
     let shells = [
         (
@@ -79,6 +78,14 @@ mod tests {
         /// The size of the thing.
         #[arg(long)]
         size_mib: u64,
+        #[command(subcommand)]
+        command: Option<DemoCommand>,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum DemoCommand {
+        /// Show the thing.
+        Show,
     }
 
     #[test]
@@ -89,6 +96,8 @@ mod tests {
         let man = fs::read_to_string(dir.join("share/man/man1/demo-tool.1")).unwrap();
         assert!(man.contains(".TH demo-tool"), "{man}");
         assert!(man.contains("size\\-mib"), "{man}");
+        let sub = fs::read_to_string(dir.join("share/man/man1/demo-tool-show.1")).unwrap();
+        assert!(sub.contains("Show the thing"), "{sub}");
         for f in [
             "share/bash-completion/completions/demo-tool",
             "share/zsh/site-functions/_demo-tool",

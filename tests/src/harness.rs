@@ -423,6 +423,29 @@ pub fn bridge_command(config: &Path, socket: &Path, dir: &Path, extra_args: &[&s
     cmd
 }
 
+/// `hvisor-vhost-bridge status --json` against the bridge whose runtime directory is
+/// `dir/run` (as [`bridge_command`] sets it), parsed.
+pub fn bridge_status(dir: &Path) -> hvisor_bridge::status::Snapshot {
+    let out = Command::new(bin_path("hvisor-vhost-bridge"))
+        .arg("status")
+        .arg("--socket")
+        .arg(dir.join("run").join(hvisor_bridge::status::SOCKET_NAME))
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json printed no snapshot ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 /// Live (not zombie) children of process `parent`, from any of its threads, whose command
 /// line contains `program`.
 pub fn children_running(parent: u32, program: &str) -> Vec<u32> {

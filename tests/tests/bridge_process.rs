@@ -14,9 +14,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hvisor_bridge::config::Config;
+use hvisor_bridge::status::DeviceState;
 use hvisor_hsm::{ProviderServer, SimHypervisor};
 use hvisor_vhost_tests::driver::{BlkDriver, BlkOptions, BlkStatus, GuestAllocator};
-use hvisor_vhost_tests::harness::{bridge_command, sim_zones, Irq, Process, Ram, TempDir, Vcpu};
+use hvisor_vhost_tests::harness::{
+    bin_path, bridge_command, bridge_status, sim_zones, Irq, Process, Ram, TempDir, Vcpu,
+};
 
 const BLK0: u64 = 0xa003c00;
 const BLK1: u64 = 0xa003e00;
@@ -436,4 +439,108 @@ fn backends_exit_when_the_bridge_is_killed() {
         left.is_empty(),
         "backends {left:?} outlived a killed bridge"
     );
+}
+
+/// VIRTIO_F_VERSION_1, which every driver of a virtio-mmio v2 device acknowledges.
+const VERSION_1: u64 = 1 << 32;
+
+#[test]
+fn status_reports_devices_features_and_counters_of_a_running_bridge() {
+    let (dir, cfg) = two_disks();
+    let mut rig = Rig::start(dir, &cfg, &[], false);
+    assert!(rig.wait_ready(), "the bridge exited before it was ready");
+    let before = bridge_status(rig.dir.path());
+    assert_eq!(before.pid, rig.bridge.pid());
+    assert_eq!(before.zones, [1]);
+    let backends = rig.backends();
+    assert_eq!(before.devices.len(), 2, "{before:?}");
+    for (dev, (base, irq)) in before.devices.iter().zip([(BLK0, IRQ0), (BLK1, IRQ1)]) {
+        assert_eq!(
+            (dev.zone, dev.base, dev.irq, dev.device_id),
+            (1, base, irq, 2)
+        );
+        assert_eq!(dev.label, format!("zone1/blk@{base:#x}"));
+        assert_eq!(dev.state, DeviceState::Running);
+        let pid = dev.backend_pid.expect("a spawned backend has a pid");
+        assert!(backends.contains(&pid), "{pid} is not one of {backends:?}");
+        // No driver yet: nothing negotiated, every queue at its maximum size, none ready.
+        assert_eq!(dev.features, 0);
+        assert!(!dev.queues.is_empty());
+        assert!(dev.queues.iter().all(|q| q.size > 0 && !q.ready), "{dev:?}");
+    }
+
+    verified_io(&rig, BLK0, IRQ0, 0x10_0000);
+    let after = bridge_status(rig.dir.path());
+    let (blk0, blk1) = (&after.devices[0], &after.devices[1]);
+    assert_ne!(blk0.features & VERSION_1, 0, "{blk0:?}");
+    assert!(blk0.queues[0].ready, "{blk0:?}");
+    assert_eq!(blk1.features, 0, "the idle device negotiated nothing");
+    let (c0, c1) = (&before.counters, &after.counters);
+    assert!(c1.requests > c0.requests, "{c0:?} -> {c1:?}");
+    assert!(c1.interrupts > c0.interrupts, "{c0:?} -> {c1:?}");
+    assert_eq!(c1.reconnects, 0);
+
+    // The table names every device and its state.
+    let out = std::process::Command::new(bin_path("hvisor-vhost-bridge"))
+        .args(["status", "--socket"])
+        .arg(rig.dir.path().join("run/status.sock"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    for dev in &after.devices {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&dev.label))
+            .unwrap_or_else(|| panic!("no line for {} in\n{table}", dev.label));
+        assert!(line.contains(" running "), "{line}");
+    }
+    // The guest is idle: the request count stands still between the two queries.
+    assert!(
+        table.contains(&format!("requests {} ", c1.requests)),
+        "{table}"
+    );
+    assert!(rig.bridge.terminate().success());
+    assert!(
+        !rig.dir.path().join("run/status.sock").exists(),
+        "the status socket outlived the bridge"
+    );
+}
+
+#[test]
+fn sigusr1_logs_the_status_and_the_bridge_goes_on() {
+    let (dir, cfg) = two_disks();
+    let mut rig = Rig::start(dir, &cfg, &[], false);
+    assert!(rig.wait_ready(), "the bridge exited before it was ready");
+    verified_io(&rig, BLK0, IRQ0, 0x10_0000);
+    rig.bridge.signal(libc::SIGUSR1);
+    for base in [BLK0, BLK1] {
+        let label = format!("status: zone1/blk@{base:#x}");
+        let line = wait_for_log_line(&rig, |l| l.contains(&label));
+        assert!(line.contains(" running "), "{line}");
+    }
+    wait_for_log_line(&rig, |l| l.contains("status: requests "));
+    // Still serving.
+    verified_io(&rig, BLK1, IRQ1, 0x200_0000);
+    assert!(rig.bridge.terminate().success());
+}
+
+#[test]
+fn sigusr1_to_vhost_user_blk_logs_its_queue_counters() {
+    let (dir, cfg) = two_disks();
+    let mut rig = Rig::start(dir, &cfg, &[], false);
+    assert!(rig.wait_ready(), "the bridge exited before it was ready");
+    let status = bridge_status(rig.dir.path());
+    let pid = status.devices[0].backend_pid.expect("a spawned backend");
+    verified_io(&rig, BLK0, IRQ0, 0x10_0000);
+    // SAFETY: kill(2) on a backend of the bridge this test started; no memory is touched.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) }, 0);
+    // One 4 KiB write and one 4 KiB read, and nothing failed.
+    let prefix = format!("vhost-user-blk pid {pid}: ");
+    let line = wait_for_log_line(&rig, |l| l.contains(&prefix) && l.contains("queue 0: "));
+    assert!(
+        line.ends_with(" 4096 bytes read, 4096 bytes written, 0 errors"),
+        "{line}"
+    );
+    assert!(rig.bridge.terminate().success());
 }

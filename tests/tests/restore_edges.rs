@@ -1,5 +1,6 @@
 //! The edges of a backend restore: a restored backend whose config differs from its
-//! predecessor's, and a restore that gave up, which the guest's next reset starts again.
+//! predecessor's, and a restore that gave up (the status socket then says the device needs
+//! a reset), which the guest's next reset starts again.
 
 mod common;
 
@@ -7,8 +8,9 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::*;
+use hvisor_bridge::status::DeviceState;
 use hvisor_vhost_tests::driver::BlkOptions;
-use hvisor_vhost_tests::harness::{bin_path, children_running, Rng, SimBridge};
+use hvisor_vhost_tests::harness::{bin_path, bridge_status, children_running, Rng, SimBridge};
 
 const BLK: u64 = 0xa003c00;
 const IRQ: u32 = 78;
@@ -105,6 +107,15 @@ fn a_restore_that_gave_up_is_tried_again_at_the_guest_reset() {
         assert!(Instant::now() < deadline, "the device never needed a reset");
         std::thread::yield_now();
     }
+    // The status socket says so too, and counts no restore.
+    let status = bridge_status(sb.dir.path());
+    assert_eq!(
+        status.devices[0].state,
+        DeviceState::NeedsReset,
+        "{status:?}"
+    );
+    assert_eq!(status.devices[0].backend_pid, None, "{status:?}");
+    assert_eq!(status.counters.reconnects, 0, "{status:?}");
 
     // The backend could start again; the guest resets the device and sets it up afresh.
     std::fs::remove_file(&refuse).unwrap();

@@ -23,6 +23,7 @@ use vm_memory::{
     Address, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, VolatileSlice,
 };
 
+use crate::stats::QueueCounters;
 use crate::virtio_blk::{DiscardSegment, RequestHeader, DISCARD_SEGMENT_SIZE, OUTHDR_SIZE};
 
 /// virtio-blk addresses the disk in 512-byte sectors whatever the block size.
@@ -222,28 +223,32 @@ impl BlockDevice {
         self.writethrough.load(Ordering::Acquire)
     }
 
-    /// Executes the request in `chain` and writes its status byte. Returns the number of
-    /// bytes written into device-writable buffers, the `len` of the used-ring entry.
+    /// Executes the request in `chain`, writes its status byte and counts it in `counters`.
+    /// Returns the number of bytes written into device-writable buffers, the `len` of the
+    /// used-ring entry.
     ///
     /// A chain that is cut short (a loop, a bad `next`, a bad indirect table, more than
     /// 4 GiB) or that does not end in a writable byte in guest memory has no status byte
     /// to write: nothing is written and 0 is returned.
-    pub fn process_chain<M>(&self, chain: DescriptorChain<M>) -> u32
+    pub fn process_chain<M>(&self, chain: DescriptorChain<M>, counters: &QueueCounters) -> u32
     where
         M: Deref<Target = GuestMemoryMmap> + Clone,
     {
         let mem = chain.memory();
         let descriptors: Vec<Descriptor> = chain.clone().collect();
+        counters.request();
         let Some(status) = status_byte(mem, &descriptors) else {
+            counters.error();
             debug!(
                 "Request {}: chain has no writable status byte",
                 chain.head_index()
             );
             return 0;
         };
-        let (status_code, written) = match self.execute(mem, &descriptors) {
+        let (status_code, written) = match self.execute(mem, &descriptors, counters) {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
             Err(error) => {
+                counters.error();
                 debug!("Request {} failed: {error}", chain.head_index());
                 (error.status(), 0)
             }
@@ -257,6 +262,7 @@ impl BlockDevice {
         &self,
         mem: &GuestMemoryMmap,
         descriptors: &[Descriptor],
+        counters: &QueueCounters,
     ) -> Result<usize, RequestError> {
         let (mut readable, writable) = split_directions(mem, descriptors)?;
         let header = readable
@@ -273,6 +279,7 @@ impl BlockDevice {
                 self.storage
                     .read_vectored_at(offset, &writable.slices)
                     .map_err(RequestError::Io)?;
+                counters.read(writable.len);
                 Ok(writable.len)
             }
             VIRTIO_BLK_T_OUT => {
@@ -282,6 +289,7 @@ impl BlockDevice {
                 self.storage
                     .write_vectored_at(offset, &readable.slices)
                     .map_err(RequestError::Io)?;
+                counters.written(readable.len);
                 self.flush_if_writethrough()?;
                 Ok(0)
             }
@@ -569,6 +577,7 @@ pub(crate) mod tests {
         mem: GuestMemoryMmap,
         storage: Arc<MemStorage>,
         device: BlockDevice,
+        counters: QueueCounters,
     }
 
     impl Harness {
@@ -586,6 +595,7 @@ pub(crate) mod tests {
                 mem,
                 storage,
                 device,
+                counters: QueueCounters::default(),
             }
         }
 
@@ -593,14 +603,14 @@ pub(crate) mod tests {
         fn run(&self, descs: &[RawDescriptor]) -> u32 {
             let queue = MockSplitQueue::new(&self.mem, 256);
             let chain = queue.build_desc_chain(descs).unwrap();
-            self.device.process_chain(chain)
+            self.device.process_chain(chain, &self.counters)
         }
 
         /// Runs one chain whose descriptors are stored exactly as given.
         fn run_raw(&self, descs: &[RawDescriptor]) -> u32 {
             let queue = MockSplitQueue::new(&self.mem, 256);
             let chain = queue.build_multiple_desc_chains(descs).unwrap();
-            self.device.process_chain(chain)
+            self.device.process_chain(chain, &self.counters)
         }
 
         fn status(&self) -> u8 {
@@ -690,6 +700,39 @@ pub(crate) mod tests {
         let mut read_back = h.guest(0x5_0000, 1536);
         read_back.extend(h.guest(0x6_0000, 512));
         assert_eq!(read_back, expected);
+    }
+
+    #[test]
+    fn requests_bytes_and_errors_are_counted() {
+        let h = Harness::new();
+        write_header(&h.mem, HEADER_ADDR, VIRTIO_BLK_T_OUT, 0);
+        h.run(&[
+            desc(HEADER_ADDR, 16, R),
+            desc(DATA_ADDR, 1024, R),
+            desc(STATUS_ADDR, 1, W),
+        ]);
+        write_header(&h.mem, HEADER_ADDR, VIRTIO_BLK_T_IN, 0);
+        let read = [
+            desc(HEADER_ADDR, 16, R),
+            desc(DATA_ADDR, 512, W),
+            desc(STATUS_ADDR, 1, W),
+        ];
+        h.run(&read);
+        assert_eq!(h.status(), OK);
+        // A failed transfer moves no bytes; a chain with no status byte is an error too.
+        h.storage.fail_io.store(true, Ordering::Relaxed);
+        h.run(&read);
+        assert_eq!(h.status(), IOERR);
+        assert_eq!(h.run(&[desc(HEADER_ADDR, 16, R)]), 0);
+        assert_eq!(
+            h.counters.counts(),
+            crate::stats::QueueCounts {
+                requests: 4,
+                bytes_read: 512,
+                bytes_written: 1024,
+                errors: 2,
+            }
+        );
     }
 
     #[test]

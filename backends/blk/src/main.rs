@@ -14,26 +14,27 @@ use log::{debug, error, info, warn};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vhost_user_blk::blk::{BlockDevice, BlockStorage, SERIAL_LEN};
 use vhost_user_blk::file_storage::{FileStorage, IoEngine, OpenError, StorageOptions};
+use vhost_user_blk::stats::IoStats;
 use vhost_user_blk::vhu_blk::{
     self, QueueConfig, VhostUserBlkBackend, MAX_COALESCE_WINDOW, MAX_QUEUES, MAX_QUEUE_SIZE,
 };
-use vhost_user_frontdoor::process::{self, error_chain, SignalAction};
-use vhost_user_frontdoor::{ConfigNotifier, Delivery, FrontDoor};
+use vhost_user_frontdoor::process::{self, error_chain, Listen, ListenArgs, SignalAction};
+use vhost_user_frontdoor::{ConfigNotifier, Delivery};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Signals handled by the signal thread; blocked everywhere else.
-const HANDLED_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+const HANDLED_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1];
 
 #[derive(Parser, Debug)]
 #[command(author, version, about = "vhost-user block device backend")]
 struct Args {
-    /// Unix socket to listen on for vhost-user frontends.
-    #[arg(short = 's', long)]
-    socket_path: PathBuf,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// Raw disk image or block device to serve.
-    #[arg(long, visible_alias = "img")]
-    image: PathBuf,
+    #[arg(long, visible_aliases = ["img", "blk-file"], required = true)]
+    image: Option<PathBuf>,
     /// Refuse writes and tell the driver the disk is read-only.
     #[arg(long)]
     read_only: bool,
@@ -66,6 +67,8 @@ struct Args {
 
 #[derive(Debug, thiserror::Error)]
 enum Error {
+    #[error("{0} is required")]
+    Missing(&'static str),
     #[error("Queue size {0} is not a power of two between 2 and {MAX_QUEUE_SIZE}")]
     InvalidQueueSize(u16),
     #[error("Number of queues {0} is not between 1 and {MAX_QUEUES}")]
@@ -95,7 +98,7 @@ enum Error {
 /// Validated settings.
 #[derive(Debug)]
 struct Config {
-    socket_path: PathBuf,
+    listen: Listen,
     image: PathBuf,
     storage: StorageOptions,
     serial: String,
@@ -121,8 +124,11 @@ impl TryFrom<Args> for Config {
             return Err(Error::SerialTooLong(args.serial));
         }
         Ok(Config {
-            socket_path: args.socket_path,
-            image: args.image,
+            listen: args
+                .listen
+                .listen()
+                .ok_or(Error::Missing("--socket-path or --fd"))?,
+            image: args.image.ok_or(Error::Missing("--image"))?,
             storage: StorageOptions {
                 read_only: args.read_only,
                 direct: args.direct,
@@ -220,10 +226,25 @@ impl ServeState {
     }
 }
 
+/// Logs each queue's I/O counters.
+fn log_stats(stats: &IoStats) {
+    for line in stats.lines() {
+        info!("{line}");
+    }
+}
+
 /// SIGTERM/SIGINT request a clean shutdown; SIGHUP re-reads the image size and tells the
-/// frontend.
-fn spawn_signal_thread(state: Arc<ServeState>, storage: Arc<FileStorage>) -> io::Result<()> {
+/// frontend; SIGUSR1 logs the I/O counters.
+fn spawn_signal_thread(
+    state: Arc<ServeState>,
+    storage: Arc<FileStorage>,
+    stats: Arc<IoStats>,
+) -> io::Result<()> {
     process::spawn_signal_thread(&HANDLED_SIGNALS, move |signal| {
+        if signal == libc::SIGUSR1 {
+            log_stats(&stats);
+            return SignalAction::Continue;
+        }
         if signal != libc::SIGHUP {
             state.request_shutdown();
             return SignalAction::Stop;
@@ -245,9 +266,11 @@ fn serve(config: Config) -> Result<(), Error> {
         Arc::new(FileStorage::open(&config.image, &config.storage).map_err(Error::Image)?);
     // Frontends connect to the front door, which relays to a fresh daemon per connection,
     // tolerating padded memory tables and carrying configuration-change notifications.
-    let door = FrontDoor::bind(&config.socket_path).map_err(Error::Listen)?;
+    let door = config.listen.bind().map_err(Error::Listen)?;
     let state = Arc::new(ServeState::new().map_err(Error::Signals)?);
-    spawn_signal_thread(state.clone(), storage.clone()).map_err(Error::Signals)?;
+    // Counted across connections: a restored frontend adds to the same totals.
+    let stats = Arc::new(IoStats::new(config.queues.num_queues));
+    spawn_signal_thread(state.clone(), storage.clone(), stats.clone()).map_err(Error::Signals)?;
     // clap's value name, so the log spells the engine as `--io-engine` takes it.
     let engine = config.storage.engine.to_possible_value();
     info!(
@@ -260,7 +283,7 @@ fn serve(config: Config) -> Result<(), Error> {
             ""
         },
         engine.as_ref().map_or("?", PossibleValue::get_name),
-        config.socket_path.display()
+        config.listen
     );
 
     while process::wait_readable(door.as_raw_fd(), state.wake.as_raw_fd(), || {
@@ -275,7 +298,8 @@ fn serve(config: Config) -> Result<(), Error> {
         );
         let backend = VhostUserBlkBackend::new(device, config.queues)
             .map_err(Error::Backend)?
-            .with_coalesce_window(config.coalesce_window);
+            .with_coalesce_window(config.coalesce_window)
+            .with_stats(stats.clone());
         let mut daemon = VhostUserDaemon::new(
             "vhost-user-blk".into(),
             Arc::new(backend),
@@ -306,6 +330,7 @@ fn serve(config: Config) -> Result<(), Error> {
     }
 
     storage.flush().map_err(Error::Flush)?;
+    log_stats(&stats);
     info!("Shut down");
     // Dropping the front door removes the socket.
     Ok(())
@@ -327,7 +352,16 @@ fn main() -> ExitCode {
         error!("{}", error_chain(&e));
         return ExitCode::FAILURE;
     }
-    let result = Config::try_from(Args::parse()).and_then(serve);
+    let args = Args::parse();
+    if args.listen.print_capabilities {
+        // QEMU's vhost-user schema: a "block" backend that takes --read-only and --blk-file.
+        println!(
+            "{}",
+            process::capabilities_json("block", &["read-only", "blk-file"])
+        );
+        return ExitCode::SUCCESS;
+    }
+    let result = Config::try_from(args).and_then(serve);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -356,7 +390,7 @@ mod tests {
     #[test]
     fn defaults() {
         let config = parse(&[]).unwrap();
-        assert_eq!(config.socket_path, PathBuf::from("/run/blk.sock"));
+        assert_eq!(config.listen, Listen::Path("/run/blk.sock".into()));
         assert_eq!(config.image, PathBuf::from("disk.img"));
         assert_eq!(config.serial, "hvisor-vhost-blk");
         assert_eq!(config.queues.queue_size, 256);
@@ -408,7 +442,7 @@ mod tests {
         // The last of --lock / --no-lock wins.
         assert!(parse(&["--no-lock", "--lock"]).unwrap().storage.lock);
         let alias = Args::try_parse_from(["vhost-user-blk", "-s", "s", "--img", "x"]).unwrap();
-        assert_eq!(alias.image, PathBuf::from("x"));
+        assert_eq!(alias.image, Some(PathBuf::from("x")));
     }
 
     #[test]

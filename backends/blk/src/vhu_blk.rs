@@ -8,7 +8,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use vhost_user_frontdoor::process::WorkerExitEvents;
 
@@ -29,6 +29,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::blk::{BlockDevice, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use crate::pinning;
+use crate::stats::{IoStats, QueueCounters};
 use crate::virtio_blk::{BlkConfig, CONFIG_SPACE_SIZE, WCE_OFFSET};
 
 /// Largest single data segment the driver may use (SIZE_MAX).
@@ -92,6 +93,8 @@ pub struct VhostUserBlkBackend {
     /// See [`Self::process_queue`]; zero signals at once.
     window: Duration,
     coalescing: Vec<Coalescing>,
+    /// Shared with the process, which reports them; they outlive the connection.
+    stats: Arc<IoStats>,
 }
 
 impl VhostUserBlkBackend {
@@ -107,6 +110,7 @@ impl VhostUserBlkBackend {
             exit_events,
             window: DEFAULT_COALESCE_WINDOW,
             coalescing: (0..queues.num_queues).map(|_| Coalescing::new()).collect(),
+            stats: Arc::new(IoStats::new(queues.num_queues)),
         })
     }
 
@@ -115,6 +119,18 @@ impl VhostUserBlkBackend {
     pub fn with_coalesce_window(mut self, window: Duration) -> Self {
         self.window = window.min(MAX_COALESCE_WINDOW);
         self
+    }
+
+    /// Counts into `stats` (one entry per queue) instead of counters of its own, so that
+    /// the counts add up across connections.
+    pub fn with_stats(mut self, stats: Arc<IoStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    /// The per-queue I/O counters.
+    pub fn stats(&self) -> &Arc<IoStats> {
+        &self.stats
     }
 
     pub fn device(&self) -> &BlockDevice {
@@ -175,7 +191,11 @@ impl VhostUserBlkBackend {
     /// each completion before submitting again (queue depth 1) turns the wait off.
     fn process_queue(&self, queue: usize, vring: &VringRwLock) -> Result<(), Error> {
         let mem = self.memory()?;
-        let completed = self.serve_available(vring, &mem)?;
+        let counters = self
+            .stats
+            .queue(queue)
+            .ok_or(Error::UnknownEvent(queue as u16))?;
+        let completed = self.serve_available(vring, &mem, counters)?;
         if completed == 0 {
             return Ok(());
         }
@@ -186,7 +206,7 @@ impl VhostUserBlkBackend {
             while started.elapsed() < self.window * MAX_WINDOWS_PER_SIGNAL
                 && wait_for_kick(vring, self.window).map_err(Error::Kick)?
             {
-                caught += self.serve_available(vring, &mem)?;
+                caught += self.serve_available(vring, &mem, counters)?;
             }
             coalescing.record(caught);
         }
@@ -200,10 +220,15 @@ impl VhostUserBlkBackend {
     }
 
     /// Completes every available request; returns how many were completed.
-    fn serve_available(&self, vring: &VringRwLock, mem: &GuestMemory) -> Result<usize, Error> {
+    fn serve_available(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemory,
+        counters: &QueueCounters,
+    ) -> Result<usize, Error> {
         if !self.event_idx.load(Ordering::Acquire) {
             return self
-                .process_available(vring, mem)
+                .process_available(vring, mem, counters)
                 .map(|(_, completed)| completed);
         }
         // With EVENT_IDX, re-check after re-enabling notifications so that a request added
@@ -211,7 +236,7 @@ impl VhostUserBlkBackend {
         let mut completed = 0;
         loop {
             vring.disable_notification().map_err(Error::Queue)?;
-            let (popped, done) = self.process_available(vring, mem)?;
+            let (popped, done) = self.process_available(vring, mem, counters)?;
             completed += done;
             if !vring.enable_notification().map_err(Error::Queue)? {
                 return Ok(completed);
@@ -233,6 +258,7 @@ impl VhostUserBlkBackend {
         &self,
         vring: &VringRwLock,
         mem: &GuestMemory,
+        counters: &QueueCounters,
     ) -> Result<(bool, usize), Error> {
         let mut state = vring.get_mut();
         let mut completed = 0;
@@ -240,7 +266,7 @@ impl VhostUserBlkBackend {
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.memory()) {
             popped = true;
             let head = chain.head_index();
-            let used_len = self.device.process_chain(chain);
+            let used_len = self.device.process_chain(chain, counters);
             match state.add_used(head, used_len) {
                 Ok(()) => completed += 1,
                 // A head index beyond the ring comes from the guest; the process's logger
@@ -484,7 +510,6 @@ mod tests {
     use std::fs::File;
     use std::os::fd::{FromRawFd, IntoRawFd};
     use std::sync::atomic::Ordering;
-    use std::sync::Arc;
 
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
@@ -908,6 +933,9 @@ mod tests {
         assert_eq!(h.status(0), VIRTIO_BLK_S_OK as u8);
         assert_eq!(storage.data.lock().unwrap()[7 * 512..8 * 512], [0x5a; 512]);
         assert_eq!(storage.capacity(), 64 * 512);
+        // Counted on queue 0.
+        let counts = backend.stats().queue(0).unwrap().counts();
+        assert_eq!((counts.requests, counts.bytes_written), (1, 512));
     }
 
     /// A kick eventfd for `vring`; the returned notifier is the driver's end.

@@ -1,5 +1,6 @@
 //! Runs the `vhost-user-blk` binary: socket permissions, re-serving after a disconnect,
-//! image locking and clean shutdown on SIGTERM.
+//! image locking, clean shutdown on SIGTERM, and QEMU's backend program conventions
+//! (`--fd`, `--print-capabilities`).
 
 mod common;
 
@@ -173,4 +174,98 @@ fn invalid_arguments_fail() {
     not_socket.wait_for_log("is not a socket");
     assert!(!not_socket.child.wait().unwrap().success());
     assert_eq!(image.as_file().metadata().unwrap().len(), 4096);
+}
+
+/// The backend command with `fd` handed over as its fd 3, as a manager that created the
+/// socket does.
+fn with_fd3(fd: std::os::fd::RawFd, args: &[&std::ffi::OsStr]) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(BINARY);
+    cmd.args(["--fd", "3"]).args(args).env("RUST_LOG", "info");
+    // SAFETY: dup2 is async-signal-safe; fd 3 gets no close-on-exec flag.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+#[test]
+fn serves_an_inherited_listening_socket_given_by_fd() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixListener;
+
+    let image = image(1 << 20);
+    let socket = socket_path("fd");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let mut child = with_fd3(
+        listener.as_raw_fd(),
+        &["--blk-file".as_ref(), image.as_path().as_os_str()],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    drop(listener);
+    let mut backend = Backend {
+        log: BufReader::new(child.stderr.take().unwrap()).lines(),
+        child,
+        socket: socket.clone(),
+    };
+    backend.wait_for_log("on inherited fd 3");
+    assert_eq!(capacity(&socket), 2048);
+    backend.wait_for_log("Frontend disconnected");
+    backend.signal(libc::SIGTERM);
+    let status = backend.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    // The socket belongs to whoever created it: the backend leaves it in place.
+    assert!(socket.exists());
+    std::fs::remove_file(&socket).unwrap();
+}
+
+#[test]
+fn an_fd_that_is_not_a_listening_socket_is_refused() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    let image = image(1 << 20);
+    // A connected stream socket and a file: neither can take frontends.
+    let (connected, _peer) = UnixStream::pair().unwrap();
+    let file = TempFile::new().unwrap();
+    for fd in [connected.as_raw_fd(), file.as_file().as_raw_fd()] {
+        let out = with_fd3(fd, &["--image".as_ref(), image.as_path().as_os_str()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            log.contains("File descriptor 3 is not a listening UNIX stream socket"),
+            "{log}"
+        );
+    }
+}
+
+#[test]
+fn print_capabilities_names_the_block_type_and_its_options() {
+    let out = Command::new(BINARY)
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    // The document QEMU's vhost-user schema defines for a block backend.
+    assert_eq!(
+        text,
+        "{\n  \"type\": \"block\",\n  \"features\": [\"read-only\", \"blk-file\"]\n}\n"
+    );
+    // --read-only is taken (--blk-file too: see the --fd test).
+    let image = image(1 << 20);
+    let socket = socket_path("caps");
+    let mut backend = Backend::spawn(&socket, image.as_path(), &["--read-only"]);
+    backend.wait_for_log("read-only");
+    backend.signal(libc::SIGTERM);
+    assert!(backend.child.wait().unwrap().success());
 }

@@ -17,8 +17,8 @@ use vhost_user_console::console::{
     DEFAULT_SOCKET_BUFFER, MAX_PORT_NAME,
 };
 use vhost_user_console::vhu_console::{self, VhostUserConsoleBackend, MAX_PORTS, MAX_QUEUE_SIZE};
-use vhost_user_frontdoor::process::{self, error_chain, SignalAction};
-use vhost_user_frontdoor::{ConfigNotifier, Delivery, FrontDoor};
+use vhost_user_frontdoor::process::{self, error_chain, Listen, ListenArgs, SignalAction};
+use vhost_user_frontdoor::{ConfigNotifier, Delivery};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -32,11 +32,12 @@ type SharedBackend = Arc<RwLock<VhostUserConsoleBackend>>;
 
 #[derive(Parser, Debug)]
 #[command(author, version, about = "vhost-user console device backend")]
-#[command(group(ArgGroup::new("mode").required(true).args(["pty", "socket", "file", "stdio"])))]
+// At most one mode; that one is given is checked after parsing, so that
+// --print-capabilities alone parses (clap does not exempt a required group from it).
+#[command(group(ArgGroup::new("mode").args(["pty", "socket", "file", "stdio"])))]
 struct Args {
-    /// Unix socket to listen on for vhost-user frontends.
-    #[arg(short = 's', long)]
-    socket_path: PathBuf,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// Serve the console on a new pty; its path is printed as `pty: /dev/pts/N`.
     #[arg(long)]
     pty: bool,
@@ -72,6 +73,8 @@ struct Args {
 
 #[derive(Debug, thiserror::Error)]
 enum Error {
+    #[error("{0} is required")]
+    Missing(&'static str),
     #[error("Queue size {0} is not a power of two between 2 and {MAX_QUEUE_SIZE}")]
     InvalidQueueSize(u16),
     #[error("Number of ports {0} is not between 1 and {MAX_PORTS}")]
@@ -124,7 +127,7 @@ enum Mode {
 /// Validated settings.
 #[derive(Debug)]
 struct Config {
-    socket_path: PathBuf,
+    listen: Listen,
     mode: Mode,
     names: Vec<String>,
     queue_size: u16,
@@ -168,11 +171,13 @@ impl TryFrom<Args> for Config {
             Mode::Socket { path, buffer }
         } else if let Some(path) = args.file {
             Mode::File(path)
-        } else {
+        } else if args.stdio {
             if args.ports != 1 {
                 return Err(Error::StdioPorts);
             }
             Mode::Stdio
+        } else {
+            return Err(Error::Missing("one of --pty, --socket, --file and --stdio"));
         };
         let names = (0..args.ports)
             .map(|port| {
@@ -183,7 +188,10 @@ impl TryFrom<Args> for Config {
             })
             .collect();
         Ok(Config {
-            socket_path: args.socket_path,
+            listen: args
+                .listen
+                .listen()
+                .ok_or(Error::Missing("--socket-path or --fd"))?,
             mode,
             names,
             queue_size: args.queue_size,
@@ -376,7 +384,7 @@ fn serve(config: Config) -> Result<(), Error> {
     let ports = open_hosts(&config)?;
     // Frontends connect to the front door, which relays to a fresh daemon per connection,
     // tolerating padded memory tables (user-mode Linux) and carrying configuration changes.
-    let door = FrontDoor::bind(&config.socket_path).map_err(Error::Listen)?;
+    let door = config.listen.bind().map_err(Error::Listen)?;
     let device = ConsoleDevice::new(ports).map_err(Error::Device)?;
     let backend: SharedBackend = Arc::new(RwLock::new(
         VhostUserConsoleBackend::new(device, config.queue_size).map_err(Error::Backend)?,
@@ -393,7 +401,7 @@ fn serve(config: Config) -> Result<(), Error> {
     info!(
         "Serving {} port(s) on {}",
         config.names.len(),
-        config.socket_path.display()
+        config.listen
     );
 
     while process::wait_readable(door.as_raw_fd(), state.wake.as_raw_fd(), || {
@@ -465,7 +473,13 @@ fn main() -> ExitCode {
         error!("{}", error_chain(&e));
         return ExitCode::FAILURE;
     }
-    let result = Config::try_from(Args::parse()).and_then(serve);
+    let args = Args::parse();
+    if args.listen.print_capabilities {
+        // QEMU's vhost-user schema defines no optional features for "console".
+        println!("{}", process::capabilities_json("console", &[]));
+        return ExitCode::SUCCESS;
+    }
+    let result = Config::try_from(args).and_then(serve);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -490,7 +504,7 @@ mod tests {
     #[test]
     fn defaults_and_modes() {
         let config = parse(&["--pty"]).unwrap();
-        assert_eq!(config.socket_path, PathBuf::from("/run/console.sock"));
+        assert_eq!(config.listen, Listen::Path("/run/console.sock".into()));
         assert_eq!(config.mode, Mode::Pty { link: None });
         assert_eq!(config.names, ["port0"]);
         assert_eq!(config.queue_size, 256);

@@ -19,6 +19,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("File descriptor {fd} is not a listening UNIX stream socket")]
+    InheritedSocket {
+        fd: std::os::fd::RawFd,
+        #[source]
+        source: io::Error,
+    },
     #[error("Cannot accept a connection")]
     Accept(#[source] io::Error),
     #[error("Cannot create the daemon's private socket")]

@@ -26,7 +26,7 @@ mod state;
 use std::ffi::OsString;
 use std::fs::{self, Permissions};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -52,9 +52,9 @@ const SOCKET_MODE: u32 = 0o600;
 #[derive(Debug)]
 pub struct FrontDoor {
     public: UnixListener,
-    public_path: PathBuf,
-    /// Device and inode of the public socket, so that drop removes only our own socket.
-    public_id: (u64, u64),
+    /// The public socket's path and its device and inode, so that drop removes only our own
+    /// socket; none for an inherited socket, which is not ours to remove.
+    public_path: Option<(PathBuf, (u64, u64))>,
     /// `DIR/.NAME.`: private directories for sockets not meant for frontends start with it.
     private_prefix: PathBuf,
 }
@@ -102,15 +102,42 @@ impl FrontDoor {
         let metadata = fs::symlink_metadata(path).map_err(listen_error)?;
         Ok(FrontDoor {
             public,
-            public_path: path.to_owned(),
-            public_id: (metadata.dev(), metadata.ino()),
+            public_path: Some((path.to_owned(), (metadata.dev(), metadata.ino()))),
             private_prefix,
         })
     }
 
-    /// The public socket's path.
-    pub fn path(&self) -> &Path {
-        &self.public_path
+    /// Takes `fd`, a listening UNIX stream socket the process inherited (`--fd`, QEMU's
+    /// backend program convention), as the public socket. The caller must own `fd`: nothing
+    /// else in the process may use or close it. It is closed on exec, and never unlinked.
+    pub fn from_listening_fd(fd: RawFd) -> Result<FrontDoor, Error> {
+        let err = |source| Error::InheritedSocket { fd, source };
+        if sockopt(fd, libc::SO_DOMAIN).map_err(err)? != libc::AF_UNIX
+            || sockopt(fd, libc::SO_TYPE).map_err(err)? != libc::SOCK_STREAM
+            || sockopt(fd, libc::SO_ACCEPTCONN).map_err(err)? != 1
+        {
+            return Err(err(io::ErrorKind::InvalidInput.into()));
+        }
+        // SAFETY: fcntl on a descriptor checked above to be open; no memory is touched.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is an open listening socket (checked above) that the caller hands over
+        // to us alone, per this function's contract.
+        let public = UnixListener::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(FrontDoor {
+            public,
+            public_path: None,
+            // No directory of our own: the daemon's private socket goes under the temporary
+            // directory, in a new directory of mode 0700 as usual.
+            private_prefix: std::env::temp_dir()
+                .join(format!(".vhost-user-{}.", std::process::id())),
+        })
+    }
+
+    /// The public socket's path; none for an inherited socket.
+    pub fn path(&self) -> Option<&Path> {
+        self.public_path.as_ref().map(|(path, _)| path.as_path())
     }
 
     /// Waits for a frontend on the public socket, has `daemon` connect to a private socket
@@ -168,6 +195,27 @@ impl FrontDoor {
     }
 }
 
+/// An integer socket option of `fd` (SOL_SOCKET level).
+fn sockopt(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes of the sizes given; a bad fd or a
+    // non-socket fails with -1.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
 /// A new directory `PREFIXxxxxxx` with mode 0700, removed when dropped.
 fn private_dir(prefix: &Path) -> io::Result<TempDir> {
     TempDir::new_with_prefix(prefix).map_err(|e| io::Error::from_raw_os_error(e.errno()))
@@ -183,9 +231,12 @@ impl AsRawFd for FrontDoor {
 impl Drop for FrontDoor {
     fn drop(&mut self) {
         // Only remove the socket if it is still ours (not replaced by another backend).
-        if let Ok(metadata) = fs::symlink_metadata(&self.public_path) {
-            if (metadata.dev(), metadata.ino()) == self.public_id {
-                let _ = fs::remove_file(&self.public_path);
+        let Some((path, id)) = &self.public_path else {
+            return;
+        };
+        if let Ok(metadata) = fs::symlink_metadata(path) {
+            if (metadata.dev(), metadata.ino()) == *id {
+                let _ = fs::remove_file(path);
             }
         }
     }

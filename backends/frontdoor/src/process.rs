@@ -1,8 +1,12 @@
-//! Process scaffolding every backend shares: the stop signals, read by one thread with
-//! `sigwait`; waiting for a frontend or a shutdown; and error chains on one log line.
+//! Process scaffolding every backend shares: where it listens and what it tells a
+//! management tool ([`ListenArgs`], after QEMU's vhost-user "backend program conventions");
+//! the stop signals, read by one thread with `sigwait`; waiting for a frontend or a
+//! shutdown; and error chains on one log line.
 
+use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
+use std::path::PathBuf;
 use std::thread;
 
 use log::{error, info};
@@ -11,6 +15,73 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vmm_sys_util::signal::{block_signal, create_sigset};
+
+/// The options that say where a backend listens for its frontend, shared by every backend.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListenArgs {
+    /// Unix socket to listen on for vhost-user frontends.
+    #[arg(short = 's', long, value_name = "PATH", required_unless_present = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// Listen on this inherited file descriptor instead: a UNIX stream socket that is
+    /// already listening (for a manager that creates the socket itself).
+    #[arg(long, value_name = "FD", conflicts_with = "socket_path")]
+    pub fd: Option<RawFd>,
+    /// Print the backend's type and optional features as JSON, for management tools, and
+    /// exit.
+    #[arg(long, exclusive = true)]
+    pub print_capabilities: bool,
+}
+
+/// Where a backend listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A socket it creates at this path.
+    Path(PathBuf),
+    /// An inherited listening socket.
+    Fd(RawFd),
+}
+
+impl ListenArgs {
+    /// Where to listen; `None` only with `--print-capabilities`, which the caller handles
+    /// first (clap requires one of the two otherwise).
+    pub fn listen(&self) -> Option<Listen> {
+        match (&self.socket_path, self.fd) {
+            (_, Some(fd)) => Some(Listen::Fd(fd)),
+            (Some(path), None) => Some(Listen::Path(path.clone())),
+            (None, None) => None,
+        }
+    }
+}
+
+impl Listen {
+    /// Opens the front door there.
+    pub fn bind(&self) -> Result<crate::FrontDoor, crate::Error> {
+        match self {
+            Listen::Path(path) => crate::FrontDoor::bind(path),
+            Listen::Fd(fd) => crate::FrontDoor::from_listening_fd(*fd),
+        }
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Path(path) => write!(f, "{}", path.display()),
+            Listen::Fd(fd) => write!(f, "inherited fd {fd}"),
+        }
+    }
+}
+
+/// The `--print-capabilities` document: `{"type": ..., "features": [...]}`, where the type
+/// and the feature names are those of QEMU's vhost-user schema (plain lower-case words, so
+/// they need no escaping).
+pub fn capabilities_json(device_type: &str, features: &[&str]) -> String {
+    let features: Vec<String> = features.iter().map(|f| format!("\"{f}\"")).collect();
+    format!(
+        "{{\n  \"type\": \"{device_type}\",\n  \"features\": [{}]\n}}",
+        features.join(", ")
+    )
+}
 
 /// What the signal thread does after a signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,6 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use clap::Parser;
 use log::{debug, error, info, warn};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vhost_user_frontdoor::process::{self, error_chain, SignalAction};
-use vhost_user_frontdoor::FrontDoor;
+use vhost_user_frontdoor::process::{self, error_chain, Listen, ListenArgs, SignalAction};
 use vhost_user_net::tap::{self, Interface, Tap, TapError};
 use vhost_user_net::vhu_net::{
     self, NetConfig, VhostUserNetBackend, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE,
@@ -33,12 +31,11 @@ const MAX_MTU: u16 = 65_521;
     about = "vhost-user net device backend over a TAP interface"
 )]
 struct Args {
-    /// Unix socket to listen on for vhost-user frontends.
-    #[arg(short = 's', long)]
-    socket_path: PathBuf,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// TAP interface to attach to; created (and brought up) if it does not exist.
-    #[arg(long)]
-    tap: String,
+    #[arg(long, required = true)]
+    tap: Option<String>,
     /// MAC address the driver reads [default: derived from the TAP name, locally administered].
     #[arg(long, value_parser = parse_mac)]
     mac: Option<[u8; 6]>,
@@ -55,6 +52,8 @@ struct Args {
 
 #[derive(Debug, thiserror::Error)]
 enum Error {
+    #[error("{0} is required")]
+    Missing(&'static str),
     #[error("Queue size {0} is not a power of two between 2 and {MAX_QUEUE_SIZE}")]
     InvalidQueueSize(u16),
     #[error("Number of queue pairs {0} is not between 1 and {MAX_QUEUE_PAIRS}")]
@@ -128,7 +127,7 @@ fn format_mac(mac: &[u8; 6]) -> String {
 /// Validated settings.
 #[derive(Debug)]
 struct Config {
-    socket_path: PathBuf,
+    listen: Listen,
     tap: String,
     mac: [u8; 6],
     mtu: Option<u16>,
@@ -149,13 +148,17 @@ impl TryFrom<Args> for Config {
         if let Some(mtu) = args.mtu.filter(|mtu| !(MIN_MTU..=MAX_MTU).contains(mtu)) {
             return Err(Error::InvalidMtu(mtu));
         }
-        if !tap::valid_name(&args.tap) {
-            return Err(Error::InvalidTapName(args.tap));
+        let tap = args.tap.ok_or(Error::Missing("--tap"))?;
+        if !tap::valid_name(&tap) {
+            return Err(Error::InvalidTapName(tap));
         }
         Ok(Config {
-            socket_path: args.socket_path,
-            mac: args.mac.unwrap_or_else(|| mac_for(&args.tap)),
-            tap: args.tap,
+            listen: args
+                .listen
+                .listen()
+                .ok_or(Error::Missing("--socket-path or --fd"))?,
+            mac: args.mac.unwrap_or_else(|| mac_for(&tap)),
+            tap,
             mtu: args.mtu,
             queue_pairs: args.queue_pairs,
             queue_size: args.queue_size,
@@ -241,7 +244,7 @@ fn serve(config: Config) -> Result<(), Error> {
     let (ports, mtu) = open_tap(&config).map_err(Error::Tap)?;
     // Frontends connect to the front door, which relays to a fresh daemon per connection. It
     // accepts user-mode Linux's padded memory table and QEMU's early SET_VRING_ENABLE.
-    let door = FrontDoor::bind(&config.socket_path).map_err(Error::Listen)?;
+    let door = config.listen.bind().map_err(Error::Listen)?;
     let shutdown = Arc::new(Shutdown::new().map_err(Error::Signals)?);
     spawn_signal_thread(shutdown.clone()).map_err(Error::Signals)?;
     let net_config = NetConfig {
@@ -255,7 +258,7 @@ fn serve(config: Config) -> Result<(), Error> {
         config.tap,
         format_mac(&config.mac),
         config.queue_pairs,
-        config.socket_path.display()
+        config.listen
     );
 
     while process::wait_readable(door.as_raw_fd(), shutdown.wake.as_raw_fd(), || {
@@ -314,7 +317,13 @@ fn main() -> ExitCode {
         error!("{}", error_chain(&e));
         return ExitCode::FAILURE;
     }
-    let result = Config::try_from(Args::parse()).and_then(serve);
+    let args = Args::parse();
+    if args.listen.print_capabilities {
+        // QEMU's vhost-user schema defines no optional features for "net".
+        println!("{}", process::capabilities_json("net", &[]));
+        return ExitCode::SUCCESS;
+    }
+    let result = Config::try_from(args).and_then(serve);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -337,7 +346,7 @@ mod tests {
     #[test]
     fn defaults() {
         let config = parse(&[]).unwrap();
-        assert_eq!(config.socket_path, PathBuf::from("/run/net.sock"));
+        assert_eq!(config.listen, Listen::Path("/run/net.sock".into()));
         assert_eq!(config.tap, "tap0");
         assert_eq!(config.mac, mac_for("tap0"));
         assert_eq!(config.mtu, None);
