@@ -374,6 +374,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vhost_user_frontdoor::SocketAccess;
 
     fn parse(extra: &[&str]) -> Result<Config, Error> {
         let mut argv = vec![
@@ -390,7 +391,10 @@ mod tests {
     #[test]
     fn defaults() {
         let config = parse(&[]).unwrap();
-        assert_eq!(config.listen, Listen::Path("/run/blk.sock".into()));
+        assert_eq!(
+            config.listen,
+            Listen::Path("/run/blk.sock".into(), SocketAccess::default())
+        );
         assert_eq!(config.image, PathBuf::from("disk.img"));
         assert_eq!(config.serial, "hvisor-vhost-blk");
         assert_eq!(config.queues.queue_size, 256);

@@ -492,6 +492,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vhost_user_frontdoor::SocketAccess;
 
     fn parse(args: &[&str]) -> Result<Config, Error> {
         let mut argv = vec!["vhost-user-console", "-s", "/run/console.sock"];
@@ -504,7 +505,10 @@ mod tests {
     #[test]
     fn defaults_and_modes() {
         let config = parse(&["--pty"]).unwrap();
-        assert_eq!(config.listen, Listen::Path("/run/console.sock".into()));
+        assert_eq!(
+            config.listen,
+            Listen::Path("/run/console.sock".into(), SocketAccess::default())
+        );
         assert_eq!(config.mode, Mode::Pty { link: None });
         assert_eq!(config.names, ["port0"]);
         assert_eq!(config.queue_size, 256);

@@ -41,10 +41,8 @@ use vmm_sys_util::tempdir::TempDir;
 pub use error::{Error, Peer};
 pub use message::MessageError;
 pub use notifier::{ConfigNotifier, Delivery};
+pub use process::{SocketAccess, SocketOwner};
 pub use session::Session;
-
-/// Mode of the public socket: only the backend's user may connect.
-const SOCKET_MODE: u32 = 0o600;
 
 /// The public socket frontends connect to.
 ///
@@ -66,6 +64,12 @@ impl FrontDoor {
     /// The socket is bound in a private directory (`.NAME.XXXXXX` beside it, mode 0700), given
     /// its mode and renamed into place, so it never exists with a looser mode.
     pub fn bind(path: &Path) -> Result<FrontDoor, Error> {
+        Self::bind_with(path, &SocketAccess::default())
+    }
+
+    /// [`FrontDoor::bind`] with the socket's mode and owner from `access` (`--socket-mode`,
+    /// `--socket-owner`), set before the socket appears at `path`.
+    pub fn bind_with(path: &Path, access: &SocketAccess) -> Result<FrontDoor, Error> {
         if let Ok(metadata) = fs::symlink_metadata(path) {
             if !metadata.file_type().is_socket() {
                 return Err(Error::NotASocket(path.to_owned()));
@@ -97,7 +101,11 @@ impl FrontDoor {
         let staging = private_dir(&private_prefix).map_err(listen_error)?;
         let staged = staging.as_path().join("public");
         let public = UnixListener::bind(&staged).map_err(listen_error)?;
-        fs::set_permissions(&staged, Permissions::from_mode(SOCKET_MODE)).map_err(listen_error)?;
+        fs::set_permissions(&staged, Permissions::from_mode(access.mode)).map_err(listen_error)?;
+        if access.owner != SocketOwner::default() {
+            std::os::unix::fs::chown(&staged, access.owner.uid, access.owner.gid)
+                .map_err(listen_error)?;
+        }
         fs::rename(&staged, path).map_err(listen_error)?;
         let metadata = fs::symlink_metadata(path).map_err(listen_error)?;
         Ok(FrontDoor {

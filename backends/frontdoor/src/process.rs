@@ -30,13 +30,139 @@ pub struct ListenArgs {
     /// exit.
     #[arg(long, exclusive = true)]
     pub print_capabilities: bool,
+    /// Mode of the socket created at --socket-path, in octal (e.g. 660 to let a group of
+    /// frontends connect, such as a QEMU that does not run as root).
+    #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode, conflicts_with = "fd")]
+    pub socket_mode: u32,
+    /// Owner of the socket created at --socket-path: USER[:GROUP], names or numeric ids.
+    #[arg(long, value_name = "USER[:GROUP]", value_parser = parse_owner, conflicts_with = "fd")]
+    pub socket_owner: Option<SocketOwner>,
+}
+
+/// Who owns a socket the backend creates; `None` keeps the backend's own id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SocketOwner {
+    /// User id.
+    pub uid: Option<u32>,
+    /// Group id.
+    pub gid: Option<u32>,
+}
+
+/// Who may connect to a socket the backend creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner and group, when not the backend's own.
+    pub owner: SocketOwner,
+}
+
+impl Default for SocketAccess {
+    /// Only the backend's user may connect.
+    fn default() -> Self {
+        Self {
+            mode: 0o600,
+            owner: SocketOwner::default(),
+        }
+    }
+}
+
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text, 8).map_err(|e| format!("not an octal mode: {e}"))?;
+    if mode & !0o777 != 0 {
+        return Err(format!(
+            "{text}: only permission bits (at most 777) may be given"
+        ));
+    }
+    if mode & 0o600 != 0o600 {
+        return Err(format!(
+            "{text}: the backend's own user must keep read and write"
+        ));
+    }
+    Ok(mode)
+}
+
+fn parse_owner(text: &str) -> Result<SocketOwner, String> {
+    let (user, group) = match text.split_once(':') {
+        Some((user, group)) => (user, Some(group)),
+        None => (text, None),
+    };
+    let uid = (!user.is_empty())
+        .then(|| lookup_id(user, Database::User))
+        .transpose()?;
+    let gid = group
+        .filter(|g| !g.is_empty())
+        .map(|g| lookup_id(g, Database::Group))
+        .transpose()?;
+    Ok(SocketOwner { uid, gid })
+}
+
+#[derive(Clone, Copy)]
+enum Database {
+    User,
+    Group,
+}
+
+/// A numeric id as is, else the id of the user or group of that name.
+fn lookup_id(name: &str, database: Database) -> Result<u32, String> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(id);
+    }
+    let c_name = std::ffi::CString::new(name).map_err(|_| format!("{name:?}: not a name"))?;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut result: *mut libc::c_void = std::ptr::null_mut();
+    let (rc, id) = match database {
+        Database::User => {
+            // SAFETY: a zeroed passwd is a valid out-parameter for getpwnam_r.
+            let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+            // SAFETY: every pointer is valid for the call; `buf` outlives `entry`'s strings,
+            // which are not used after it.
+            let rc = unsafe {
+                libc::getpwnam_r(
+                    c_name.as_ptr(),
+                    &mut entry,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    (&raw mut result).cast(),
+                )
+            };
+            (rc, entry.pw_uid)
+        }
+        Database::Group => {
+            // SAFETY: a zeroed group is a valid out-parameter for getgrnam_r.
+            let mut entry: libc::group = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let rc = unsafe {
+                libc::getgrnam_r(
+                    c_name.as_ptr(),
+                    &mut entry,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    (&raw mut result).cast(),
+                )
+            };
+            (rc, entry.gr_gid)
+        }
+    };
+    let what = match database {
+        Database::User => "user",
+        Database::Group => "group",
+    };
+    match (rc, result.is_null()) {
+        (0, false) => Ok(id),
+        (0, true) => Err(format!("no {what} named {name:?}")),
+        (errno, _) => Err(format!(
+            "cannot look up {what} {name:?}: {}",
+            io::Error::from_raw_os_error(errno)
+        )),
+    }
 }
 
 /// Where a backend listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
-    /// A socket it creates at this path.
-    Path(PathBuf),
+    /// A socket it creates at this path, with this access.
+    Path(PathBuf, SocketAccess),
     /// An inherited listening socket.
     Fd(RawFd),
 }
@@ -47,7 +173,13 @@ impl ListenArgs {
     pub fn listen(&self) -> Option<Listen> {
         match (&self.socket_path, self.fd) {
             (_, Some(fd)) => Some(Listen::Fd(fd)),
-            (Some(path), None) => Some(Listen::Path(path.clone())),
+            (Some(path), None) => Some(Listen::Path(
+                path.clone(),
+                SocketAccess {
+                    mode: self.socket_mode,
+                    owner: self.socket_owner.unwrap_or_default(),
+                },
+            )),
             (None, None) => None,
         }
     }
@@ -57,7 +189,7 @@ impl Listen {
     /// Opens the front door there.
     pub fn bind(&self) -> Result<crate::FrontDoor, crate::Error> {
         match self {
-            Listen::Path(path) => crate::FrontDoor::bind(path),
+            Listen::Path(path, access) => crate::FrontDoor::bind_with(path, access),
             Listen::Fd(fd) => crate::FrontDoor::from_listening_fd(*fd),
         }
     }
@@ -66,7 +198,7 @@ impl Listen {
 impl fmt::Display for Listen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Listen::Path(path) => write!(f, "{}", path.display()),
+            Listen::Path(path, _) => write!(f, "{}", path.display()),
             Listen::Fd(fd) => write!(f, "inherited fd {fd}"),
         }
     }
@@ -201,5 +333,35 @@ impl WorkerExitEvents {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_modes_are_octal_permission_bits_that_keep_the_owner() {
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert!(parse_mode("1777").is_err(), "sticky and other bits");
+        assert!(
+            parse_mode("066").is_err(),
+            "the backend's user must keep rw"
+        );
+        assert!(parse_mode("rw").is_err());
+    }
+
+    #[test]
+    fn socket_owners_are_names_or_ids() {
+        let ids = |uid, gid| SocketOwner { uid, gid };
+        assert_eq!(
+            parse_owner("65534:65534"),
+            Ok(ids(Some(65534), Some(65534)))
+        );
+        assert_eq!(parse_owner("root"), Ok(ids(Some(0), None)));
+        assert_eq!(parse_owner(":root"), Ok(ids(None, Some(0))));
+        assert!(parse_owner("no-such-user-here").is_err());
+        assert!(parse_owner("root:no-such-group-here").is_err());
     }
 }

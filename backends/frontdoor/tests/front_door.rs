@@ -738,3 +738,34 @@ fn bind_guards_the_socket_path() {
     assert_eq!(std::fs::read(&path).unwrap(), b"data");
     std::fs::remove_file(&path).unwrap();
 }
+
+/// `--socket-mode` and `--socket-owner`: the socket appears with them, never looser first.
+#[test]
+fn bind_with_gives_the_socket_its_mode_and_owner() {
+    let path = socket_path("bind-access");
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    // As root, hand it to nobody:nogroup; otherwise the group change is to our own group,
+    // which any user may make.
+    let (uid, gid) = if root {
+        (Some(65534), 65534)
+    } else {
+        // SAFETY: getegid has no preconditions.
+        (None, unsafe { libc::getegid() })
+    };
+    let access = vhost_user_frontdoor::SocketAccess {
+        mode: 0o660,
+        owner: vhost_user_frontdoor::SocketOwner {
+            uid,
+            gid: Some(gid),
+        },
+    };
+    let door = FrontDoor::bind_with(&path, &access).unwrap();
+    let metadata = std::fs::symlink_metadata(&path).unwrap();
+    assert_eq!(metadata.permissions().mode() & 0o777, 0o660);
+    assert_eq!(metadata.gid(), gid);
+    if let Some(uid) = uid {
+        assert_eq!(metadata.uid(), uid);
+    }
+    drop(door);
+}

@@ -336,6 +336,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vhost_user_frontdoor::SocketAccess;
 
     fn parse(extra: &[&str]) -> Result<Config, Error> {
         let mut argv = vec!["vhost-user-net", "-s", "/run/net.sock", "--tap", "tap0"];
@@ -346,7 +347,10 @@ mod tests {
     #[test]
     fn defaults() {
         let config = parse(&[]).unwrap();
-        assert_eq!(config.listen, Listen::Path("/run/net.sock".into()));
+        assert_eq!(
+            config.listen,
+            Listen::Path("/run/net.sock".into(), SocketAccess::default())
+        );
         assert_eq!(config.tap, "tap0");
         assert_eq!(config.mac, mac_for("tap0"));
         assert_eq!(config.mtu, None);
