@@ -8,6 +8,7 @@ mod common;
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::mpsc;
@@ -29,6 +30,11 @@ const GET_PROTOCOL_FEATURES: u32 = 15;
 const GET_QUEUE_NUM: u32 = 17;
 const GET_CONFIG: u32 = 24;
 const SET_CONFIG: u32 = 25;
+const SET_BACKEND_REQ_FD: u32 = 21;
+/// On the backend-to-frontend channel.
+const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+/// BACKEND_REQ, offered by the script only when it hands the channel to the test.
+const PROTOCOL_BACKEND_REQ: u64 = 1 << 5;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -47,7 +53,7 @@ enum FeaturesReply {
 }
 
 /// How the script answers GET_CONFIG.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum ConfigReply {
     /// The 60 bytes asked for: capacity 0x1000 sectors, writeback 0.
     Normal,
@@ -55,6 +61,9 @@ enum ConfigReply {
     Refused,
     /// Half the bytes asked for, framed as such.
     Short,
+    /// Normal at start-up; the first refresh (after a config-change message) gets the error
+    /// reply; later ones report capacity 0x2000.
+    RefusedOnFirstRefresh,
 }
 
 /// A one-connection scripted blk backend listening on `socket`. Each SET_CONFIG it gets is
@@ -67,13 +76,54 @@ fn scripted_backend(
     get_features: FeaturesReply,
     get_config: ConfigReply,
 ) -> ConfigWrites {
+    scripted_backend_with_channel(socket, get_features, get_config, None)
+}
+
+/// [`scripted_backend`] that also offers BACKEND_REQ and sends the backend-to-frontend
+/// channel the bridge gives it to `channel`.
+fn scripted_backend_with_channel(
+    socket: &Path,
+    get_features: FeaturesReply,
+    get_config: ConfigReply,
+    channel: Option<mpsc::Sender<OwnedFd>>,
+) -> ConfigWrites {
     let listener = UnixListener::bind(socket).unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        serve(stream, get_features, get_config, &tx);
+        serve(stream, get_features, get_config, &tx, channel.as_ref());
     });
     rx
+}
+
+/// Reads a message header (12 bytes) and the fd sent with it, if any.
+fn recv_header(stream: &UnixStream, header: &mut [u8; 12]) -> Option<Option<OwnedFd>> {
+    let mut iov = libc::iovec {
+        iov_base: header.as_mut_ptr().cast(),
+        iov_len: header.len(),
+    };
+    // Room for one control message carrying a few fds.
+    let mut control = [0u64; 8];
+    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: recvmsg into the buffers described by `msg`, all alive for the call.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_WAITALL) };
+    if n != header.len() as isize {
+        return None;
+    }
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR reads within its control buffer.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    // SAFETY: a non-null cmsg points into `control`; its data holds fds for SCM_RIGHTS.
+    let fd = (!cmsg.is_null() && unsafe { (*cmsg).cmsg_type } == libc::SCM_RIGHTS).then(|| {
+        // SAFETY: as above; the first fd is ours now (the others, if any, are leaked to the
+        // test process, which ends soon).
+        unsafe { OwnedFd::from_raw_fd(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast())) }
+    });
+    Some(fd)
 }
 
 fn reply(stream: &mut UnixStream, code: u32, body: &[u8]) {
@@ -91,12 +141,14 @@ fn serve(
     get_features: FeaturesReply,
     get_config: ConfigReply,
     tx: &mpsc::Sender<(u32, u32, Vec<u8>)>,
+    channel: Option<&mpsc::Sender<OwnedFd>>,
 ) {
+    let mut config_reads = 0;
     loop {
         let mut header = [0u8; 12];
-        if stream.read_exact(&mut header).is_err() {
+        let Some(fd) = recv_header(&stream, &mut header) else {
             return;
-        }
+        };
         let word = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
         let (code, flags, size) = (
             word(&header, 0),
@@ -122,13 +174,38 @@ fn serve(
                     }
                 }
             }
-            GET_PROTOCOL_FEATURES => u64_reply(&mut stream, PROTOCOL),
+            GET_PROTOCOL_FEATURES => {
+                let offered = if channel.is_some() {
+                    PROTOCOL | PROTOCOL_BACKEND_REQ
+                } else {
+                    PROTOCOL
+                };
+                u64_reply(&mut stream, offered)
+            }
+            SET_BACKEND_REQ_FD => {
+                if let (Some(channel), Some(fd)) = (channel, fd) {
+                    let _ = channel.send(fd);
+                }
+                if flags & FLAG_NEED_REPLY != 0 {
+                    u64_reply(&mut stream, 0);
+                }
+            }
             GET_QUEUE_NUM => u64_reply(&mut stream, 1),
             GET_CONFIG => {
                 let asked = word(&body, 4) as usize;
                 let mut config = vec![0u8; asked];
                 config[..8].copy_from_slice(&0x1000u64.to_le_bytes());
                 let mut out = body[..12].to_vec();
+                config_reads += 1;
+                let get_config = match (get_config, config_reads) {
+                    (ConfigReply::RefusedOnFirstRefresh, 1) => ConfigReply::Normal,
+                    (ConfigReply::RefusedOnFirstRefresh, 2) => ConfigReply::Refused,
+                    (ConfigReply::RefusedOnFirstRefresh, _) => {
+                        config[..8].copy_from_slice(&0x2000u64.to_le_bytes());
+                        ConfigReply::Normal
+                    }
+                    (reply, _) => reply,
+                };
                 match get_config {
                     ConfigReply::Normal => out.extend_from_slice(&config),
                     ConfigReply::Refused => out[4..8].copy_from_slice(&0u32.to_le_bytes()),
@@ -136,6 +213,7 @@ fn serve(
                         out[4..8].copy_from_slice(&((asked / 2) as u32).to_le_bytes());
                         out.extend_from_slice(&config[..asked / 2]);
                     }
+                    ConfigReply::RefusedOnFirstRefresh => unreachable!("mapped above"),
                 }
                 reply(&mut stream, code, &out);
             }
@@ -290,4 +368,50 @@ fn a_backend_that_never_answers_fails_start_up_within_the_bound() {
         log.contains(&format!("blk@{BLK:#x}")) && log.contains("did not answer within 500ms"),
         "{log}"
     );
+}
+
+/// A config refresh the backend refuses (GET_CONFIG's error reply, after its config-change
+/// message) is logged, and the backend-to-frontend channel stays watched: the next change
+/// message is read, and its refresh reaches the guest (ConfigGeneration, new capacity).
+#[test]
+fn a_refused_config_refresh_keeps_the_backend_channel_watched() {
+    let dir = dir_with_images("hb-refresh", &[]);
+    let socket = dir.path().join("blk.sock");
+    let (channel_tx, channel_rx) = mpsc::channel();
+    let _sets = scripted_backend_with_channel(
+        &socket,
+        FeaturesReply::Normal,
+        ConfigReply::RefusedOnFirstRefresh,
+        Some(channel_tx),
+    );
+    let sb = SimBridge::start(dir.clone(), &external_blk(&socket), &[]);
+    let g = Guest::new(&sb, 1, 0, IRQ);
+    let dev = VirtioMmioDevice::new(&g.vcpu, BLK);
+    assert_eq!(dev.read_config_u64(0).unwrap(), 0x1000);
+    let generation = dev.config_generation();
+    let mut channel = UnixStream::from(
+        channel_rx
+            .recv_timeout(EXIT_WAIT)
+            .expect("the bridge gave no backend channel"),
+    );
+    let change = |channel: &mut UnixStream| {
+        let mut msg = Vec::new();
+        for word in [BACKEND_CONFIG_CHANGE_MSG, 1, 0] {
+            msg.extend_from_slice(&word.to_le_bytes());
+        }
+        channel.write_all(&msg).unwrap();
+    };
+    let deadline = std::time::Instant::now() + EXIT_WAIT;
+    // The first refresh is refused: nothing changes for the guest.
+    change(&mut channel);
+    // The second is served; its generation and capacity reach the guest.
+    change(&mut channel);
+    while dev.read_config_u64(0).unwrap() != 0x2000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second config change never reached the guest"
+        );
+        std::thread::yield_now();
+    }
+    assert_ne!(dev.config_generation(), generation);
 }
