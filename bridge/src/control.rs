@@ -503,14 +503,13 @@ fn serve(
         let had_channel = device.backend_req_fd().is_some();
         let mut outcome = carry_out(&mut device, op);
         let after = DeviceView::of(&device);
-        let before = std::mem::replace(&mut *view.lock().unwrap_or_else(|p| p.into_inner()), after);
-        let connected = !device.is_disconnected();
         // A restored backend that reports other config than its predecessor is a config
         // change the guest must be told of, as if the backend had sent one.
         if let (OpKind::Reattach, Outcome::Done { config_changed }) = (kind, &mut outcome) {
-            *config_changed =
-                before.config != view.lock().unwrap_or_else(|p| p.into_inner()).config;
+            *config_changed = view.lock().unwrap_or_else(|p| p.into_inner()).config != after.config;
         }
+        *view.lock().unwrap_or_else(|p| p.into_inner()) = after;
+        let connected = !device.is_disconnected();
         let channel = device.backend_req_fd();
         let backend_req = if kind == OpKind::Reattach && connected {
             Some(channel.and_then(|fd| fd.try_clone_to_owned().ok()))
