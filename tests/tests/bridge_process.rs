@@ -8,18 +8,14 @@ use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hvisor_bridge::config::Config;
 use hvisor_bridge::status::DeviceState;
-use hvisor_hsm::{ProviderServer, SimHypervisor};
 use hvisor_vhost_tests::driver::{BlkDriver, BlkOptions, BlkStatus, GuestAllocator};
-use hvisor_vhost_tests::harness::{
-    bin_path, bridge_command, bridge_status, sim_zones, Irq, Process, Ram, TempDir, Vcpu,
-};
+use hvisor_vhost_tests::harness::{bin_path, bridge_status, Irq, Ram, TempDir, Vcpu};
 
 const BLK0: u64 = 0xa003c00;
 const BLK1: u64 = 0xa003e00;
@@ -30,12 +26,19 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// A bridge process on a simulated hypervisor, started in its own process group (as a shell
 /// job or a service is) when `own_group`.
-struct Rig {
-    sim: Arc<SimHypervisor>,
-    bridge: Process,
-    pid_file: PathBuf,
-    dir: Arc<TempDir>,
-    _server: ProviderServer,
+struct Rig(PidFileRig);
+
+impl std::ops::Deref for Rig {
+    type Target = PidFileRig;
+    fn deref(&self) -> &PidFileRig {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut PidFileRig {
+        &mut self.0
+    }
 }
 
 impl Rig {
@@ -51,40 +54,12 @@ impl Rig {
         own_group: bool,
         env: &[(&str, &OsStr)],
     ) -> Rig {
-        let config_path = dir.path().join("virtio_cfg.json");
-        std::fs::write(&config_path, config_json).unwrap();
-        let config = Config::from_file(&config_path).unwrap();
-        let sim = SimHypervisor::new(sim_zones(&config)).unwrap();
-        let socket = dir.path().join("hsm.sock");
-        let server = sim.serve(&socket).unwrap();
-        let pid_file = dir.path().join("bridge.pid");
-        let mut cmd = bridge_command(&config_path, &socket, dir.path(), extra_args);
-        cmd.arg("--pid-file").arg(&pid_file).args(extra_args);
-        if own_group {
-            cmd.process_group(0);
-        }
-        // The bridge's log (and its backends'), for the tests that read it.
-        let log = std::fs::File::create(dir.path().join("bridge.log")).unwrap();
-        cmd.env("RUST_LOG", "info").stderr(log);
-        cmd.envs(env.iter().copied());
-        let bridge = Process::spawn("hvisor-vhost-bridge", &mut cmd);
-        Rig {
-            sim,
-            bridge,
-            pid_file,
-            dir,
-            _server: server,
-        }
-    }
-
-    /// Waits for the pid file; false if the bridge exited first.
-    fn wait_ready(&self) -> bool {
-        wait_for_file(&self.pid_file, self.bridge.pid())
-    }
-
-    /// The bridge's log so far.
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("bridge.log")).unwrap_or_default()
+        Rig(PidFileRig::start(dir, config_json, extra_args, |cmd| {
+            if own_group {
+                cmd.process_group(0);
+            }
+            cmd.envs(env.iter().copied());
+        }))
     }
 
     /// The live `vhost-user-blk` processes serving this rig's sockets, whoever their parent.

@@ -10,39 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
-use hvisor_bridge::config::Config;
-use hvisor_hsm::{ProviderServer, SimHypervisor};
-use hvisor_vhost_tests::harness::{
-    bin_path, bridge_command, children_running, sim_zones, Process, TempDir,
-};
+use hvisor_vhost_tests::harness::{bin_path, children_running, Process, TempDir};
 
 const BLK0: u64 = 0xa003c00;
 const BLK1: u64 = 0xa003e00;
 
-/// A bridge process on a simulated hypervisor, its log in `bridge.log`.
-struct Rig {
-    bridge: Process,
-    pid_file: PathBuf,
-    dir: Arc<TempDir>,
-    _sim: Arc<SimHypervisor>,
-    _server: ProviderServer,
-}
-
-impl Rig {
-    fn start(dir: Arc<TempDir>, config_json: &str, extra_args: &[&str]) -> Rig {
-        let config_path = dir.path().join("virtio_cfg.json");
-        std::fs::write(&config_path, config_json).unwrap();
-        let config = Config::from_file(&config_path).unwrap();
-        let sim = SimHypervisor::new(sim_zones(&config)).unwrap();
-        let socket = dir.path().join("hsm.sock");
-        let server = sim.serve(&socket).unwrap();
-        let pid_file = dir.path().join("bridge.pid");
-        let mut cmd = bridge_command(&config_path, &socket, dir.path(), extra_args);
-        cmd.arg("--pid-file").arg(&pid_file).args(extra_args);
-        let log = std::fs::File::create(dir.path().join("bridge.log")).unwrap();
-        cmd.env("RUST_LOG", "info").stderr(log);
-        // The bridge starts with stdin, stdout and stderr only, whatever the test inherited:
-        // any other fd a backend has came from the bridge.
+/// The bridge with stdin, stdout and stderr only, whatever the test inherited: any other fd
+/// a backend has came from the bridge.
+fn start_rig(dir: Arc<TempDir>, config_json: &str, extra_args: &[&str]) -> PidFileRig {
+    PidFileRig::start(dir, config_json, extra_args, |cmd| {
         // SAFETY: close_range only changes fd flags; it is async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
@@ -58,24 +34,7 @@ impl Rig {
                 Ok(())
             });
         }
-        let bridge = Process::spawn("hvisor-vhost-bridge", &mut cmd);
-        Rig {
-            bridge,
-            pid_file,
-            dir,
-            _sim: sim,
-            _server: server,
-        }
-    }
-
-    /// Waits for the pid file; false if the bridge exited first.
-    fn wait_ready(&self) -> bool {
-        wait_for_file(&self.pid_file, self.bridge.pid())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("bridge.log")).unwrap_or_default()
-    }
+    })
 }
 
 fn two_disks(tag: &str) -> (Arc<TempDir>, String) {
@@ -112,7 +71,7 @@ fn a_spawned_or_respawned_backend_inherits_no_fd_of_the_bridge() {
             bin_path("vhost-user-blk").display()
         ),
     );
-    let rig = Rig::start(
+    let rig = start_rig(
         dir.clone(),
         &cfg,
         &["--blk-backend", wrapper.to_str().unwrap()],
@@ -200,7 +159,7 @@ fn an_external_backend_of_an_untrusted_user_is_refused() {
     let dir = dir_with_images("iso-uid", &["d0.img"]);
     let (_backend, socket) = backend_of_nobody(dir.path());
     let cfg = external_disk(&socket);
-    let mut rig = Rig::start(dir.clone(), &cfg, &[]);
+    let mut rig = start_rig(dir.clone(), &cfg, &[]);
     assert!(!rig.wait_ready(), "the bridge served nobody's backend");
     let status = rig
         .bridge
@@ -225,7 +184,7 @@ fn an_external_backend_of_a_user_given_with_backend_uid_serves() {
     let dir = dir_with_images("iso-uid-ok", &["d0.img"]);
     let (_backend, socket) = backend_of_nobody(dir.path());
     let cfg = external_disk(&socket);
-    let mut rig = Rig::start(dir.clone(), &cfg, &["--backend-uid", "65534"]);
+    let mut rig = start_rig(dir.clone(), &cfg, &["--backend-uid", "65534"]);
     assert!(rig.wait_ready(), "the bridge did not start:\n{}", rig.log());
     assert!(rig.bridge.terminate().success());
 }
@@ -246,7 +205,7 @@ fn a_spawned_backend_served_by_another_process_is_refused() {
         ),
     );
     let cfg = config(&[zone(1, &[blk_entry(BLK0, 78, "d0.img", "")], None)]);
-    let mut rig = Rig::start(
+    let mut rig = start_rig(
         dir.clone(),
         &cfg,
         &["--blk-backend", wrapper.to_str().unwrap()],
@@ -294,7 +253,7 @@ fn spawned_backends_run_as_the_backend_user() {
     // SAFETY: a NUL-terminated path; chown touches no memory of ours.
     assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
     let cfg = config(&[zone(1, &[blk_entry(BLK0, 78, "d0.img", "")], None)]);
-    let rig = Rig::start(dir.clone(), &cfg, &["--backend-user", "nobody"]);
+    let rig = start_rig(dir.clone(), &cfg, &["--backend-user", "nobody"]);
     assert!(rig.wait_ready(), "the bridge did not start:\n{}", rig.log());
     let backends = children_running(rig.bridge.pid(), "vhost-user-blk");
     assert_eq!(backends.len(), 1, "{backends:?}");
@@ -332,7 +291,7 @@ fn spawned_backends_run_under_seccomp() {
         return;
     }
     let (dir, cfg) = two_disks("iso-seccomp");
-    let rig = Rig::start(dir, &cfg, &[]);
+    let rig = start_rig(dir, &cfg, &[]);
     assert!(rig.wait_ready(), "the bridge did not start:\n{}", rig.log());
     let backends = children_running(rig.bridge.pid(), "vhost-user-blk");
     assert_eq!(backends.len(), 2, "{backends:?}");

@@ -2,12 +2,17 @@
 #![allow(dead_code)]
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hvisor_bridge::config::Config;
+use hvisor_hsm::{ProviderServer, SimHypervisor};
 use hvisor_vhost_tests::driver::{BlkDriver, BlkOptions, GuestAllocator};
-use hvisor_vhost_tests::harness::{Irq, Ram, SimBridge, TempDir, Vcpu};
+use hvisor_vhost_tests::harness::{
+    bridge_command, sim_zones, Irq, Process, Ram, SimBridge, TempDir, Vcpu,
+};
 
 /// Zone RAM used by every test zone: 64 MiB at 0x5000_0000.
 pub const RAM_BASE: u64 = 0x5000_0000;
@@ -188,4 +193,57 @@ pub fn script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
     std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
+}
+
+/// A bridge process on a simulated hypervisor, started with `--pid-file`, its log (and its
+/// backends') in `bridge.log`: for tests of the process itself (readiness, signals, what it
+/// hands its backends).
+pub struct PidFileRig {
+    pub sim: Arc<SimHypervisor>,
+    pub bridge: Process,
+    pub pid_file: PathBuf,
+    pub dir: Arc<TempDir>,
+    _server: ProviderServer,
+}
+
+impl PidFileRig {
+    /// Starts the bridge on `config_json`; `customize` adjusts its command first (process
+    /// group, environment, inherited fds).
+    pub fn start(
+        dir: Arc<TempDir>,
+        config_json: &str,
+        extra_args: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> PidFileRig {
+        let config_path = dir.path().join("virtio_cfg.json");
+        std::fs::write(&config_path, config_json).unwrap();
+        let config = Config::from_file(&config_path).unwrap();
+        let sim = SimHypervisor::new(sim_zones(&config)).unwrap();
+        let socket = dir.path().join("hsm.sock");
+        let server = sim.serve(&socket).unwrap();
+        let pid_file = dir.path().join("bridge.pid");
+        let mut cmd = bridge_command(&config_path, &socket, dir.path(), extra_args);
+        cmd.arg("--pid-file").arg(&pid_file).args(extra_args);
+        let log = std::fs::File::create(dir.path().join("bridge.log")).unwrap();
+        cmd.env("RUST_LOG", "info").stderr(log);
+        customize(&mut cmd);
+        let bridge = Process::spawn("hvisor-vhost-bridge", &mut cmd);
+        PidFileRig {
+            sim,
+            bridge,
+            pid_file,
+            dir,
+            _server: server,
+        }
+    }
+
+    /// Waits for the pid file; false if the bridge exited first.
+    pub fn wait_ready(&self) -> bool {
+        wait_for_file(&self.pid_file, self.bridge.pid())
+    }
+
+    /// The bridge's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("bridge.log")).unwrap_or_default()
+    }
 }
