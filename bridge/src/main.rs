@@ -2,7 +2,7 @@
 //! HSM (`/dev/hvisor`, or a provider socket such as the simulated hypervisor), starts or
 //! connects the vhost-user backends, and serves the guest's virtio-mmio traps until SIGTERM.
 
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use hvisor_bridge::logging::LogTarget;
 use hvisor_bridge::status;
 use hvisor_bridge::supervisor::{BackendPolicy, BackendPrograms, RunAs};
 use hvisor_bridge::BridgeOptions;
-use hvisor_hsm::{DevHvisor, Hsm, HvisorAbi, ProviderHsm};
+use hvisor_hsm::{DevHvisor, Hsm, HvisorAbi, ProviderHsm, WakeupKind, SIGHVI};
 
 /// hvisor virtio-mmio to vhost-user bridge.
 #[derive(Debug, Parser)]
@@ -133,7 +133,8 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print the zones, devices and counters of a running bridge (SIGUSR1 logs the same).
+    /// Print the zones, devices and counters of a running bridge (SIGUSR1 logs the same,
+    /// unless hvisor.ko wakes the bridge with signal 10).
     Status {
         /// The bridge's status socket [default: status.sock in the default runtime
         /// directory].
@@ -228,24 +229,37 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // The event loop must run on this thread, the one that opens /dev/hvisor: an hvisor.ko
     // without SET_EVENTFD wakes the daemon with a signal directed at the thread that did
     // INIT_VIRTIO.
-    let (hsm, control): (Arc<dyn Hsm>, Option<Arc<ProviderHsm>>) = match &args.hsm_socket {
-        Some(socket) => {
-            let provider = Arc::new(ProviderHsm::connect(socket)?);
-            log::info!(
-                "HSM: provider at {} connected; reading the config next",
-                socket.display()
-            );
-            (provider.clone(), Some(provider))
-        }
-        None => {
-            let dev = DevHvisor::open_abi(&args.hsm_dev, args.hvisor_abi)?;
-            log::info!(
-                "HSM: {} initialised (INIT_VIRTIO); reading the config next",
-                args.hsm_dev.display()
-            );
-            (Arc::new(dev), None)
-        }
-    };
+    let (hsm, control, wakeup): (Arc<dyn Hsm>, Option<Arc<ProviderHsm>>, WakeupKind) =
+        match &args.hsm_socket {
+            Some(socket) => {
+                let provider = Arc::new(ProviderHsm::connect(socket)?);
+                log::info!(
+                    "HSM: provider at {} connected; reading the config next",
+                    socket.display()
+                );
+                let wakeup = provider.wakeup_kind();
+                (provider.clone(), Some(provider), wakeup)
+            }
+            None => {
+                let dev = DevHvisor::open_abi(&args.hsm_dev, args.hvisor_abi)?;
+                log::info!(
+                    "HSM: {} initialised (INIT_VIRTIO); reading the config next",
+                    args.hsm_dev.display()
+                );
+                let wakeup = dev.wakeup_kind();
+                (Arc::new(dev), None, wakeup)
+            }
+        };
+    if wakeup == WakeupKind::Signal && SIGHVI == libc::SIGUSR1 {
+        // The module wakes this thread with SIGHVI, the same number as SIGUSR1. Left in the
+        // stop signalfd, each wakeup would be read there as a status request: a status dump
+        // per request, and a wakeup the ring never sees (its guard timeout finds the work).
+        leave_sigusr1_to_the_hsm(&signals)?;
+        log::info!(
+            "SIGUSR1 is this hvisor.ko's wakeup signal: it does not log the status; use \
+             `hvisor-vhost-bridge status`"
+        );
+    }
     // The limits of the page the HSM mapped: what was stated, or what hvisor implies.
     let abi = hsm.bridge().abi();
     if let Some(stated) = args.hvisor_abi.filter(|&stated| stated != abi) {
@@ -470,9 +484,9 @@ fn report_config_changes(path: &std::path::Path, running: &Config, abi: HvisorAb
     log::info!("SIGHUP: restart the bridge to apply these changes");
 }
 
-/// Blocks SIGTERM, SIGINT, SIGHUP and SIGUSR1 (log the status) in this thread (and so in
-/// every thread it starts) and returns a signalfd that reads them.
-fn block_stop_signals() -> std::io::Result<OwnedFd> {
+/// The signals the bridge reads from its stop signalfd: SIGTERM, SIGINT, SIGHUP, and, with
+/// `status`, SIGUSR1 (log the status).
+fn stop_signal_set(status: bool) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame.
@@ -481,8 +495,29 @@ fn block_stop_signals() -> std::io::Result<OwnedFd> {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGHUP);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
+        if status {
+            libc::sigaddset(&mut set, libc::SIGUSR1);
+        }
     }
+    set
+}
+
+/// Takes SIGUSR1 out of the stop signalfd `fd`, so that only the HSM's wakeup signalfd reads
+/// it. It stays blocked: a signalfd reads only blocked signals.
+fn leave_sigusr1_to_the_hsm(fd: &OwnedFd) -> std::io::Result<()> {
+    let set = stop_signal_set(false);
+    // SAFETY: `fd` is a signalfd this process owns; `set` is initialised. Passing an existing
+    // signalfd replaces its mask.
+    if unsafe { libc::signalfd(fd.as_raw_fd(), &set, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Blocks SIGTERM, SIGINT, SIGHUP and SIGUSR1 (log the status) in this thread (and so in
+/// every thread it starts) and returns a signalfd that reads them.
+fn block_stop_signals() -> std::io::Result<OwnedFd> {
+    let set = stop_signal_set(true);
     // SAFETY: `set` is initialised; the old mask is not needed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {

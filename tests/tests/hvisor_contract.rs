@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hvisor_hsm::{DeviceReq, SimOptions, SimOrdering};
+use hvisor_hsm::{DeviceReq, SimOptions, SimOrdering, SimWakeup};
 use hvisor_vhost_tests::driver::mmio::{reg, MAGIC_VALUE};
 use hvisor_vhost_tests::driver::{BlkOptions, MmioBus};
 use hvisor_vhost_tests::harness::{Rng, SimBridge};
@@ -124,6 +124,58 @@ fn one_million_requests_across_sleeps_without_a_lost_wakeup_when_fenced() {
     assert!(
         slowest.load(Ordering::Relaxed) < 1_000_000,
         "an access stalled up to the guard timeout"
+    );
+}
+
+/// Older hvisor.ko modules (hvisor-tool 7e55b1b) wake the daemon with signal 10, which is
+/// also SIGUSR1, the bridge's "log the status" signal. Each wakeup must reach the ring: read
+/// as a status request instead, every request costs a status table in the log, and the
+/// request waits for the guard timeout. One vCPU issues requests only while the bridge is
+/// asleep (so each needs a signal), against a fenced simulator that never loses a wakeup.
+#[test]
+fn signal_wakeups_reach_the_ring_and_are_not_status_requests() {
+    const REQUESTS: u64 = 2000;
+    let dir = dir_with_images("signal-wakeup", &["disk.img"]);
+    let log_path = dir.path().join("bridge.log");
+    let cfg = config(&[zone(1, &[blk_entry(BLK, IRQ, "disk.img", "")], None)]);
+    let options = SimOptions {
+        ordering: SimOrdering::Fenced,
+        wakeup: SimWakeup::Signal,
+        ..SimOptions::default()
+    };
+    let mut sb = SimBridge::start_with_options(
+        Arc::clone(&dir),
+        &cfg,
+        &["--spin-us", "0", "--guard-timeout-ms", "1000"],
+        Some(File::create(&log_path).unwrap()),
+        options,
+    );
+    let vcpu = sb.vcpu(1, 0);
+    // The first access also waits for the bridge to come up.
+    assert_eq!(vcpu.read(BLK + reg::MAGIC_VALUE, 4) as u32, MAGIC_VALUE);
+    let mut slowest = Duration::ZERO;
+    for _ in 1..REQUESTS {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sb.sim.wakeup_armed() {
+            assert!(Instant::now() < deadline, "the bridge never went to sleep");
+            std::hint::spin_loop();
+        }
+        let t = Instant::now();
+        assert_eq!(vcpu.read(BLK + reg::MAGIC_VALUE, 4) as u32, MAGIC_VALUE);
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(sb.bridge.terminate().success());
+    let (stats, guard) = guard_wakeups(&log_path);
+    let sim = sb.sim.stats();
+    eprintln!("{REQUESTS} requests, slowest {slowest:?}; bridge: {stats}; simulator: {sim:?}");
+    assert!(sim.wakeups >= REQUESTS / 2, "the bridge slept: {sim:?}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let dumps = log.lines().filter(|l| l.contains("status: ")).count();
+    assert_eq!(dumps, 0, "wakeup signals were read as status requests");
+    assert_eq!(guard, 0, "a wakeup signal did not reach the ring: {stats}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "an access waited for the guard timeout"
     );
 }
 

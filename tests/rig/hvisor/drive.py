@@ -409,7 +409,7 @@ class Rig:
         else:
             done("ping", "error=no-result")
         rc, out = self.z1("net_tx %s 5555 %d %d" % (a.zone0_ip, mib, a.net_timeout), a.net_timeout + 60)
-        sent = self.fact(out, r"@Z1 net-tx bytes=(\d+) md5=(\S+) rc=(\d+) s=(\S+)@")
+        sent = self.fact(out, r"@Z1 net-tx bytes=(\d+) md5=(\S+) rc=(\d+) s=(\S+) retrans=(\S+)@")
         rc0, out0 = self.sh("wc -c < /tmp/net.rx; md5sum < /tmp/net.rx")
         got = self.fact(out0, r"(\d+)\s+([0-9a-f]{32})")
         if sent and got:
@@ -419,7 +419,7 @@ class Rig:
         else:
             done("net-tx", "error=no-result")
         rc, out = self.z1("net_rx %s 5556 %d" % (a.zone0_ip, a.net_timeout), a.net_timeout + 60)
-        recv = self.fact(out, r"@Z1 net-rx bytes=(\d+) md5=(\S+) rc=(\d+) s=(\S+)@")
+        recv = self.fact(out, r"@Z1 net-rx bytes=(\d+) md5=(\S+) rc=(\d+) s=(\S+) retrans=(\S+)@")
         if recv and tx_file:
             good = recv[1] == tx_file[0] and int(recv[0]) == mib << 20
             done("net-rx", "bytes=%d got=%s md5_ok=%d s=%s%s" % (
@@ -575,21 +575,21 @@ class Rig:
         ok = True
         rc, out = self.z1("net_tx %s 5555 %d %d" % (a.zone0_ip, a.net_mib, a.net_timeout),
                           a.net_timeout + 60)
-        sent = self.fact(out, r"@Z1 net-tx bytes=(\d+) md5=(\S+) rc=(\d+) s=(\S+)@")
+        sent = self.fact(out, r"@Z1 net-tx bytes=(\d+) md5=(\S+) rc=(\d+) s=(\S+) retrans=(\S+)@")
         rc0, out0 = self.sh("wc -c < /tmp/net.rx; md5sum < /tmp/net.rx")
         got = self.fact(out0, r"(\d+)\s+([0-9a-f]{32})")
         good = rc == 0 and sent and got and sent[:2] == got and int(got[0]) == a.net_mib << 20
         ok &= bool(good)
-        details.append("zone1->zone0 %s bytes %s/%s in %ss" % (
+        details.append("zone1->zone0 %s bytes %s/%s in %ss (%s zone1 retransmits)" % (
             got[0] if got else "?", sent[1] if sent else "?", got[1] if got else "?",
-            sent[3] if sent else "?"))
+            sent[3] if sent else "?", sent[4] if sent else "?"))
         rc, out = self.z1("net_rx %s 5556 %d" % (a.zone0_ip, a.net_timeout), a.net_timeout + 60)
-        recv = self.fact(out, r"@Z1 net-rx bytes=(\d+) md5=(\S+) rc=(\d+) s=(\S+)@")
+        recv = self.fact(out, r"@Z1 net-rx bytes=(\d+) md5=(\S+) rc=(\d+) s=(\S+) retrans=(\S+)@")
         good = rc == 0 and recv and tx_file and recv[1] == tx_file[0] and int(recv[0]) == a.net_mib << 20
         ok &= bool(good)
-        details.append("zone0->zone1 %s bytes %s/%s in %ss" % (
+        details.append("zone0->zone1 %s bytes %s/%s in %ss (%s zone1 retransmits)" % (
             recv[0] if recv else "?", tx_file[0] if tx_file else "?", recv[1] if recv else "?",
-            recv[3] if recv else "?"))
+            recv[3] if recv else "?", recv[4] if recv else "?"))
         if not ok:
             # Both ends' counters and sockets, for the report.
             self.z1("diag")
@@ -657,12 +657,19 @@ class Rig:
         progs = "hvisor-vhost-bridge vhost-user-blk vhost-user-net vhost-user-console"
         rc, out = self.sh("procs_of %s hvisor" % progs)
         left = [l for l in out.split() if re.match(r"\d+:", l)]
+        # Nothing here asks our bridge for its status (SIGUSR1): a status table in its log
+        # means hvisor.ko's wakeup signal (SIGHVI, the same number) was taken for one.
+        dumps = "0"
+        if self.args.daemon == "ours":
+            rc, out = self.sh("grep -c 'status: ' /tmp/daemon.log")
+            dumps = (re.findall(r"^(\d+)\s*$", out, re.M) or ["?"])[-1]
         if self.wanted("stop"):
-            self.result("stop", exited is not None and exited.group(1) == "0" and not left,
-                        time.monotonic() - t, "%s rc=%s; left running: %s" % (
+            self.result("stop", exited is not None and exited.group(1) == "0" and not left
+                        and dumps == "0",
+                        time.monotonic() - t, "%s rc=%s; left running: %s; status tables logged: %s" % (
                             "the daemon had exited before SIGTERM," if early else "daemon exit",
                             exited.group(1) if exited else "none (still running)",
-                            " ".join(left) or "nothing"))
+                            " ".join(left) or "nothing", dumps))
 
     def tails(self):
         """On failure: the end of the daemon's log and of both consoles."""
@@ -690,7 +697,7 @@ def main():
     p.add_argument("--blk-mib", type=int, default=32)
     p.add_argument("--disk-mib", type=int, default=64)
     p.add_argument("--net-mib", type=int, default=16)
-    p.add_argument("--net-timeout", type=int, default=60,
+    p.add_argument("--net-timeout", type=int, default=180,
                    help="seconds for each TCP transfer")
     p.add_argument("--console-bytes", type=int, default=1 << 20)
     p.add_argument("--bench-mib", type=int, default=32, help="bench: MiB of the sequential rows")

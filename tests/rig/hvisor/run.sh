@@ -21,7 +21,7 @@
 # Environment: RIG_BUILD (default <repo>/build/rig-hvisor; setup.sh's output is in its out/),
 #   RIG_RUN_DIR (default: a new directory under RIG_BUILD), RIG_TIMEOUT (seconds for each wait,
 #   default 120), RIG_BLK_MIB (default 32), RIG_NET_MIB (default 16), RIG_NET_TIMEOUT (seconds
-#   for each TCP transfer, default 60), RIG_CONSOLE_BYTES
+#   for each TCP transfer, default 180), RIG_CONSOLE_BYTES
 #   (default 1048576), RIG_HVISOR_BIN (an hvisor.bin to use instead of setup.sh's),
 #   RIG_WINDOWS=per-device (one hvisor trap region per device, so that every QueueNotify is
 #   asynchronous; default shared: the example's one region, where only 0xa000050 is),
@@ -45,7 +45,7 @@ OUT=$BUILD/out
 TIMEOUT=${RIG_TIMEOUT:-120}
 BLK_MIB=${RIG_BLK_MIB:-32}
 NET_MIB=${RIG_NET_MIB:-16}
-NET_TIMEOUT=${RIG_NET_TIMEOUT:-60}
+NET_TIMEOUT=${RIG_NET_TIMEOUT:-180}
 CONSOLE_BYTES=${RIG_CONSOLE_BYTES:-1048576}
 DISK_MIB=64
 WINDOWS=${RIG_WINDOWS:-shared}
