@@ -1,13 +1,63 @@
-//! Pinning the ring thread to one CPU of root Linux.
+//! Where the bridge runs on root Linux: the whole process (and the backends it spawns) with
+//! `--cpus`, the ring thread alone with `--ring-cpu`.
 //!
 //! hvisor wakes the bridge with an interrupt that root Linux takes on one CPU (the GIC routes
 //! the hvisor_virtio_device SPI to a single target). A ring thread that sleeps on another CPU
-//! needs a second hop, a rescheduling IPI, for every wakeup. `--ring-cpu irq` finds that CPU
-//! from `/proc/interrupts` and `/proc/irq/<n>/`, and keeps the ring thread there.
+//! needs a second hop, a rescheduling IPI, for every wakeup; and every request that goes to a
+//! backend and back (kick, completion, call) crosses CPUs twice more when the backend runs
+//! elsewhere. `irq` finds that CPU from `/proc/interrupts` and `/proc/irq/<n>/`.
 
 use std::fs;
 use std::io;
 use std::str::FromStr;
+
+/// Where the bridge process runs, and with it every thread it starts and every backend it
+/// spawns (they inherit its CPU set).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProcessCpus {
+    /// The CPU that takes hvisor's virtio interrupt: every hop of a request on one CPU.
+    HvisorIrq,
+    /// Wherever the scheduler puts each thread (no pinning).
+    All,
+    /// These CPUs.
+    List(Vec<usize>),
+}
+
+impl FromStr for ProcessCpus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "irq" => Ok(ProcessCpus::HvisorIrq),
+            "all" => Ok(ProcessCpus::All),
+            list => parse_cpu_list(list)
+                .map(ProcessCpus::List)
+                .ok_or_else(|| format!("{s:?} is neither a CPU list (such as 0 or 1,2-3), \"irq\" nor \"all\"")),
+        }
+    }
+}
+
+/// A CPU list such as `0`, `2-3` or `1,4-5`, in order and without repeats; None when it is
+/// malformed or empty.
+fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',') {
+        let (first, last): (usize, usize) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+            None => {
+                let cpu = part.trim().parse().ok()?;
+                (cpu, cpu)
+            }
+        };
+        if first > last || last >= libc::CPU_SETSIZE as usize {
+            return None;
+        }
+        cpus.extend(first..=last);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    (!cpus.is_empty()).then_some(cpus)
+}
 
 /// Where the ring thread runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,14 +108,27 @@ pub enum AffinityError {
     #[error("CPU {0} is out of range")]
     OutOfRange(usize),
     /// sched_setaffinity failed (a CPU that is offline or outside the cpuset).
-    #[error("cannot pin the ring thread to CPU {cpu}")]
+    #[error("cannot run on CPUs {cpus:?}")]
     SetAffinity {
-        /// The CPU.
-        cpu: usize,
+        /// The CPUs.
+        cpus: Vec<usize>,
         /// Why.
         #[source]
         source: io::Error,
     },
+}
+
+/// Pins the calling thread, and so every thread and process it starts from now on, to `cpus`;
+/// returns the CPUs, or None for [`ProcessCpus::All`]. Call it before any other thread starts:
+/// threads already running keep their CPUs.
+pub fn pin_process(cpus: &ProcessCpus) -> Result<Option<Vec<usize>>, AffinityError> {
+    let cpus = match cpus {
+        ProcessCpus::All => return Ok(None),
+        ProcessCpus::HvisorIrq => vec![hvisor_irq_cpu()?],
+        ProcessCpus::List(list) => list.clone(),
+    };
+    set_affinity(&cpus)?;
+    Ok(Some(cpus))
 }
 
 /// Pins the calling thread (only it: threads already started keep their CPUs) to `target`;
@@ -75,23 +138,31 @@ pub fn pin_current_thread(target: RingCpu) -> Result<usize, AffinityError> {
         RingCpu::Cpu(cpu) => cpu,
         RingCpu::HvisorIrq => hvisor_irq_cpu()?,
     };
-    // cpu_set_t holds CPU_SETSIZE bits; CPU_SET past it would write out of bounds.
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(AffinityError::OutOfRange(cpu));
-    }
+    set_affinity(&[cpu])?;
+    Ok(cpu)
+}
+
+/// Restricts the calling thread to `cpus`.
+fn set_affinity(cpus: &[usize]) -> Result<(), AffinityError> {
     // SAFETY: an all-zero cpu_set_t is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` is below CPU_SETSIZE, checked above.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
+    for &cpu in cpus {
+        // cpu_set_t holds CPU_SETSIZE bits; CPU_SET past it would write out of bounds.
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(AffinityError::OutOfRange(cpu));
+        }
+        // SAFETY: `cpu` is below CPU_SETSIZE, checked above.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
     // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the size passed.
     let ret = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if ret != 0 {
         return Err(AffinityError::SetAffinity {
-            cpu,
+            cpus: cpus.to_vec(),
             source: io::Error::last_os_error(),
         });
     }
-    Ok(cpu)
+    Ok(())
 }
 
 /// The first CPU that takes hvisor's virtio interrupt.
@@ -175,6 +246,44 @@ IPI0:        12         30       Rescheduling interrupts
         assert_eq!("3".parse(), Ok(RingCpu::Cpu(3)));
         assert!("-1".parse::<RingCpu>().is_err());
         assert!("cpu0".parse::<RingCpu>().is_err());
+    }
+
+    #[test]
+    fn process_cpus_parse() {
+        assert_eq!("irq".parse(), Ok(ProcessCpus::HvisorIrq));
+        assert_eq!("all".parse(), Ok(ProcessCpus::All));
+        assert_eq!("1".parse(), Ok(ProcessCpus::List(vec![1])));
+        assert_eq!("3,0-1,1".parse(), Ok(ProcessCpus::List(vec![0, 1, 3])));
+        for bad in ["", "x", "2-1", "1,", "-1", "0-99999"] {
+            assert!(bad.parse::<ProcessCpus>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_pinned_process_starts_its_threads_and_children_on_its_cpus() {
+        std::thread::spawn(|| {
+            assert_eq!(
+                pin_process(&ProcessCpus::List(vec![0])).unwrap(),
+                Some(vec![0])
+            );
+            // A thread started afterwards inherits the set.
+            std::thread::spawn(|| {
+                // SAFETY: sched_getcpu has no preconditions.
+                assert_eq!(unsafe { libc::sched_getcpu() }, 0);
+            })
+            .join()
+            .unwrap();
+            // So does a child process.
+            let out = std::process::Command::new("sh")
+                .args(["-c", "grep Cpus_allowed_list /proc/self/status"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(text.split_whitespace().last(), Some("0"), "{text}");
+            assert_eq!(pin_process(&ProcessCpus::All).unwrap(), None);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use hvisor_bridge::affinity::{pin_current_thread, RingCpu};
+use hvisor_bridge::affinity::{pin_current_thread, pin_process, ProcessCpus, RingCpu};
 use hvisor_bridge::config::{Config, ConfigError};
 use hvisor_bridge::control::CONTROL_TIMEOUT_DEFAULT;
 use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, AWAIT_SPIN_DEFAULT_US};
@@ -49,9 +49,14 @@ struct Args {
     /// not acknowledged yet.
     #[arg(long, default_value_t = AWAIT_SPIN_DEFAULT_US)]
     await_spin_us: u64,
-    /// Run the ring thread on this CPU of root Linux: a number, or `irq` for the CPU that
-    /// takes hvisor's virtio interrupt (no rescheduling IPI per wakeup). Backends are not
-    /// pinned.
+    /// Run the bridge and every backend it spawns on these CPUs of root Linux: `irq` for the
+    /// CPU that takes hvisor's virtio interrupt (a request's hops, hvisor to bridge to
+    /// backend and back, then stay on one CPU), `all` for no pinning, or a list such as
+    /// `0` or `1-3`. [default: irq on /dev/hvisor, all with --hsm-socket]
+    #[arg(long, value_name = "irq|all|LIST")]
+    cpus: Option<ProcessCpus>,
+    /// Run the ring thread alone on this CPU of root Linux: a number, or `irq` for the CPU
+    /// that takes hvisor's virtio interrupt. For the ring thread, it overrides `--cpus`.
     #[arg(long, value_name = "CPU|irq")]
     ring_cpu: Option<RingCpu>,
     /// Longest sleep without a wakeup (guards against a lost hypervisor wakeup).
@@ -220,6 +225,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Block the stop signals before any thread or child exists, and read them from a signalfd
     // inside the event loop.
     let signals = block_stop_signals()?;
+    // Before any thread or backend starts, so that they all inherit the CPU set.
+    pin_bridge(args.cpus.as_ref(), args.hsm_socket.is_some())?;
     // The HSM is opened (INIT_VIRTIO on /dev/hvisor) before the config is read, as
     // hvisor-tool's daemon does: the usual start order is `bridge &` then `hvisor zone
     // start`, and a zone's first virtio access panics hvisor ("VirtioBridge not enabled") when
@@ -482,6 +489,31 @@ fn report_config_changes(path: &std::path::Path, running: &Config, abi: HvisorAb
         log::info!("SIGHUP: would add {d}");
     }
     log::info!("SIGHUP: restart the bridge to apply these changes");
+}
+
+/// Applies `--cpus` to this thread (and so to every thread and backend started later). The
+/// default, the hvisor interrupt's CPU on /dev/hvisor, only warns when that CPU cannot be
+/// found; a CPU set that was asked for and cannot be applied is an error.
+fn pin_bridge(
+    cpus: Option<&ProcessCpus>,
+    simulated: bool,
+) -> Result<(), hvisor_bridge::affinity::AffinityError> {
+    let (cpus, stated) = match cpus {
+        Some(cpus) => (cpus.clone(), true),
+        None if simulated => (ProcessCpus::All, false),
+        None => (ProcessCpus::HvisorIrq, false),
+    };
+    match pin_process(&cpus) {
+        Ok(Some(list)) => log::info!("the bridge and its backends run on CPUs {list:?}"),
+        Ok(None) => log::debug!("not pinned to CPUs"),
+        Err(e) if !stated => log::warn!(
+            "not pinned to the hvisor interrupt's CPU: {}; requests cross CPUs (--cpus all \
+             silences this)",
+            hvisor_bridge::control::error_chain(&e)
+        ),
+        Err(e) => return Err(e),
+    }
+    Ok(())
 }
 
 /// The signals the bridge reads from its stop signalfd: SIGTERM, SIGINT, SIGHUP, and, with

@@ -106,7 +106,7 @@ for r in $(seq 1 "$PAIRS"); do
     fi
 done
 versus=()
-[ "$VERSUS_SET" = 1 ] && versus=(--versus "$VERSUS")
+[ "$VERSUS_SET" = 1 ] && versus=("--versus=$VERSUS")
 python3 "$RIG_DIR/bench_report.py" --work "$WORK" --pairs "$PAIRS" --mib "$MIB" --rand "$RAND" \
     --qd "$QD" --qd-rand "$QD_RAND" --console-bytes "$CONSOLE" --net-mib "$NET_MIB" --pings "$PINGS" \
-    --module "$MODULE" --bridge-args "$BRIDGE_ARGS" "${versus[@]}"
+    --module "$MODULE" "--bridge-args=$BRIDGE_ARGS" "${versus[@]}"

@@ -234,6 +234,10 @@ class Rig:
                     pidfile = out.strip().splitlines()[-1] if out.strip() else "none"
                     detail += ", pid file: %s" % (pidfile if has_pidfile else "(no --pid-file option)")
                     ready = serving == a.devices and (not has_pidfile or pidfile == str(self.daemon_pid))
+                    if "--cpus" not in (a.bridge_args or ""):
+                        pinned, where = self.pinned_to_irq_cpu()
+                        ready &= pinned
+                        detail += ", " + where
                 else:
                     detail = "the bridge exited (rc=%s): %s" % (
                         m.group(1), self.last_error(c.buf[start:m.start()]))
@@ -639,6 +643,22 @@ class Rig:
                     m = None
             self.result("shutdown-reset-log", m is not None, time.monotonic() - t,
                         m.group(0).strip() if m else "no bridge log line about resetting zone 1's devices")
+
+    def pinned_to_irq_cpu(self):
+        """The bridge's default --cpus: it and its backends on the CPU that takes hvisor's
+        interrupt. Returns (all there, what was seen)."""
+        # The quotes split the markers in the command text, so only the output matches.
+        rc, out = self.sh(
+            "irq=$(awk '/hvisor/ {sub(\":\", \"\", $1); print $1}' /proc/interrupts); "
+            "echo \"@@IRQ""CPU $(cat /proc/irq/$irq/effective_affinity_list)@@\"; "
+            "for p in $(pidof hvisor-vhost-bridge vhost-user-blk vhost-user-net vhost-user-console); do "
+            "echo \"@@CP""US $p $(awk '/Cpus_allowed_list/ {print $2}' /proc/$p/status)@@\"; done")
+        irq_cpu = self.fact(out, r"@@IRQCPU (\S+)@@")
+        procs = re.findall(r"@@CPUS (\d+) (\S+)@@", out)
+        ok = bool(irq_cpu) and len(procs) == 1 + self.args.devices and all(
+            cpus == irq_cpu[0] for _, cpus in procs)
+        return ok, "hvisor IRQ on CPU %s, bridge and backends on %s" % (
+            irq_cpu[0] if irq_cpu else "?", " ".join(sorted(set(c for _, c in procs))) or "?")
 
     def stop_daemon(self):
         """A plain SIGTERM to the daemon's pid; nothing of it may be left."""

@@ -321,7 +321,7 @@ DRIVE=(python3 "$RIG_DIR/drive.py" --qemu-argv "$GEN/qemu.argv" --log "$RUN/seri
     --bench-pings "${RIG_BENCH_PINGS:-100}")
 # hvisor-tool's daemon: no O_DIRECT disk, and the bridge-only checks do not apply.
 [ "$DAEMON" = hvisor-tool ] && [ -z "$TESTS" ] && DRIVE+=(--tests "module,daemon-ready,zone-start,devices,blk,console,net,reset,shutdown,stop")
-[ -n "${RIG_BRIDGE_ARGS:-}" ] && DRIVE+=(--bridge-args "$RIG_BRIDGE_ARGS")
+[ -n "${RIG_BRIDGE_ARGS:-}" ] && DRIVE+=("--bridge-args=$RIG_BRIDGE_ARGS")
 [ "$VERBOSE" = 1 ] && DRIVE+=(--verbose)
 log "hvisor $(basename "$HVISOR_BIN"), hvisor-tool $MODULE, daemon $DAEMON, run directory $RUN"
 set +e
