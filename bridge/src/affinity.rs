@@ -30,9 +30,9 @@ impl FromStr for ProcessCpus {
         match s {
             "irq" => Ok(ProcessCpus::HvisorIrq),
             "all" => Ok(ProcessCpus::All),
-            list => parse_cpu_list(list)
-                .map(ProcessCpus::List)
-                .ok_or_else(|| format!("{s:?} is neither a CPU list (such as 0 or 1,2-3), \"irq\" nor \"all\"")),
+            list => parse_cpu_list(list).map(ProcessCpus::List).ok_or_else(|| {
+                format!("{s:?} is neither a CPU list (such as 0 or 1,2-3), \"irq\" nor \"all\"")
+            }),
         }
     }
 }

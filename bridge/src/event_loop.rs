@@ -48,17 +48,61 @@ const BACKEND_REQ_EVENTS: EventSet = EventSet::IN.union(EventSet::ONE_SHOT);
 const POLLS_PER_EPOLL: u32 = 32;
 
 /// Default [`LoopOptions::await_spin`], in microseconds.
-pub const AWAIT_SPIN_DEFAULT_US: u64 = 0;
+pub const AWAIT_SPIN_DEFAULT_US: u64 = 2_000;
+
+/// Default [`LoopOptions::spin_max`], in microseconds.
+pub const SPIN_MAX_DEFAULT_US: u64 = 1_000;
 
 /// Upper bounds, in microseconds, of the [`LoopStats::ack_gaps`] buckets; the last bucket
 /// takes the rest.
 pub const ACK_GAP_BOUNDS_US: [u64; 7] = [100, 250, 500, 1_000, 2_000, 4_000, 8_000];
+
+/// The spin window of [`LoopOptions::spin_max`], in the manner of KVM's halt polling.
+#[derive(Debug, Clone, Copy)]
+struct AdaptiveSpin {
+    window: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl AdaptiveSpin {
+    /// A spin of `min` (zero: never spin, and never widen) that may widen up to `max`.
+    fn new(min: Duration, max: Duration) -> Self {
+        let max = if min.is_zero() { min } else { max.max(min) };
+        Self {
+            window: min,
+            min,
+            max,
+        }
+    }
+
+    /// How long to poll after the last activity before sleeping.
+    fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// A sleep of `slept` ended, with work (`woken`) or by a timeout.
+    fn slept(&mut self, slept: Duration, woken: bool) {
+        if slept > self.max {
+            self.window = (self.window / 2).max(self.min);
+        } else if woken {
+            self.window = (self.window * 2)
+                .max(Duration::from_micros(1))
+                .min(self.max);
+        }
+    }
+}
 
 /// Event-loop tuning.
 #[derive(Debug, Clone, Copy)]
 pub struct LoopOptions {
     /// Keep polling the ring this long after the last activity before sleeping.
     pub spin: Duration,
+    /// Widen the spin up to this, adaptively: doubled (from [`LoopOptions::spin`]) after a
+    /// sleep that work ended within this bound, which a wider spin would have caught
+    /// without a wakeup; halved after a sleep longer than it. Zero, or a zero `spin`: the
+    /// spin stays fixed.
+    pub spin_max: Duration,
     /// Keep polling this long after an event whose answer is certain to follow: a
     /// QueueNotify the backend has not answered with a used-buffer signal yet, or an
     /// injection the guest has not ACKed yet (its InterruptStatus read and InterruptACK come
@@ -86,6 +130,7 @@ impl Default for LoopOptions {
     fn default() -> Self {
         Self {
             spin: Duration::from_micros(50),
+            spin_max: Duration::from_micros(SPIN_MAX_DEFAULT_US),
             await_spin: Duration::from_micros(AWAIT_SPIN_DEFAULT_US),
             guard_timeout: Duration::from_millis(100),
             zone_poll: Some(Duration::from_secs(1)),
@@ -372,6 +417,7 @@ impl Bridge {
         let mut events = vec![EpollEvent::default(); 64];
         let mut last_activity = Instant::now();
         let mut polls: u32 = 0;
+        let mut spin = AdaptiveSpin::new(self.options.spin, self.options.spin_max);
         loop {
             let mut busy = false;
             while let Some(req) = ring.pop_request() {
@@ -395,8 +441,20 @@ impl Bridge {
                 continue;
             }
             let idle = now.duration_since(last_activity);
-            if idle < self.options.spin || (idle < self.options.await_spin && self.awaiting(now)) {
+            if idle < self.options.spin {
                 std::hint::spin_loop();
+                continue;
+            }
+            if idle < spin.window() {
+                // Beyond the fixed spin, poll without holding the CPU from whatever else is
+                // runnable on it (backends pinned beside the bridge).
+                std::thread::yield_now();
+                continue;
+            }
+            if idle < self.options.await_spin && self.awaiting(now) {
+                // The answer may need this very CPU (a backend pinned beside the bridge, the
+                // guest's side of root Linux): poll, but let whatever is runnable here go first.
+                std::thread::yield_now();
                 continue;
             }
             // Idle (and at least once per guard timeout while idle): off the hot path.
@@ -421,6 +479,7 @@ impl Bridge {
             let timeout = sleep.as_micros().div_ceil(1000).clamp(1, i32::MAX as u128) as i32;
             let n = self.epoll_wait(&mut events, timeout)?;
             ring.disarm_wakeup();
+            spin.slept(now.elapsed(), n > 0 || ring.has_requests());
             if n == 0 && ring.has_requests() {
                 self.stats.guard_wakeups += 1;
                 log::warn!("requests pending after a {timeout} ms sleep without a wakeup");
@@ -833,6 +892,33 @@ fn read_stop_signal(fd: RawFd) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_spin_widens_while_work_comes_soon_after_a_sleep_and_narrows_after_long_idle() {
+        let us = Duration::from_micros;
+        let mut spin = AdaptiveSpin::new(us(50), us(1000));
+        assert_eq!(spin.window(), us(50));
+        // Woken by work 300 µs into a sleep: a wider spin would have caught it.
+        for expected in [100, 200, 400, 800, 1000, 1000] {
+            spin.slept(us(300), true);
+            assert_eq!(spin.window(), us(expected));
+        }
+        // A guard timeout with nothing to do, within the bound, changes nothing.
+        spin.slept(us(900), false);
+        assert_eq!(spin.window(), us(1000));
+        // Long idle periods narrow it back to the fixed spin, never below.
+        for expected in [500, 250, 125, 62, 50, 50] {
+            spin.slept(Duration::from_millis(100), true);
+            assert_eq!(spin.window().as_micros(), expected);
+        }
+        // Without a bound the spin stays fixed; no spin stays no spin.
+        let mut fixed = AdaptiveSpin::new(us(50), Duration::ZERO);
+        fixed.slept(us(10), true);
+        assert_eq!(fixed.window(), us(50));
+        let mut none = AdaptiveSpin::new(Duration::ZERO, us(1000));
+        none.slept(us(10), true);
+        assert_eq!(none.window(), Duration::ZERO);
+    }
 
     fn access(is_write: u8, address: u64, value: u64, asynchronous: bool) -> DeviceReq {
         DeviceReq {

@@ -12,7 +12,9 @@ use clap::{Parser, Subcommand};
 use hvisor_bridge::affinity::{pin_current_thread, pin_process, ProcessCpus, RingCpu};
 use hvisor_bridge::config::{Config, ConfigError};
 use hvisor_bridge::control::CONTROL_TIMEOUT_DEFAULT;
-use hvisor_bridge::event_loop::{LoopOptions, ACK_GAP_BOUNDS_US, AWAIT_SPIN_DEFAULT_US};
+use hvisor_bridge::event_loop::{
+    LoopOptions, ACK_GAP_BOUNDS_US, AWAIT_SPIN_DEFAULT_US, SPIN_MAX_DEFAULT_US,
+};
 use hvisor_bridge::logging::LogTarget;
 use hvisor_bridge::status;
 use hvisor_bridge::supervisor::{BackendPolicy, BackendPrograms, RunAs};
@@ -44,11 +46,16 @@ struct Args {
     /// Busy-poll the request ring this many microseconds after the last request before sleeping.
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
-    /// Busy-poll up to this many microseconds while an answer is certain to come: after a
-    /// queue notify the backend has not answered yet, and after an interrupt the guest has
-    /// not acknowledged yet.
+    /// Poll up to this many microseconds while an answer is certain to come: after a queue
+    /// notify the backend has not answered yet, and after an interrupt the guest has not
+    /// acknowledged yet. The poll yields the CPU to anything runnable on it (0: no such poll).
     #[arg(long, default_value_t = AWAIT_SPIN_DEFAULT_US)]
     await_spin_us: u64,
+    /// Widen the ring spin adaptively up to this many microseconds while work keeps
+    /// arriving shortly after the bridge went to sleep, and narrow it back after long idle
+    /// periods (0, or --spin-us 0: the spin stays at --spin-us).
+    #[arg(long, default_value_t = SPIN_MAX_DEFAULT_US)]
+    spin_max_us: u64,
     /// Run the bridge and every backend it spawns on these CPUs of root Linux: `irq` for the
     /// CPU that takes hvisor's virtio interrupt (a request's hops, hvisor to bridge to
     /// backend and back, then stay on one CPU), `all` for no pinning, or a list such as
@@ -304,6 +311,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         reconnect_timeout: Duration::from_secs(args.reconnect_timeout_s),
         loop_options: LoopOptions {
             spin: Duration::from_micros(args.spin_us),
+            spin_max: Duration::from_micros(args.spin_max_us),
             await_spin: Duration::from_micros(args.await_spin_us),
             guard_timeout: Duration::from_millis(args.guard_timeout_ms.max(1)),
             zone_poll: (args.zone_poll_ms > 0).then(|| Duration::from_millis(args.zone_poll_ms)),
