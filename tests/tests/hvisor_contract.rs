@@ -12,7 +12,7 @@ use common::*;
 use hvisor_hsm::{DeviceReq, SimOptions, SimOrdering, SimWakeup};
 use hvisor_vhost_tests::driver::mmio::{reg, MAGIC_VALUE};
 use hvisor_vhost_tests::driver::{BlkOptions, MmioBus};
-use hvisor_vhost_tests::harness::{Rng, SimBridge};
+use hvisor_vhost_tests::harness::{Rng, SimBridge, Vcpu};
 
 const BLK: u64 = 0xa003c00;
 const IRQ: u32 = 78;
@@ -48,6 +48,19 @@ fn guard_wakeups(log_path: &std::path::Path) -> (String, u64) {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no guard wakeup count in {stats:?}"));
     (stats, count)
+}
+
+/// Waits (bounded) until `asleep` says the bridge sleeps as the test needs, then reads the
+/// magic value once; returns how long that read took.
+fn read_once_asleep(vcpu: &Vcpu, asleep: impl Fn() -> bool) -> Duration {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !asleep() {
+        assert!(Instant::now() < deadline, "the bridge never went to sleep");
+        std::hint::spin_loop();
+    }
+    let t = Instant::now();
+    assert_eq!(vcpu.read(BLK + reg::MAGIC_VALUE, 4) as u32, MAGIC_VALUE);
+    t.elapsed()
 }
 
 /// Requests per vCPU of the wakeup stress tests (1 M in all by default).
@@ -155,14 +168,7 @@ fn signal_wakeups_reach_the_ring_and_are_not_status_requests() {
     assert_eq!(vcpu.read(BLK + reg::MAGIC_VALUE, 4) as u32, MAGIC_VALUE);
     let mut slowest = Duration::ZERO;
     for _ in 1..REQUESTS {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sb.sim.wakeup_armed() {
-            assert!(Instant::now() < deadline, "the bridge never went to sleep");
-            std::hint::spin_loop();
-        }
-        let t = Instant::now();
-        assert_eq!(vcpu.read(BLK + reg::MAGIC_VALUE, 4) as u32, MAGIC_VALUE);
-        slowest = slowest.max(t.elapsed());
+        slowest = slowest.max(read_once_asleep(&vcpu, || sb.sim.wakeup_armed()));
     }
     assert!(sb.bridge.terminate().success());
     let (stats, guard) = guard_wakeups(&log_path);
@@ -230,14 +236,8 @@ fn every_lost_wakeup_is_recovered_by_the_guard_and_counted() {
         // simulator loses every LOSE_EVERYth such wakeup.
         let stats = sb.sim.stats();
         let loses = (stats.wakeups + stats.wakeups_lost + 1).is_multiple_of(LOSE_EVERY.into());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(sb.sim.wakeup_armed() && (!loses || blocked_in_epoll_wait(bridge))) {
-            assert!(Instant::now() < deadline, "the bridge never went to sleep");
-            std::hint::spin_loop();
-        }
-        let t = Instant::now();
-        assert_eq!(vcpu.read(BLK + reg::MAGIC_VALUE, 4) as u32, MAGIC_VALUE);
-        slowest = slowest.max(t.elapsed());
+        let asleep = || sb.sim.wakeup_armed() && (!loses || blocked_in_epoll_wait(bridge));
+        slowest = slowest.max(read_once_asleep(&vcpu, asleep));
     }
     assert!(sb.bridge.terminate().success());
     let (stats, guard) = guard_wakeups(&log_path);
