@@ -50,6 +50,26 @@ fn guard_wakeups(log_path: &std::path::Path) -> (String, u64) {
     (stats, count)
 }
 
+/// A bridge that never spins (`--spin-us 0`) with the guard timeout given, serving one blk
+/// device over a simulator with `options`; returns it and the path of its log.
+fn never_spinning_bridge(
+    tag: &str,
+    options: SimOptions,
+    guard_timeout_ms: &str,
+) -> (SimBridge, std::path::PathBuf) {
+    let dir = dir_with_images(tag, &["disk.img"]);
+    let log_path = dir.path().join("bridge.log");
+    let cfg = config(&[zone(1, &[blk_entry(BLK, IRQ, "disk.img", "")], None)]);
+    let sb = SimBridge::start_with_options(
+        Arc::clone(&dir),
+        &cfg,
+        &["--spin-us", "0", "--guard-timeout-ms", guard_timeout_ms],
+        Some(File::create(&log_path).unwrap()),
+        options,
+    );
+    (sb, log_path)
+}
+
 /// Waits (bounded) until `asleep` says the bridge sleeps as the test needs, then reads the
 /// magic value once; returns how long that read took.
 fn read_once_asleep(vcpu: &Vcpu, asleep: impl Fn() -> bool) -> Duration {
@@ -79,20 +99,11 @@ fn wakeup_requests_per_cpu() -> u64 {
 /// pending requests. (Stock hvisor has no such fence; see the next test.)
 #[test]
 fn one_million_requests_across_sleeps_without_a_lost_wakeup_when_fenced() {
-    let dir = dir_with_images("wakeup", &["disk.img"]);
-    let log_path = dir.path().join("bridge.log");
-    let cfg = config(&[zone(1, &[blk_entry(BLK, IRQ, "disk.img", "")], None)]);
     let options = SimOptions {
         ordering: SimOrdering::Fenced,
         ..SimOptions::default()
     };
-    let mut sb = SimBridge::start_with_options(
-        Arc::clone(&dir),
-        &cfg,
-        &["--spin-us", "0", "--guard-timeout-ms", "1000"],
-        Some(File::create(&log_path).unwrap()),
-        options,
-    );
+    let (mut sb, log_path) = never_spinning_bridge("wakeup", options, "1000");
     let total = AtomicU64::new(0);
     let slowest = AtomicU64::new(0);
     let per_cpu = wakeup_requests_per_cpu();
@@ -148,21 +159,12 @@ fn one_million_requests_across_sleeps_without_a_lost_wakeup_when_fenced() {
 #[test]
 fn signal_wakeups_reach_the_ring_and_are_not_status_requests() {
     const REQUESTS: u64 = 2000;
-    let dir = dir_with_images("signal-wakeup", &["disk.img"]);
-    let log_path = dir.path().join("bridge.log");
-    let cfg = config(&[zone(1, &[blk_entry(BLK, IRQ, "disk.img", "")], None)]);
     let options = SimOptions {
         ordering: SimOrdering::Fenced,
         wakeup: SimWakeup::Signal,
         ..SimOptions::default()
     };
-    let mut sb = SimBridge::start_with_options(
-        Arc::clone(&dir),
-        &cfg,
-        &["--spin-us", "0", "--guard-timeout-ms", "1000"],
-        Some(File::create(&log_path).unwrap()),
-        options,
-    );
+    let (mut sb, log_path) = never_spinning_bridge("signal-wakeup", options, "1000");
     let vcpu = sb.vcpu(1, 0);
     // The first access also waits for the bridge to come up.
     assert_eq!(vcpu.read(BLK + reg::MAGIC_VALUE, 4) as u32, MAGIC_VALUE);
@@ -210,21 +212,12 @@ fn signal_wakeups_reach_the_ring_and_are_not_status_requests() {
 #[test]
 fn every_lost_wakeup_is_recovered_by_the_guard_and_counted() {
     const LOSE_EVERY: u32 = 1000;
-    let dir = dir_with_images("lost-wakeup", &["disk.img"]);
-    let log_path = dir.path().join("bridge.log");
-    let cfg = config(&[zone(1, &[blk_entry(BLK, IRQ, "disk.img", "")], None)]);
     let options = SimOptions {
         ordering: SimOrdering::Hvisor,
         lose_wakeup_every: LOSE_EVERY,
         ..SimOptions::default()
     };
-    let mut sb = SimBridge::start_with_options(
-        Arc::clone(&dir),
-        &cfg,
-        &["--spin-us", "0", "--guard-timeout-ms", "20"],
-        Some(File::create(&log_path).unwrap()),
-        options,
-    );
+    let (mut sb, log_path) = never_spinning_bridge("lost-wakeup", options, "20");
     let total = 2 * wakeup_requests_per_cpu();
     let vcpu = sb.vcpu(1, 0);
     // The first access also waits for the bridge to come up.
