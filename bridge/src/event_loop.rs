@@ -57,6 +57,18 @@ pub const SPIN_MAX_DEFAULT_US: u64 = 1_000;
 /// takes the rest.
 pub const ACK_GAP_BOUNDS_US: [u64; 7] = [100, 250, 500, 1_000, 2_000, 4_000, 8_000];
 
+/// Whether `fd` polls readable at once.
+fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    let mut pollfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call's duration; a zero timeout never blocks.
+    let ret = unsafe { libc::poll(&mut pollfd, 1, 0) };
+    ret > 0 && pollfd.revents & libc::POLLIN != 0
+}
+
 /// The spin window of [`LoopOptions::spin_max`], in the manner of KVM's halt polling.
 #[derive(Debug, Clone, Copy)]
 struct AdaptiveSpin {
@@ -480,7 +492,8 @@ impl Bridge {
             let n = self.epoll_wait(&mut events, timeout)?;
             ring.disarm_wakeup();
             spin.slept(now.elapsed(), n > 0 || ring.has_requests());
-            if n == 0 && ring.has_requests() {
+            // A wakeup that arrived just after the timeout was sent, not lost.
+            if n == 0 && ring.has_requests() && !readable_now(self.hsm.wakeup_fd()) {
                 self.stats.guard_wakeups += 1;
                 log::warn!("requests pending after a {timeout} ms sleep without a wakeup");
             }

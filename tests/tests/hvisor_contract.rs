@@ -83,6 +83,11 @@ fn read_once_asleep(vcpu: &Vcpu, asleep: impl Fn() -> bool) -> Duration {
     t.elapsed()
 }
 
+/// Held by each wakeup stress test for its whole run: run side by side, the other's spinning
+/// vCPUs can stall a vCPU of this one for a whole guard timeout, and a request that lands as
+/// a sleep times out is a guard wakeup no lost wakeup explains.
+static STRESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Requests per vCPU of the wakeup stress tests (1 M in all by default).
 fn wakeup_requests_per_cpu() -> u64 {
     std::env::var("HVV_WAKEUP_REQUESTS")
@@ -99,6 +104,9 @@ fn wakeup_requests_per_cpu() -> u64 {
 /// pending requests. (Stock hvisor has no such fence; see the next test.)
 #[test]
 fn one_million_requests_across_sleeps_without_a_lost_wakeup_when_fenced() {
+    let _alone = STRESS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let options = SimOptions {
         ordering: SimOrdering::Fenced,
         ..SimOptions::default()
@@ -211,6 +219,9 @@ fn signal_wakeups_reach_the_ring_and_are_not_status_requests() {
 /// (a guard wakeup with no lost wakeup): it needs the vCPU to stall for the whole sleep.
 #[test]
 fn every_lost_wakeup_is_recovered_by_the_guard_and_counted() {
+    let _alone = STRESS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     const LOSE_EVERY: u32 = 1000;
     let options = SimOptions {
         ordering: SimOrdering::Hvisor,
