@@ -4,32 +4,40 @@
 # guest, our backend on a TAP in a network namespace this script makes. The control run boots
 # the same guest with QEMU's built-in -netdev tap (no vhost) on the same TAP.
 #
-# Usage: net-tests.sh [--mib N] [--only ours|builtin]
-#   --mib N    MiB sent each way over TCP (default 64)
-#   --only X   run one of the two boots
+# Usage: net-tests.sh [--mib N] [--only ours|builtin] [--rounds N]
+#   --mib N      MiB sent each way over TCP (default 64)
+#   --only X     run one of the two boots
+#   --rounds N   boot both N times, back to back in each round (ours first in odd rounds, the
+#                control first in even ones), every boot checked as below (default 1; the
+#                benchmark in docs/performance.md uses 5)
 # $NET_BACKEND: the backend binary (default target/release/vhost-user-net); RIG_KEEP=1 keeps the
 # run directory.
 #
 # Each boot: the guest configures 10.77.0.2/24, pings the host side (10.77.0.1 on the TAP,
 # inside the namespace only), sends N MiB to a host `busybox nc` listener (md5 checked on the
 # host) and receives N MiB from the host (md5 checked in the guest). Prints PASS/FAIL per check,
-# the throughput of both runs and their ratio, then the final line "N passed, N failed".
+# then bench_report.py's table of the throughput (median [min-max] over the rounds, and the
+# median [min-max] of the per-round ratios), then the final line "N passed, N failed".
+# Throughput is printed, never asserted.
 set -uo pipefail
 # shellcheck source=common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 mib=64
 only=""
+rounds=1
 while (($#)); do
     case $1 in
     --mib) mib=${2:-} && shift ;;
     --only) only=${2:-} && shift ;;
-    *) rig_die "usage: net-tests.sh [--mib N] [--only ours|builtin]" ;;
+    --rounds) rounds=${2:-} && shift ;;
+    *) rig_die "usage: net-tests.sh [--mib N] [--only ours|builtin] [--rounds N]" ;;
     esac
     shift
 done
 if ! [[ $mib =~ ^[1-9][0-9]*$ ]] || ((mib > 128)); then rig_die "--mib must be 1..128"; fi
 [[ -z $only || $only == ours || $only == builtin ]] || rig_die "--only takes ours or builtin"
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || rig_die "--rounds takes a positive integer"
 NET_BACKEND=${NET_BACKEND:-$REPO_ROOT/target/release/vhost-user-net}
 [[ $only == builtin || -x $NET_BACKEND ]] ||
     rig_die "$NET_BACKEND not found: cargo build --release -p vhost-user-net (or set NET_BACKEND)"
@@ -92,8 +100,10 @@ EOF
     chmod +x "$RIG_RUN/bin/qemu-system-x86_64"
 }
 
+# start_backend LOG
 start_backend() {
-    local sock=$RIG_RUN/net.sock log=$RIG_RUN/backend.log
+    local sock=$RIG_RUN/net.sock log=$1
+    rm -f "$sock"
     # Not through a shell function: $! must be the backend (ip netns exec execs it).
     ip netns exec "$NS" "$NET_BACKEND" -s "$sock" --tap "$TAP" >"$log" 2>&1 &
     BACKEND_PID=$!
@@ -168,12 +178,16 @@ rig_host_action() {
 
 mbps() { awk -v b="$1" -v s="$2" 'BEGIN { if (s > 0) printf "%.1f", b / s / 1048576; else print "0" }'; }
 
-declare -A TX_MBPS RX_MBPS
+RESULTS=$RIG_RUN/results.tsv
+: >"$RESULTS"
+ROW_TX="TCP guest → host, MiB/s"
+ROW_RX="TCP host → guest, MiB/s"
 
-# run NAME -netdev... : one boot with the given netdev; checks and records throughput.
+# run SIDE ROUND NAME -netdev... : one boot with the given netdev, NAME labelling its checks and
+# files; checks it and appends its throughput to $RESULTS.
 run() {
-    local name=$1
-    shift
+    local side=$1 round=$2 name=$3 mbps
+    shift 3
     start_listener "$name"
     rig_boot "$name" 300 1 "rig.tests=net,nettx,netrx rig.disk=0 rig.modules=virtio_pci,virtio_net \
 rig.ip=$GUEST_IP/24 rig.peer=$HOST_IP rig.net_mib=$mib" \
@@ -209,8 +223,9 @@ rig.ip=$GUEST_IP/24 rig.peer=$HOST_IP rig.net_mib=$mib" \
         rig_fail "$name: $mib MiB guest -> host over TCP, md5 on the host" \
             "host got $(stat -c %s "$RIG_RUN/tx-$name.bin") bytes, md5 $host_sum; guest sent md5 $sum"
     else
-        TX_MBPS[$name]=$(mbps "$bytes" "$seconds")
-        rig_pass "$name: $mib MiB guest -> host over TCP, md5 on the host" "$sum, ${TX_MBPS[$name]} MiB/s"
+        mbps=$(mbps "$bytes" "$seconds")
+        printf '%s\t%s\t%s\t%s\n' "$round" "$side" "$ROW_TX" "$mbps" >>"$RESULTS"
+        rig_pass "$name: $mib MiB guest -> host over TCP, md5 on the host" "$sum, $mbps MiB/s"
     fi
 
     local rx
@@ -221,35 +236,46 @@ rig.ip=$GUEST_IP/24 rig.peer=$HOST_IP rig.net_mib=$mib" \
         rig_fail "$name: $mib MiB host -> guest over TCP, md5 in the guest" \
             "guest got $(rig_field "$rx" bytes) bytes, md5 $(rig_field "$rx" md5); host sent $RX_MD5"
     else
-        RX_MBPS[$name]=$(mbps "$(rig_field "$rx" bytes)" "$(rig_field "$rx" seconds)")
-        rig_pass "$name: $mib MiB host -> guest over TCP, md5 in the guest" "$RX_MD5, ${RX_MBPS[$name]} MiB/s"
+        mbps=$(mbps "$(rig_field "$rx" bytes)" "$(rig_field "$rx" seconds)")
+        printf '%s\t%s\t%s\t%s\n' "$round" "$side" "$ROW_RX" "$mbps" >>"$RESULTS"
+        rig_pass "$name: $mib MiB host -> guest over TCP, md5 in the guest" "$RX_MD5, $mbps MiB/s"
     fi
 }
 
+# The label of a boot's checks and files: the side, with the round when there are several.
+boot_name() { if ((rounds == 1)); then echo "$1"; else echo "$1-r$2"; fi; }
+
+# ours ROUND
 ours() {
-    rig_log "boot 1: -netdev vhost-user, our vhost-user-net on $TAP in $NS"
-    if ! start_backend; then
-        rig_fail "ours: backend start" "see $RIG_RUN/backend.log"
+    local name log
+    name=$(boot_name ours "$1")
+    log=$RIG_RUN/backend-$name.log
+    rig_log "$name: -netdev vhost-user, our vhost-user-net on $TAP in $NS"
+    if ! start_backend "$log"; then
+        rig_fail "$name: backend start" "see $log"
         return
     fi
-    run ours -chardev "socket,id=c1,path=$RIG_RUN/net.sock" -netdev vhost-user,chardev=c1,id=n0
+    run ours "$1" "$name" -chardev "socket,id=c1,path=$RIG_RUN/net.sock" -netdev vhost-user,chardev=c1,id=n0
     local rc=0
     stop_backend || rc=$?
-    rig_expect "ours: backend exits 0 on SIGTERM" "$rc" 0
+    rig_expect "$name: backend exits 0 on SIGTERM" "$rc" 0
     # QEMU's virtio-net enables rings (SET_VRING_ENABLE) before SET_FEATURES; vhost 0.18 and
     # vhost-user-backend 0.24 refuse that and end the session (see docs/net.md).
-    if grep -q 'inactive feature' "$RIG_RUN/backend.log"; then
-        rig_fail "ours: vhost-user session with QEMU" \
+    if grep -q 'inactive feature' "$log"; then
+        rig_fail "$name: vhost-user session with QEMU" \
             "the vhost crates refused SET_VRING_ENABLE before SET_FEATURES and closed the connection"
     else
-        rig_pass "ours: vhost-user session with QEMU" "no request refused"
+        rig_pass "$name: vhost-user session with QEMU" "no request refused"
     fi
-    rig_log "backend counters: $(sed -n 's/.*Frontend disconnected: //p' "$RIG_RUN/backend.log" | tail -n 1)"
+    rig_log "$name: backend counters: $(sed -n 's/.*Frontend disconnected: //p' "$log" | tail -n 1)"
 }
 
+# builtin ROUND
 builtin() {
-    rig_log "boot 2 (control): QEMU's built-in -netdev tap on $TAP, no vhost"
-    run builtin -netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no,vhost=off"
+    local name
+    name=$(boot_name builtin "$1")
+    rig_log "$name (control): QEMU's built-in -netdev tap on $TAP, no vhost"
+    run builtin "$1" "$name" -netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no,vhost=off"
 }
 
 make_namespace || rig_die "cannot set up the network namespace $NS"
@@ -258,20 +284,27 @@ PATH=$RIG_RUN/bin:$PATH
 head -c $((mib * MIB)) /dev/urandom >"$RIG_RUN/rx.bin"
 RX_MD5=$(md5sum <"$RIG_RUN/rx.bin" | cut -d' ' -f1)
 
-[[ $only == builtin ]] || ours
-[[ $only == ours ]] || builtin
+sides=()
+[[ $only == builtin ]] || sides+=(ours)
+[[ $only == ours ]] || sides+=(builtin)
+columns=$(
+    IFS=,
+    echo "${sides[*]}"
+)
+for round in $(seq 1 "$rounds"); do
+    for side in "${sides[@]}"; do "$side" "$round"; done
+    # The other side first in the next round: neither always boots first.
+    sides=("${sides[@]:1}" "${sides[0]}")
+done
 
 echo
-printf '%-16s %14s %14s\n' "TCP, $mib MiB" "guest->host" "host->guest"
-for name in ours builtin; do
-    [[ -n ${TX_MBPS[$name]:-}${RX_MBPS[$name]:-} ]] || continue
-    printf '%-16s %10s MiB/s %10s MiB/s\n' "$name" "${TX_MBPS[$name]:--}" "${RX_MBPS[$name]:--}"
-done
-if [[ -n ${TX_MBPS[ours]:-} && -n ${TX_MBPS[builtin]:-} && -n ${RX_MBPS[ours]:-} && -n ${RX_MBPS[builtin]:-} ]]; then
-    printf '%-16s %14s %14s\n' "ours / builtin" \
-        "$(awk -v a="${TX_MBPS[ours]}" -v b="${TX_MBPS[builtin]}" 'BEGIN { printf "%.2f", a / b }')" \
-        "$(awk -v a="${RX_MBPS[ours]}" -v b="${RX_MBPS[builtin]}" 'BEGIN { printf "%.2f", a / b }')"
-fi
+echo "net-tests.sh: TCP, $mib MiB each way, TCG guest"
+echo
+ratio=()
+[[ -z $only ]] && ratio=(--ratio ours/builtin)
+# Prints the figures it has; a missing one is already a FAIL above.
+python3 "$RIG_SRC_DIR/bench_report.py" "$RESULTS" --rounds "$rounds" --sides "$columns" \
+    --row-title "TCP, $mib MiB" --decimals 1 "${ratio[@]}"
 echo
 echo "$RIG_PASSED passed, $RIG_FAILED failed"
 ((RIG_FAILED == 0))

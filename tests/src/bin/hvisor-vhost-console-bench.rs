@@ -11,6 +11,10 @@
 //!
 //! Output is printable ASCII, since vhost-device-console 0.1.0 panics on anything else.
 //! Every transfer is checked byte for byte. Ratios are ours / theirs; above 1 is better.
+//!
+//! `--rounds N` runs both backends N times, back to back in each round (ours first in odd
+//! rounds, theirs first in even ones), and prints median [min–max] over the rounds for each
+//! backend, and the median [min–max] of the per-round ratios.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -49,6 +53,9 @@ struct Args {
     /// Measure only the project's backend.
     #[arg(long)]
     ours_only: bool,
+    /// Rounds, each running both backends back to back.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
 }
 
 /// One backend's numbers.
@@ -240,10 +247,55 @@ fn run_theirs(args: &Args, binary: &Path) -> Result<Results, String> {
     measure(&sb, args, &connect, false)
 }
 
-fn ratio(ours: f64, theirs: Option<f64>) -> String {
-    match theirs {
-        Some(theirs) if theirs > 0.0 => format!("{:.2}", ours / theirs),
-        _ => "n/a".into(),
+/// "median [min–max]" of the values with `decimals` decimals (the median of an even count is
+/// the mean of the middle two), or "n/a" when there are none.
+fn spread(mut values: Vec<f64>, decimals: usize) -> String {
+    if values.is_empty() {
+        return "n/a".into();
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let median = if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    };
+    if n == 1 {
+        format!("{median:.decimals$}")
+    } else {
+        format!(
+            "{median:.decimals$} [{:.decimals$}–{:.decimals$}]",
+            values[0],
+            values[n - 1]
+        )
+    }
+}
+
+/// One round: both backends, back to back, in the given order. A failure of ours ends the
+/// bench; a failure of vhost-device-console (it loses keystrokes now and then) leaves its
+/// figures out of this round, with the reason printed.
+fn round(
+    args: &Args,
+    theirs: Option<&Path>,
+    theirs_first: bool,
+    r: u32,
+) -> Result<(Results, Option<Results>), String> {
+    let ours = || run_ours(args).map_err(|e| format!("vhost-user-console: {e}"));
+    let theirs = || {
+        theirs.and_then(|binary| match run_theirs(args, binary) {
+            Ok(results) => Some(results),
+            Err(e) => {
+                println!("round {r}: vhost-device-console failed, no figures: {e}");
+                None
+            }
+        })
+    };
+    if theirs_first {
+        let t = theirs();
+        Ok((ours()?, t))
+    } else {
+        let o = ours()?;
+        Ok((o, theirs()))
     }
 }
 
@@ -252,17 +304,10 @@ fn main() -> ExitCode {
     let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .try_init();
     println!(
-        "console bench: {} MiB each way, {} keystrokes, {}-byte buffers",
-        args.mib, args.keystrokes, args.buffer
+        "console bench: {} MiB each way, {} keystrokes, {}-byte buffers, {} round(s)",
+        args.mib, args.keystrokes, args.buffer, args.rounds
     );
-    let ours = match run_ours(&args) {
-        Ok(results) => results,
-        Err(e) => {
-            eprintln!("vhost-user-console: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let theirs = if args.ours_only {
+    let binary = if args.ours_only {
         None
     } else {
         let binary = args.thirdparty.clone().unwrap_or_else(|| {
@@ -276,54 +321,57 @@ fn main() -> ExitCode {
             );
             return ExitCode::FAILURE;
         }
-        match run_theirs(&args, &binary) {
-            Ok(results) => Some(results),
+        Some(binary)
+    };
+    let mut runs = Vec::new();
+    for r in 1..=args.rounds {
+        match round(&args, binary.as_deref(), r % 2 == 0, r) {
+            Ok(results) => runs.push(results),
             Err(e) => {
-                eprintln!("vhost-device-console: {e}");
+                eprintln!("round {r}: {e}");
                 return ExitCode::FAILURE;
             }
         }
-    };
-    let show = |value: Option<f64>, unit: &str| match value {
-        Some(value) => format!("{value:10.1} {unit}"),
-        None => format!("{:>10} {unit}", "n/a"),
-    };
+    }
     println!(
-        "{:<22} {:>18} {:>22} {:>8}",
+        "{:<16} | {:>30} | {:>30} | {:>20}",
         "", "vhost-user-console", "vhost-device-console", "ratio"
     );
-    let rows = [
-        (
-            "guest->host",
-            Some(ours.guest_to_host),
-            theirs.map(|t| t.guest_to_host),
-            "MB/s",
-        ),
-        (
-            "host->guest",
-            ours.host_to_guest,
-            theirs.and_then(|t| t.host_to_guest),
-            "MB/s",
-        ),
-        (
-            "keystrokes",
-            Some(ours.keystrokes_per_s),
-            theirs.map(|t| t.keystrokes_per_s),
-            "/s",
-        ),
+    type Figure = fn(&Results) -> Option<f64>;
+    let rows: [(&str, Figure); 3] = [
+        ("guest->host MB/s", |r| Some(r.guest_to_host)),
+        ("host->guest MB/s", |r| r.host_to_guest),
+        ("keystrokes/s", |r| Some(r.keystrokes_per_s)),
     ];
-    for (name, ours, theirs, unit) in rows {
+    for (name, figure) in rows {
+        let ours: Vec<f64> = runs.iter().filter_map(|(o, _)| figure(o)).collect();
+        let theirs: Vec<f64> = runs
+            .iter()
+            .filter_map(|(_, t)| t.as_ref().and_then(figure))
+            .collect();
+        let ratios: Vec<f64> = runs
+            .iter()
+            .filter_map(|(o, t)| {
+                Some(figure(o)? / t.as_ref().and_then(figure).filter(|t| *t > 0.0)?)
+            })
+            .collect();
         println!(
-            "{name:<22} {:>18} {:>22} {:>8}",
-            show(ours, unit),
-            show(theirs, unit),
-            ours.map_or("n/a".into(), |ours| ratio(ours, theirs))
+            "{name:<16} | {:>30} | {:>30} | {:>20}",
+            spread(ours, 1),
+            spread(theirs, 1),
+            spread(ratios, 2)
         );
     }
-    if theirs.is_some() {
+    if binary.is_some() {
         println!(
             "host->guest n/a for vhost-device-console 0.1.0: it returns a receive buffer once \
              per byte copied into it, which breaks the ring for input longer than one byte"
+        );
+    }
+    if args.rounds > 1 {
+        println!(
+            "median [min–max] over the rounds; a ratio is the median [min–max] of the per-round \
+             ratios (ours / theirs)"
         );
     }
     ExitCode::SUCCESS
