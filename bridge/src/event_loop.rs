@@ -98,9 +98,8 @@ impl AdaptiveSpin {
         if slept > self.max {
             self.window = (self.window / 2).max(self.min);
         } else if woken {
-            self.window = (self.window * 2)
-                .max(Duration::from_micros(1))
-                .min(self.max);
+            // `window` is at least `min`, which is not zero whenever `max` is not.
+            self.window = (self.window * 2).min(self.max);
         }
     }
 }
@@ -457,15 +456,10 @@ impl Bridge {
                 std::hint::spin_loop();
                 continue;
             }
-            if idle < spin.window() {
-                // Beyond the fixed spin, poll without holding the CPU from whatever else is
-                // runnable on it (backends pinned beside the bridge).
-                std::thread::yield_now();
-                continue;
-            }
-            if idle < self.options.await_spin && self.awaiting(now) {
-                // The answer may need this very CPU (a backend pinned beside the bridge, the
-                // guest's side of root Linux): poll, but let whatever is runnable here go first.
+            if idle < spin.window() || (idle < self.options.await_spin && self.awaiting(now)) {
+                // Beyond the fixed spin, poll without holding the CPU from whatever is runnable
+                // on it: the answer may need this very CPU (a backend pinned beside the bridge,
+                // the guest's side of root Linux).
                 std::thread::yield_now();
                 continue;
             }
