@@ -417,8 +417,14 @@ fn negotiate(
     // vhost-user has no message that reports a backend's largest queue; a backend that
     // cannot take QueueNumMax refuses SET_VRING_NUM. Ask now, so a misconfigured size fails
     // at start-up with a clear error instead of at the guest's DRIVER_OK.
+    // A backend that died meanwhile is a lost connection, not a refusal: the restore path
+    // starts another backend for the first and gives up only on the second.
     for queue in 0..usize::from(spec.num_queues) {
-        if frontend.set_vring_num(queue, spec.queue_size).is_err() {
+        if let Err(e) = frontend.set_vring_num(queue, spec.queue_size) {
+            let error = request("SET_VRING_NUM")(e);
+            if error.connection_lost() {
+                return Err(error);
+            }
             return Err(FrontendError::QueueSizeRefused {
                 queue,
                 size: spec.queue_size,

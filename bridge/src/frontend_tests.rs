@@ -26,6 +26,7 @@ const SET_CONFIG: u32 = 25;
 const GET_MAX_MEM_SLOTS: u32 = 36;
 const ADD_MEM_REG: u32 = 37;
 const SET_MEM_TABLE: u32 = 5;
+const SET_VRING_NUM: u32 = 8;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 const VERSION_1: u64 = 1 << 32;
@@ -55,6 +56,18 @@ struct Script {
     max_mem_slots: u64,
     /// As qemu-storage-daemon does: a SET_CONFIG with nonzero flags ends the session.
     drop_on_migration_flags: bool,
+    /// How SET_VRING_NUM is answered.
+    vring_num: VringNumReply,
+}
+
+/// How the scripted backend answers SET_VRING_NUM.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum VringNumReply {
+    Accept,
+    /// A nonzero REPLY_ACK: the backend cannot take that size.
+    Refuse,
+    /// The backend dies on it: the socket closes.
+    HangUp,
 }
 
 impl Script {
@@ -68,6 +81,7 @@ impl Script {
             configs: Vec::new(),
             max_mem_slots: 0,
             drop_on_migration_flags: true,
+            vring_num: VringNumReply::Accept,
         }
     }
 }
@@ -160,6 +174,8 @@ fn serve(mut stream: UnixStream, script: Script) -> Vec<Msg> {
                 reply(&mut stream, code, &body);
             }
             SET_CONFIG if script.drop_on_migration_flags && msg.u32_at(8) != 0 => return log,
+            SET_VRING_NUM if script.vring_num == VringNumReply::HangUp => return log,
+            SET_VRING_NUM if script.vring_num == VringNumReply::Refuse => u64_reply(&mut stream, 1),
             _ => {
                 if flags & FLAG_NEED_REPLY != 0 {
                     u64_reply(&mut stream, 0);
@@ -525,4 +541,27 @@ fn a_restarted_backend_without_a_feature_the_guest_acked_is_refused() {
     );
     fake.thread.join().unwrap();
     fake2.finish(dev);
+}
+
+#[test]
+fn a_backend_that_refuses_the_queue_size_is_told_apart_from_one_that_died() {
+    let mut refusing = Script::new(60);
+    refusing.vring_num = VringNumReply::Refuse;
+    let (fake, frontend) = Fake::start(refusing);
+    let error = VhostUserDevice::new(spec(BLK, 1, 60), frontend, memory(1)).unwrap_err();
+    assert!(
+        matches!(error, FrontendError::QueueSizeRefused { queue: 0, .. }),
+        "{}",
+        chain(&error)
+    );
+    assert!(!error.connection_lost());
+    fake.thread.join().unwrap();
+
+    // Killed while the bridge negotiates (a restore): worth another backend, not a reset.
+    let mut dying = Script::new(60);
+    dying.vring_num = VringNumReply::HangUp;
+    let (fake, frontend) = Fake::start(dying);
+    let error = VhostUserDevice::new(spec(BLK, 1, 60), frontend, memory(1)).unwrap_err();
+    assert!(error.connection_lost(), "{}", chain(&error));
+    fake.thread.join().unwrap();
 }
