@@ -176,6 +176,8 @@ pub struct BridgeDevice {
     /// When the guest last wrote QueueNotify, until the backend signals a used buffer: its
     /// answer is on the way.
     kicked_at: Option<Instant>,
+    /// This device's share of [`LoopStats::notify_to_call`], for the status socket.
+    notify_to_call: RoundTrips,
     /// How to bring the backend back; `None` fails the device on hang-up instead.
     reconnect: Option<Reconnect>,
     /// The backend process, when the bridge started it.
@@ -210,6 +212,7 @@ impl BridgeDevice {
             injection_failed: false,
             last_injection: Instant::now(),
             kicked_at: None,
+            notify_to_call: RoundTrips::default(),
             reconnect: None,
             process: None,
             reconnecting: false,
@@ -274,6 +277,26 @@ pub struct LoopStats {
     /// Time from an injection to the guest's InterruptACK, bucketed by
     /// [`ACK_GAP_BOUNDS_US`]: part of what [`LoopOptions::await_spin`] has to cover.
     pub ack_gaps: [u64; ACK_GAP_BOUNDS_US.len() + 1],
+    /// From a QueueNotify to the backend's call that answers it, over every device: the
+    /// backends' share of a request's round trip (their wakeup and service), beside the
+    /// guest's share that [`LoopStats::ack_gaps`] shows.
+    pub notify_to_call: RoundTrips,
+}
+
+/// Round trips counted and their durations summed, for a mean over any interval.
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoundTrips {
+    pub count: u64,
+    pub total_us: u64,
+}
+
+impl RoundTrips {
+    fn add(&mut self, took: Duration) {
+        self.count += 1;
+        self.total_us = self
+            .total_us
+            .saturating_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+    }
 }
 
 /// The bridge: devices plus the HSM, driven by [`Bridge::run`].
@@ -577,7 +600,11 @@ impl Bridge {
             return;
         }
         if dev.transport.backend().take_call(slot as usize) {
-            dev.kicked_at = None;
+            if let Some(kicked_at) = dev.kicked_at.take() {
+                let took = kicked_at.elapsed();
+                dev.notify_to_call.add(took);
+                self.stats.notify_to_call.add(took);
+            }
             if dev.transport.signal_used_buffer() {
                 self.raise(index - 1);
             } else {
@@ -804,9 +831,7 @@ impl Bridge {
         let offset = req.address - dev.base;
         let zone = dev.zone;
         if req.is_write != 0 {
-            if offset == u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY)
-                && self.options.await_spin > Duration::ZERO
-            {
+            if offset == u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY) {
                 dev.kicked_at = Some(Instant::now());
             }
             let was_asserted = dev.transport.line_asserted();

@@ -364,13 +364,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     log::info!(
         "stopping: {} requests, {} interrupts, {} sleeps, {} guard wakeups, {} zone resets, \
-         {} re-injections, injection-to-ACK gaps {}",
+         {} re-injections, {} answered kicks, kick-to-call {} µs in all, injection-to-ACK gaps {}",
         stats.requests,
         stats.interrupts,
         stats.sleeps,
         stats.guard_wakeups,
         stats.zone_resets,
         stats.reinjections,
+        stats.notify_to_call.count,
+        stats.notify_to_call.total_us,
         ack_gap_summary(&stats.ack_gaps)
     );
     drop(status_server);

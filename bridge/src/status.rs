@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-use crate::event_loop::LoopStats;
+use crate::event_loop::{LoopStats, RoundTrips};
 
 /// The status socket's name in the runtime directory.
 pub const SOCKET_NAME: &str = "status.sock";
@@ -69,6 +69,8 @@ pub struct DeviceStatus {
     pub features: u64,
     /// One entry per queue.
     pub queues: Vec<QueueStatus>,
+    /// From each QueueNotify to the backend's call that answered it.
+    pub notify_to_call: RoundTrips,
 }
 
 /// One virtqueue as the driver configured it.

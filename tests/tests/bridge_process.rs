@@ -450,10 +450,18 @@ fn status_reports_devices_features_and_counters_of_a_running_bridge() {
     assert_ne!(blk0.features & VERSION_1, 0, "{blk0:?}");
     assert!(blk0.queues[0].ready, "{blk0:?}");
     assert_eq!(blk1.features, 0, "the idle device negotiated nothing");
+    // The I/O's notifies were answered by blk0's backend, and only those are blk0's.
+    assert!(blk0.notify_to_call.count > 0, "{blk0:?}");
+    assert_eq!(blk1.notify_to_call.count, 0, "{blk1:?}");
     let (c0, c1) = (&before.counters, &after.counters);
     assert!(c1.requests > c0.requests, "{c0:?} -> {c1:?}");
     assert!(c1.interrupts > c0.interrupts, "{c0:?} -> {c1:?}");
     assert_eq!(c1.reconnects, 0);
+    assert_eq!(
+        c1.notify_to_call.count - c0.notify_to_call.count,
+        blk0.notify_to_call.count,
+        "{c0:?} -> {c1:?}"
+    );
 
     // The table names every device and its state.
     let out = std::process::Command::new(bin_path("hvisor-vhost-bridge"))

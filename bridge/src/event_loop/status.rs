@@ -98,5 +98,6 @@ fn device_status(dev: &BridgeDevice) -> DeviceStatus {
                 ready: q.ready,
             })
             .collect(),
+        notify_to_call: dev.notify_to_call,
     }
 }

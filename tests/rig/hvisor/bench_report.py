@@ -99,6 +99,23 @@ def metrics(path, args):
         per_req["ping"] = args.pings
     for p, n in per_req.items():
         m["cpu_ms_per." + p] = m["cpu." + p] * 1e3 / n
+    # zone1's own view of the blk phases: interrupts per request (per MiB for the sequential
+    # ones) and its CPU's busy share. The same guest and load on both sides, so a difference is
+    # in how the daemon batches completions and how long zone1 waits on its register accesses.
+    per_unit = dict(per_req, write=args.mib, read=args.mib)
+    for p in LOAD:
+        if "z1_irqs" in ph[p] and "error" not in ph[p]:
+            m["z1_irqs_per." + p] = int(ph[p]["z1_irqs"]) / per_unit[p]
+            m["z1_busy." + p] = float(ph[p]["z1_busy_pct"])
+        if "rounds" in ph[p] and "error" not in ph[p]:
+            for key in ("per_round", "submit_us", "wait_us"):
+                m["z1_%s.%s" % (key, p)] = float(ph[p][key])
+        # Our bridge's counters over the phase.
+        if "br_blk_kicks" in ph[p] and "error" not in ph[p]:
+            kicks = int(ph[p]["br_blk_kicks"])
+            m["br_kick_to_call_us." + p] = int(ph[p]["br_blk_kick_to_call_us"]) / kicks if kicks else None
+            for key in ("requests", "sleeps"):
+                m["br_%s_per.%s" % (key, p)] = int(ph[p]["br_" + key]) / per_unit[p]
     mb = {"write": args.mib * 1.048576, "read": args.mib * 1.048576}
     for p in TRANSFERS:
         if p in ph:
@@ -228,6 +245,45 @@ def main():
         if "cpu_s_per_mb." + p in ours[0]:
             what = "MB" if p in ("write", "read") else "MB delivered"
             row("zone0 CPU s per %s, %s" % (what, labels[p]), "cpu_s_per_mb." + p, False)
+
+    if any("z1_irqs_per." + p in r for r in ours + tool for p in LOAD):
+        print()
+        print("Zone1's view of the blk phases (medians [min–max]): its interrupts per request (per "
+              "MiB for the sequential phases) and its CPU's busy share, %:")
+        print()
+        print("| phase | interrupts, ours | interrupts, %s | zone1 busy %%, ours | zone1 busy %%, %s |" % (
+            theirs_name, theirs_name))
+        print("|---|---|---|---|---|")
+        for p in LOAD:
+            print("| %s | %s | %s | %s | %s |" % (labels[p], cell(ours, "z1_irqs_per." + p), cell(tool, "z1_irqs_per." + p),
+                                               cell(ours, "z1_busy." + p), cell(tool, "z1_busy." + p)))
+
+    deep = [p for p in LOAD if any("z1_per_round." + p in r for r in ours + tool)]
+    if deep:
+        print()
+        print("The deep queue's rounds, by zone1's clock (one io_submit of the free slots, then one "
+              "io_getevents): requests completed per round, and µs per round submitting and waiting "
+              "for the device and its interrupt (medians [min–max]):")
+        print()
+        print("| phase | requests/round, ours | %s | submit µs, ours | %s | wait µs, ours | %s |" % (
+            (theirs_name,) * 3))
+        print("|---|---|---|---|---|---|---|")
+        for p in deep:
+            print("| %s | %s |" % (labels[p], " | ".join(
+                cell(side, "z1_%s.%s" % (key, p)) for key in ("per_round", "submit_us", "wait_us")
+                for side in (ours, tool))))
+    ring = [p for p in LOAD if any("br_requests_per." + p in r for r in ours)]
+    if ring:
+        print()
+        print("Our bridge over each blk phase (status socket): ring requests and sleeps per request "
+              "(per MiB for the sequential phases), and the mean µs from a QueueNotify to the backend's "
+              "call:")
+        print()
+        print("| phase | ring requests | sleeps | notify to call, µs |")
+        print("|---|---|---|---|")
+        for p in ring:
+            print("| %s | %s | %s | %s |" % (labels[p], cell(ours, "br_requests_per." + p),
+                                             cell(ours, "br_sleeps_per." + p), cell(ours, "br_kick_to_call_us." + p)))
 
     names = sorted({k.split(".", 2)[2] for r in ours for k in r if k.startswith("by.")})
     if names and all(any(k.startswith("by.") for k in r) for r in ours):

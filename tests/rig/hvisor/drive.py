@@ -11,6 +11,7 @@ Standard library only (subprocess, selectors, re).
 """
 
 import argparse
+import json
 import os
 import random
 import re
@@ -19,6 +20,11 @@ import signal
 import subprocess
 import sys
 import time
+
+# Our bridge's counters, per blk bench phase (from its status socket): the loop's ring
+# requests, interrupts and sleeps, and the blk device's QueueNotify-to-call round trips with
+# their summed µs.
+BRIDGE_PHASE_COUNTERS = ("requests", "interrupts", "sleeps", "blk_kicks", "blk_kick_to_call_us")
 
 ALL_CHECKS = [
     "module", "init-order", "daemon-ready", "zone-start", "devices", "blk", "blk-direct",
@@ -313,6 +319,24 @@ class Rig:
             by[name] = by.get(name, 0) + int(ticks)
         return int(f[0]), by
 
+    def bridge_counters(self):
+        """Our bridge's loop counters now (its status socket), with the notify-to-call round
+        trips of the blk device (the bench's zone1 has one); None with hvisor-tool."""
+        if self.args.daemon != "ours":
+            return None
+        rc, out = self.sh("bridge_status")
+        f = self.fact(out, r"@Z0 status-json (.*) status-end@")
+        if rc != 0 or f is None:
+            raise RuntimeError("bridge_status failed: " + out.strip())
+        status = json.loads(f[0])
+        counters = dict(status["counters"])
+        blk = [d for d in status["devices"] if d["device_id"] == 2]
+        if len(blk) != 1:
+            raise RuntimeError("bridge_status: expected one blk device, got %d" % len(blk))
+        counters["blk_kicks"] = blk[0]["notify_to_call"]["count"]
+        counters["blk_kick_to_call_us"] = blk[0]["notify_to_call"]["total_us"]
+        return counters
+
     @staticmethod
     def cpu_delta(after, before):
         """ "cpu_s=S cpu_by=NAME:S,..." for a phase, in seconds."""
@@ -350,9 +374,16 @@ class Rig:
                 ("randwrite-qd", "randwrite %d %d %d" % (a.bench_mib, a.bench_qd_rand, a.bench_qd)))
         for name, args in load:
             op, rest = args.split(" ", 1)
+            counters = self.bridge_counters()
             rc, out = self.z1("load %s %s %s" % (op, serial, rest), a.timeout * 3)
             f = self.fact(out, r"@LOAD (op=[^@]*)@")
             facts = f[0] if f else "error=no-result"
+            counts = self.fact(out, r"@Z1 load-counts irqs=(\d+) busy_pct=(\S+)@")
+            if counts:
+                facts += " z1_irqs=%s z1_busy_pct=%s" % counts
+            after = self.bridge_counters()
+            if counters and after:
+                facts += "".join(" br_%s=%d" % (k, after[k] - counters[k]) for k in BRIDGE_PHASE_COUNTERS)
             if rc != 0 and "error=" not in facts:
                 facts += " error=rc%d" % rc
             done(name, facts)

@@ -100,10 +100,24 @@ static int seq(const char *op, const char *dev, unsigned mib)
 	return 0;
 }
 
-static int rnd_done(const char *op, unsigned count, unsigned qd, double s, double lat_sum)
+/* The deep queue's rounds (one io_submit of the free slots, one io_getevents), or NULL. */
+struct rounds {
+	unsigned count;
+	double submit_s, wait_s;
+};
+
+static int rnd_done(const char *op, unsigned count, unsigned qd, double s, double lat_sum,
+		    const struct rounds *rounds)
 {
-	printf("@LOAD op=%s qd=%u requests=%u s=%.6f iops=%.1f lat_us=%.1f@\n", op, qd, count, s,
+	printf("@LOAD op=%s qd=%u requests=%u s=%.6f iops=%.1f lat_us=%.1f", op, qd, count, s,
 	       count / s, lat_sum * 1e6 / count);
+	/* Per round: the time zone1 spends submitting, and waiting for the device and its
+	 * interrupt; the same clock and guest whichever daemon serves the disk. */
+	if (rounds && rounds->count)
+		printf(" rounds=%u per_round=%.1f submit_us=%.1f wait_us=%.1f", rounds->count,
+		       (double)count / rounds->count, rounds->submit_s * 1e6 / rounds->count,
+		       rounds->wait_s * 1e6 / rounds->count);
+	printf("@\n");
 	return 0;
 }
 
@@ -123,7 +137,7 @@ static int rnd_sync(const char *op, int fd, uint64_t blocks, unsigned count)
 		}
 	}
 	double s = now() - t0;
-	return rnd_done(op, count, 1, s, s);
+	return rnd_done(op, count, 1, s, s, NULL);
 }
 
 /* Queue depth QD: native AIO on the O_DIRECT descriptor keeps QD requests in the disk's queue
@@ -149,6 +163,7 @@ static int rnd_aio(const char *op, int fd, uint64_t blocks, unsigned count, unsi
 	fill(bufs, (size_t)qd * 4096);
 	unsigned submitted = 0, completed = 0, nready = 0;
 	double lat_sum = 0, t0 = now();
+	struct rounds rounds = { 0 };
 	for (unsigned i = 0; i < qd && i < count; i++)
 		ready[nready++] = &cbs[i];
 	while (completed < count) {
@@ -176,6 +191,8 @@ static int rnd_aio(const char *op, int fd, uint64_t blocks, unsigned count, unsi
 		}
 		submitted += nready;
 		nready = 0;
+		double submitted_at = now();
+		rounds.submit_s += submitted_at - t;
 		long n = syscall(SYS_io_getevents, ctx, 1L, (long)qd, events, NULL);
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -185,6 +202,8 @@ static int rnd_aio(const char *op, int fd, uint64_t blocks, unsigned count, unsi
 			return 1;
 		}
 		t = now();
+		rounds.wait_s += t - submitted_at;
+		rounds.count++;
 		for (long i = 0; i < n; i++) {
 			if (events[i].res != 4096) {
 				printf("@LOAD op=%s qd=%u error=%s request=%u@\n", op, qd,
@@ -199,7 +218,7 @@ static int rnd_aio(const char *op, int fd, uint64_t blocks, unsigned count, unsi
 	}
 	double s = now() - t0;
 	syscall(SYS_io_destroy, ctx);
-	return rnd_done(op, count, qd, s, lat_sum);
+	return rnd_done(op, count, qd, s, lat_sum, &rounds);
 }
 
 static int rnd(const char *op, const char *dev, unsigned mib, unsigned count, unsigned qd)

@@ -170,6 +170,12 @@ cpu_ticks() {
         }'
 }
 
+# bridge_status: our bridge's status document (devices and loop counters), on one line.
+bridge_status() {
+    "$RIG/bin/hvisor-vhost-bridge" status --socket /tmp/bridge/status.sock --json > /tmp/status.json || return 1
+    echo "@Z0 status-json $(tr -d '\n' < /tmp/status.json) status-end@"
+}
+
 # console_bench BYTES: zone1 sends BYTES random bytes (bench's console row); zone0 reads until
 # they all came or none came for a second (a daemon that drops bytes), then their count and md5.
 console_bench() {
