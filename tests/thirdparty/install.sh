@@ -4,7 +4,7 @@
 # version is skipped. CI caches build/thirdparty (binaries and the cargo target directory).
 #
 # Usage: tests/thirdparty/install.sh            # everything in CRATES
-#        tests/thirdparty/install.sh CRATE...   # only these
+#        tests/thirdparty/install.sh CRATE...   # only these (from CRATES or ON_REQUEST)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -16,23 +16,68 @@ vhost-device-vsock 0.3.0
 virtiofsd 1.14.0
 "
 
+# Crates that build here but that no test drives yet: the rig's guest kernel lacks the driver,
+# this machine lacks the host device, or the bridge lacks a message the backend needs (see the
+# device table). Installed only when named, so a default run spends no CI time on them.
+ON_REQUEST="
+vhost-device-can 0.1.0
+vhost-device-gpio 0.1.0
+vhost-device-gpu 0.2.0
+vhost-device-i2c 0.1.0
+vhost-device-input 0.1.0
+vhost-device-scmi 0.4.0
+vhost-device-sound 0.3.0
+vhost-device-spi 0.1.0
+"
+
 # Debian packages a crate's build links against.
 debian_packages() {
     case "$1" in
     virtiofsd) echo libseccomp-dev libcap-ng-dev ;;
+    # libgpiod-sys links libgpiod 2 (bookworm has 1.6 in main, 2.x in backports) and runs
+    # bindgen, which loads libclang.
+    vhost-device-gpio) echo libclang-dev libgpiod-dev/backports ;;
     esac
 }
 
+# Extra `cargo install` options. sound and gpu: their default features link host audio
+# (ALSA, PipeWire, GStreamer) and 3D (virglrenderer, gfxstream) libraries; without them each
+# keeps its null backend (`--backend null`, `--gpu-mode null`).
+cargo_options() {
+    case "$1" in
+    vhost-device-sound | vhost-device-gpu) echo --no-default-features ;;
+    esac
+}
+
+# A package written PKG/backports is taken from <codename>-backports where that suite has it
+# (the release's own version is too old there), else from the release. It is always
+# installed, so that an older version already present is upgraded; this only happens when
+# the crate that needs it is built.
 install_debian_packages() {
-    local missing=() pkg
+    local missing=() pkg i codename
     for pkg in "$@"; do
-        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+        case "$pkg" in
+        */backports) ;;
+        *) dpkg -s "$pkg" >/dev/null 2>&1 && continue ;;
+        esac
+        missing+=("$pkg")
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
-    echo "installing Debian packages: ${missing[*]}"
     local sudo=()
     [ "$(id -u)" -eq 0 ] || sudo=(sudo)
     "${sudo[@]}" apt-get update -qq
+    # shellcheck disable=SC1091 # the host's release file
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    for i in "${!missing[@]}"; do
+        case "${missing[i]}" in
+        */backports)
+            pkg=${missing[i]%/backports}
+            apt-cache policy "$pkg" | grep -q -- " $codename-backports/" && pkg="$pkg/$codename-backports"
+            missing[i]=$pkg
+            ;;
+        esac
+    done
+    echo "installing Debian packages: ${missing[*]}"
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
@@ -46,7 +91,9 @@ wanted() {
     return 1
 }
 
-for entry in $(printf '%s' "$CRATES" | tr ' ' '@'); do
+list=$CRATES
+[ "$#" -gt 0 ] && list="$CRATES$ON_REQUEST"
+for entry in $(printf '%s' "$list" | tr ' ' '@'); do
     crate="${entry%@*}"
     version="${entry#*@}"
     wanted "$crate" "$@" || continue
@@ -59,6 +106,7 @@ for entry in $(printf '%s' "$CRATES" | tr ' ' '@'); do
     install_debian_packages $(debian_packages "$crate")
     echo "$crate $version: installing into $ROOT/bin"
     started=$SECONDS
-    cargo install --locked --quiet "$crate" --version "=$version" --root "$ROOT"
+    # shellcheck disable=SC2046 # the option list is meant to split into words
+    cargo install --locked --quiet "$crate" --version "=$version" --root "$ROOT" $(cargo_options "$crate")
     echo "$crate $version: installed in $((SECONDS - started)) s"
 done
