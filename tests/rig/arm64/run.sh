@@ -180,6 +180,7 @@ for zone in cfg["zones"]:
             print(f"NET_TAP={shlex.quote(dev['tap'])}")
 json.dump(cfg, open(dst, "w"), indent=2)
 EOF
+# shellcheck source=/dev/null
 . "$RUN/config.env"
 CFG=$RUN/virtio_cfg.json
 eval "$(python3 "$RIG_DIR/gen.py" env "$CFG")"
