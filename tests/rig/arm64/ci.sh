@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI entry for the arm64 EL2 trap rig: a stock Debian arm64 guest whose virtio-mmio devices
 # trap through an hvisor-like EL2 stub into the unchanged bridge binary. The last run is the
-# third-party matrix (docs/devices.md): one boot, six devices, every backend written elsewhere.
+# third-party matrix (docs/devices.md): one boot, six devices, every backend third-party.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 tests/rig/arm64/setup.sh

@@ -13,7 +13,7 @@
 #              (virtio_cfg_thirdparty.json has all of them, with blk and console).
 #   --backend  ours  = the bridge spawns our vhost-user-blk for "img" devices (default)
 #              qsd   = qemu-storage-daemon exports the image as a vhost-user-blk socket
-#              thirdparty = every device on a backend nobody here wrote, each started here on
+#              thirdparty = every device on a third-party backend, each started here on
 #                      the socket the config names (relative to the config, in the run dir):
 #                      blk qemu-storage-daemon (num-queues = the device's num_queues),
 #                      console vhost-device-console (network backend, peer.py on its TCP
