@@ -119,6 +119,19 @@ pub enum FrontendError {
         /// The configured size.
         size: u16,
     },
+    /// The backend, which takes no REPLY_ACK, closed the connection after SET_VRING_NUM:
+    /// how rust-vmm's vhost-user-backend refuses a queue larger than its maximum.
+    #[error(
+        "Backend hung up after SET_VRING_NUM {size} (it offers no REPLY_ACK, so this is how \
+         it refuses a queue size); if it was not stopped, lower `queue_size` in the config"
+    )]
+    HungUpAtQueueSize {
+        /// The configured size.
+        size: u16,
+        /// The request that found the connection gone.
+        #[source]
+        source: vhost::Error,
+    },
     /// The backend maps guest memory outside zone RAM, which on hvisor is root Linux's.
     #[error("Refusing the backend: it maps memory outside zone RAM")]
     StrayMapping(#[source] StrayMapping),
@@ -172,6 +185,10 @@ impl FrontendError {
         match self {
             Self::Disconnected => true,
             Self::Request {
+                source: vhost::Error::VhostUserProtocol(e),
+                ..
+            }
+            | Self::HungUpAtQueueSize {
                 source: vhost::Error::VhostUserProtocol(e),
                 ..
             } => matches!(
@@ -430,6 +447,18 @@ fn negotiate(
                 size: spec.queue_size,
             });
         }
+    }
+    // Without REPLY_ACK a refusal has no answer: rust-vmm's vhost-user-backend drops the
+    // connection instead (vhost-device-scsi 0.1.0 takes at most 128). A request that does
+    // have one finds that out here, where the error can name the size, rather than at
+    // whatever comes next.
+    if !protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) && spec.num_queues > 0 {
+        frontend
+            .get_features()
+            .map_err(|source| FrontendError::HungUpAtQueueSize {
+                size: spec.queue_size,
+                source,
+            })?;
     }
     let mut config = vec![0u8; spec.config_len];
     if protocol.contains(VhostUserProtocolFeatures::CONFIG) && spec.config_len > 0 {

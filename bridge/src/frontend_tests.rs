@@ -565,3 +565,23 @@ fn a_backend_that_refuses_the_queue_size_is_told_apart_from_one_that_died() {
     assert!(error.connection_lost(), "{}", chain(&error));
     fake.thread.join().unwrap();
 }
+
+#[test]
+fn a_backend_without_reply_ack_that_hangs_up_at_the_queue_size_is_named_for_it() {
+    // As vhost-device-scsi 0.1.0 (queues of at most 128, no REPLY_ACK) does with 256: the
+    // refusal is a closed socket, which would otherwise surface at the next request
+    // (GET_CONFIG here) and blame that.
+    let mut script = Script::new(36);
+    script.protocol = P::MQ | P::CONFIG;
+    script.vring_num = VringNumReply::HangUp;
+    let (fake, frontend) = Fake::start(script);
+    let error = VhostUserDevice::new(spec(SCSI, 1, 36), frontend, memory(1)).unwrap_err();
+    assert!(
+        matches!(error, FrontendError::HungUpAtQueueSize { size: 64, .. }),
+        "{}",
+        chain(&error)
+    );
+    // Still a lost connection: a restore starts another backend for it.
+    assert!(error.connection_lost(), "{}", chain(&error));
+    fake.thread.join().unwrap();
+}

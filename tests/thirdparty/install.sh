@@ -12,6 +12,7 @@ cd "$(dirname "$0")/../.."
 CRATES="
 vhost-device-console 0.1.0
 vhost-device-rng 0.1.0
+vhost-device-scsi 0.1.0
 vhost-device-vsock 0.3.0
 virtiofsd 1.14.0
 "

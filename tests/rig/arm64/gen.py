@@ -28,7 +28,7 @@ DTB_OFFSET = 64 * MIB
 INITRD_OFFSET = 128 * MIB
 STACK_SIZE = 0x4000
 MAX_CPUS = 8
-DEVICE_TYPES = {"net": 1, "blk": 2, "console": 3}
+DEVICE_TYPES = {"net": 1, "blk": 2, "console": 3, "rng": 4, "scsi": 8, "vsock": 19, "fs": 26}
 DOORBELL_NODE = "pl011@9040000"
 QUEUE_NOTIFY = 0x50  # window offset hvisor treats as an asynchronous QueueNotify
 # The stub's counter page: trapped like a window page but answered by the stub itself with its

@@ -1,21 +1,22 @@
 #!/usr/bin/env python3
-"""Host-side peers for the arm64 rig's net and console tests (run.sh starts them before the guest).
+"""Host-side peers for the arm64 rig's net, vsock and console tests (run.sh starts them before the guest).
 
-  peer.py net --addr A --port P --expect-bytes N --send FILE --result FILE
-      (inside the test's network namespace) first connection: the guest sends; read N bytes (or
-      up to EOF), then close, and record `received bytes=.. md5=..`. Second connection: send
-      FILE and close, and record `sent bytes=.. md5=..`.
-  peer.py console --socket PATH --result FILE
-      attach to the console backend's client socket, wait for one line from the guest, answer
+  peer.py net (--addr A --port P | --unix PATH) --expect-bytes N --send FILE --result FILE
+      (inside the test's network namespace, or on the UNIX socket vhost-device-vsock connects
+      the guest's stream to) first connection: the guest sends; read N bytes (or up to EOF),
+      then close, and record `received bytes=.. md5=..`. Second connection: send FILE and
+      close, and record `sent bytes=.. md5=..`.
+  peer.py console (--socket PATH | --tcp HOST:PORT) [--no-reply] --result FILE
+      attach to the console backend's client socket (or the TCP port of vhost-device-console's
+      network backend), wait for one line from the guest, answer
       `host-echo <line>`, record `line=<line>`. Then wait for `rig-bulk <bytes> <md5>`, read
       exactly that many bytes, answer `host-md5 <md5 of what arrived>` and record
-      `bulk bytes=<n> md5=<md5>`.
+      `bulk bytes=<n> md5=<md5>`. --no-reply records the same but sends nothing back.
 
 Every step has a deadline (--timeout); the result file says what happened either way.
 """
 import argparse
 import hashlib
-import os
 import socket
 import sys
 import time
@@ -28,7 +29,13 @@ def record(path, text):
 
 def net(args):
     deadline = time.monotonic() + args.timeout
-    with socket.create_server((args.addr, args.port), backlog=1) as server:
+    if args.unix:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(args.unix)
+        server.listen(1)
+    else:
+        server = socket.create_server((args.addr, args.port), backlog=1)
+    with server:
         record(args.result, "listening")
         server.settimeout(args.timeout)
         conn, _ = server.accept()
@@ -77,14 +84,30 @@ class LineReader:
         return data
 
 
-def console(args):
+def connect_console(args):
+    """The backend's client end; it may not listen yet (vhost-device-console opens its TCP
+    port once the bridge has connected), so keep trying until the deadline."""
     deadline = time.monotonic() + args.timeout
-    while not os.path.exists(args.socket):
-        if time.monotonic() > deadline:
-            sys.exit(f"peer.py: no console socket {args.socket}")
-        time.sleep(0.05)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(args.socket)
+    while True:
+        try:
+            if args.tcp:
+                host, port = args.tcp.rsplit(":", 1)
+                return socket.create_connection((host, int(port)))
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(args.socket)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                sys.exit(f"peer.py: the console backend never accepted ({args.tcp or args.socket})")
+            time.sleep(0.05)
+
+
+def console(args):
+    with connect_console(args) as sock:
         sock.settimeout(args.timeout)
         reader = LineReader(sock)
         try:
@@ -93,7 +116,8 @@ def console(args):
             text = reader.line()
             while not text.startswith(args.prefix):
                 text = reader.line()
-            sock.sendall(b"host-echo " + text.encode() + b"\n")
+            if not args.no_reply:
+                sock.sendall(b"host-echo " + text.encode() + b"\n")
             record(args.result, f"line={text}")
             header = reader.line()
             while not header.startswith("rig-bulk "):
@@ -104,7 +128,8 @@ def console(args):
             record(args.result, "eof")
             return
         digest = hashlib.md5(data).hexdigest()
-        sock.sendall(f"host-md5 {digest}\n".encode())
+        if not args.no_reply:
+            sock.sendall(f"host-md5 {digest}\n".encode())
         record(args.result, f"bulk bytes={len(data)} md5={digest}")
 
 
@@ -112,16 +137,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     n = sub.add_parser("net")
-    n.add_argument("--addr", required=True)
-    n.add_argument("--port", type=int, required=True)
+    where = n.add_mutually_exclusive_group(required=True)
+    where.add_argument("--addr")
+    where.add_argument("--unix")
+    n.add_argument("--port", type=int)
     n.add_argument("--expect-bytes", type=int, required=True)
     n.add_argument("--send", required=True)
     n.add_argument("--result", required=True)
     n.add_argument("--timeout", type=float, default=150)
     c = sub.add_parser("console")
-    c.add_argument("--socket", required=True)
+    at = c.add_mutually_exclusive_group(required=True)
+    at.add_argument("--socket")
+    at.add_argument("--tcp")
     c.add_argument("--result", required=True)
     c.add_argument("--prefix", default="rig-console-")
+    c.add_argument("--no-reply", action="store_true")
     c.add_argument("--timeout", type=float, default=150)
     args = ap.parse_args()
     try:

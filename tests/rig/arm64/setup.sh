@@ -6,7 +6,8 @@
 #     common packages), the aarch64 cross gcc + binutils, dtc, kmod, cpio, iproute2;
 #   - a stock Debian arm64 kernel (6.1) and busybox-static, downloaded through a private arm64-only
 #     APT configuration (adding a foreign architecture to the host's dpkg is not needed);
-#   - the kernel Image, the virtio modules, the guest benchmark helper and the guest initramfs.
+#   - the kernel Image, the guest's modules (guest/modules and their dependencies), the guest
+#     helper (rigbench) and the guest initramfs.
 #
 # Environment: RIG_BUILD (default: <repo>/build/rig-arm64), RIG_KERNEL_PKG (default:
 # linux-image-arm64, the meta package whose dependency names the kernel ABI).
@@ -39,7 +40,10 @@ rig_apt_install_tools aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu aarch64-linux-
 APT64=$CACHE/apt64
 DEBS=$CACHE/debs
 KSTAMP=$CACHE/kernel.stamp
-if [ ! -f "$KSTAMP" ]; then
+# The stamp names what was extracted: a changed module list (guest/modules) or kernel meta
+# package fetches and extracts again; an unchanged one never touches the network.
+WANT_STAMP="$KERNEL_META $(grep -v '^#' "$RIG_DIR/guest/modules" | md5sum | cut -d' ' -f1)"
+if [ "$(cat "$KSTAMP" 2>/dev/null)" != "$WANT_STAMP" ]; then
     log "fetching the arm64 kernel and busybox-static (private arm64 APT config in $APT64)"
     export APT_CONFIG
     APT_CONFIG=$(rig_apt_private "$APT64" arm64)
@@ -56,15 +60,35 @@ if [ ! -f "$KSTAMP" ]; then
     KROOT=$CACHE/kernel
     rm -rf "$KROOT" "$CACHE/busybox"
     mkdir -p "$KROOT" "$CACHE/busybox"
-    dpkg-deb --fsys-tarfile "$DEBS/${KPKG}"_*.deb | tar -x -C "$KROOT" --wildcards \
-        './boot/vmlinuz-*' './boot/config-*' '*/virtio_mmio.ko*' '*/virtio_blk.ko*' '*/virtio_net.ko*' \
-        '*/net_failover.ko*' '*/failover.ko*' '*/virtio_console.ko*'
-    dpkg-deb --fsys-tarfile "$DEBS"/busybox-static_*.deb | tar -x -C "$CACHE/busybox" './bin/busybox'
+    KDEB=$(ls "$DEBS/${KPKG}"_*.deb)
+    # The package ships no modules.dep (depmod makes it at install): unpack all modules into a
+    # scratch tree, run depmod there, and keep only the listed modules and what they need.
+    dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$KROOT" --wildcards './boot/vmlinuz-*' './boot/config-*'
     KVER=$(basename "$(ls "$KROOT"/boot/vmlinuz-*)" | sed 's/^vmlinuz-//')
+    SCRATCH=$CACHE/modules.tmp
+    rm -rf "$SCRATCH"
+    mkdir -p "$SCRATCH"
+    dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$SCRATCH" --wildcards "./lib/modules/$KVER/*"
+    depmod -b "$SCRATCH" "$KVER"
+    MODDIR=lib/modules/$KVER
+    mkdir -p "$KROOT/$MODDIR"
+    cp "$SCRATCH/$MODDIR/modules.dep" "$KROOT/$MODDIR/"
+    MODS=$("$RIG_DIR/guest/moddeps.py" "$RIG_DIR/guest/modules" "$KROOT/$MODDIR/modules.dep")
+    # modules.dep names .ko files; the package may hold them compressed (.ko.xz).
+    for m in $MODS; do
+        f=$SCRATCH/$MODDIR/$m
+        [ -f "$f" ] || f=$f.xz
+        [ -f "$f" ] || die "module $m is not in $KPKG"
+        mkdir -p "$(dirname "$KROOT/$MODDIR/$m")"
+        cp "$f" "$(dirname "$KROOT/$MODDIR/$m")/"
+    done
+    rm -rf "$SCRATCH"
+    log "extracted $(echo "$MODS" | wc -w) modules: $(echo "$MODS" | xargs -n1 basename | tr '\n' ' ')"
+    dpkg-deb --fsys-tarfile "$DEBS"/busybox-static_*.deb | tar -x -C "$CACHE/busybox" './bin/busybox'
     cp "$KROOT/boot/vmlinuz-$KVER" "$CACHE/Image"
     echo "$KVER" > "$CACHE/kver"
     rm -f "$DEBS"/*.deb # extracted; the stamp keeps them from being fetched again
-    touch "$KSTAMP"
+    echo "$WANT_STAMP" > "$KSTAMP"
 fi
 KVER=$(cat "$CACHE/kver")
 
@@ -77,7 +101,7 @@ if [ ! -f "$RIGBENCH" ] || [ "$RIG_DIR/guest/rigbench.c" -nt "$RIGBENCH" ]; then
 fi
 INITRD=$BUILD/initrd.cpio.gz
 if [ ! -f "$INITRD" ] || [ "$RIG_DIR/guest/init" -nt "$INITRD" ] || [ "$RIG_DIR/guest/mkinitrd.sh" -nt "$INITRD" ] \
-    || [ "$KSTAMP" -nt "$INITRD" ] || [ "$RIGBENCH" -nt "$INITRD" ]; then
+    || [ "$RIG_DIR/guest/moddeps.py" -nt "$INITRD" ] || [ "$KSTAMP" -nt "$INITRD" ] || [ "$RIGBENCH" -nt "$INITRD" ]; then
     log "building the initramfs"
     "$RIG_DIR/guest/mkinitrd.sh" "$CACHE/kernel" "$KVER" "$CACHE/busybox/bin/busybox" "$RIGBENCH" "$INITRD"
 fi

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Builds the rig's guest initramfs: static busybox, the benchmark helper, the virtio modules in
-# dependency order, /init.
+# Builds the rig's guest initramfs: static busybox, the guest helper, the modules of guest/modules
+# with their dependencies in dependency order, /init.
 # usage: mkinitrd.sh <kernel-tree-root> <kernel-version> <busybox-binary> <rigbench-binary> <out.cpio.gz>
 set -euo pipefail
 KROOT=$1
@@ -18,19 +18,15 @@ cp "$RIGBENCH" "$WORK/bin/rigbench"
 cp "$HERE/init" "$WORK/init"
 chmod 755 "$WORK/init" "$WORK/bin/busybox" "$WORK/bin/rigbench"
 
-# Dependency order (modules.dep): failover before net_failover before virtio_net.
-MODS="drivers/virtio/virtio_mmio drivers/block/virtio_blk net/core/failover drivers/net/net_failover
-      drivers/net/virtio_net drivers/char/virtio_console"
+# The modules of guest/modules and their dependencies, each after what it needs (modules.dep).
+MODDIR=$KROOT/lib/modules/$KVER
 : > "$WORK/lib/modules/order"
-for m in $MODS; do
-    src=$KROOT/lib/modules/$KVER/kernel/$m
-    name=$(basename "$m").ko
-    if [ -f "$src.ko" ]; then
-        cp "$src.ko" "$WORK/lib/modules/$name"
-    elif [ -f "$src.ko.xz" ]; then
-        xz -dc "$src.ko.xz" > "$WORK/lib/modules/$name"
+for m in $("$HERE/moddeps.py" "$HERE/modules" "$MODDIR/modules.dep"); do
+    name=$(basename "$m")
+    if [ -f "$MODDIR/$m" ]; then
+        cp "$MODDIR/$m" "$WORK/lib/modules/$name"
     else
-        continue # built into this kernel
+        xz -dc "$MODDIR/$m.xz" > "$WORK/lib/modules/$name"
     fi
     echo "$name" >> "$WORK/lib/modules/order"
 done

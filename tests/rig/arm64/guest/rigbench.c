@@ -6,6 +6,11 @@
  *                                from its counter page at physical address PAGE (/dev/mem)
  *   rigbench read ADDR COUNT     COUNT 32-bit reads of the register at physical address ADDR;
  *                                prints reads=, ns= (total) and the last value
+ *   rigbench vsock-cid           prints the guest's own vsock CID (from the device's config)
+ *   rigbench vsock-send CID PORT connects an AF_VSOCK stream, sends stdin to EOF, closes;
+ *                                prints bytes= (busybox has no vsock client)
+ *   rigbench vsock-recv CID PORT connects an AF_VSOCK stream, copies it to stdout until the
+ *                                peer closes
  *
  * Time comes from the generic counter (CNTVCT_EL0, which the stub leaves at the physical count),
  * the same clock the stub uses for its own tick counters.
@@ -13,8 +18,17 @@
 typedef unsigned long u64;
 typedef unsigned int u32;
 
+#define SYS_IOCTL 29
 #define SYS_OPENAT 56
+#define SYS_CLOSE 57
+#define SYS_READ 63
 #define SYS_WRITE 64
+#define SYS_SOCKET 198
+#define SYS_CONNECT 203
+#define AF_VSOCK 40
+#define SOCK_STREAM 1
+#define IOCTL_VM_SOCKETS_GET_LOCAL_CID 0x7b9
+#define O_RDONLY 0
 #define SYS_EXIT 93
 #define SYS_MMAP 222
 #define AT_FDCWD (-100)
@@ -188,6 +202,65 @@ static void reads(u64 addr, u64 count)
 	out("\n");
 }
 
+/* struct sockaddr_vm */
+struct vsock_addr {
+	unsigned short family, reserved;
+	u32 port, cid;
+	unsigned char zero[4];
+};
+
+static unsigned char io_buf[65536];
+
+static void write_all(long fd, const unsigned char *p, long n)
+{
+	while (n > 0) {
+		long w = syscall6(SYS_WRITE, fd, (long)p, n, 0, 0, 0);
+		if (w <= 0)
+			die("write failed");
+		p += w;
+		n -= w;
+	}
+}
+
+static long vsock_connect(u64 cid, u64 port)
+{
+	struct vsock_addr a = { .family = AF_VSOCK, .port = (u32)port, .cid = (u32)cid };
+	long fd = syscall6(SYS_SOCKET, AF_VSOCK, SOCK_STREAM, 0, 0, 0, 0);
+	if (fd < 0)
+		die("socket(AF_VSOCK) failed");
+	if (syscall6(SYS_CONNECT, fd, (long)&a, sizeof(a), 0, 0, 0) < 0)
+		die("vsock connect failed");
+	return fd;
+}
+
+/* Copies `from` to `to` until EOF; returns the byte count. */
+static u64 copy(long from, long to)
+{
+	u64 total = 0;
+	for (;;) {
+		long r = syscall6(SYS_READ, from, (long)io_buf, sizeof(io_buf), 0, 0, 0);
+		if (r < 0)
+			die("read failed");
+		if (r == 0)
+			return total;
+		write_all(to, io_buf, r);
+		total += (u64)r;
+	}
+}
+
+static void vsock_cid(void)
+{
+	u32 cid = 0;
+	long fd = syscall6(SYS_OPENAT, AT_FDCWD, (long)"/dev/vsock", O_RDONLY, 0, 0, 0);
+	if (fd < 0)
+		die("cannot open /dev/vsock");
+	if (syscall6(SYS_IOCTL, fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, (long)&cid, 0, 0, 0) < 0)
+		die("IOCTL_VM_SOCKETS_GET_LOCAL_CID failed");
+	out("cid=");
+	out_dec(cid);
+	out("\n");
+}
+
 void rigbench_main(long argc, char **argv)
 {
 	u64 a, b;
@@ -195,8 +268,19 @@ void rigbench_main(long argc, char **argv)
 		counters(a);
 	else if (argc == 4 && same(argv[1], "read") && parse(argv[2], &a) && parse(argv[3], &b) && b > 0)
 		reads(a, b);
+	else if (argc == 2 && same(argv[1], "vsock-cid"))
+		vsock_cid();
+	else if (argc == 4 && same(argv[1], "vsock-send") && parse(argv[2], &a) && parse(argv[3], &b)) {
+		long fd = vsock_connect(a, b);
+		u64 n = copy(0, fd);
+		syscall6(SYS_CLOSE, fd, 0, 0, 0, 0, 0);
+		out("bytes=");
+		out_dec(n);
+		out("\n");
+	} else if (argc == 4 && same(argv[1], "vsock-recv") && parse(argv[2], &a) && parse(argv[3], &b))
+		copy(vsock_connect(a, b), 1);
 	else
-		die("usage: rigbench counters PAGE | rigbench read ADDR COUNT");
+		die("usage: rigbench counters PAGE | read ADDR COUNT | vsock-cid | vsock-send CID PORT | vsock-recv CID PORT");
 	leave(0);
 }
 
