@@ -12,6 +12,7 @@ Speed is printed, never asserted. The report exits nonzero when our side lost a 
 a ping, failed an md5, or a phase of ours failed; hvisor-tool's losses and failures are printed.
 """
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -110,6 +111,13 @@ def metrics(path, args):
         if "rounds" in ph[p] and "error" not in ph[p]:
             for key in ("per_round", "submit_us", "wait_us"):
                 m["z1_%s.%s" % (key, p)] = float(ph[p][key])
+        # The host CPU of each vCPU thread of QEMU over the phase, as a share of its host time.
+        if "host_vcpu_s" in ph[p] and "host_s" in ph[p] and "error" not in ph[p]:
+            for item in ph[p]["host_vcpu_s"].split(","):
+                n, secs = item.split(":")
+                m["vcpu%s_pct.%s" % (n, p)] = 100 * float(secs) / max(float(ph[p]["host_s"]), 1e-3)
+        if "z0_faults" in ph[p] and "error" not in ph[p]:
+            m["z0_faults_per.%s" % p] = int(ph[p]["z0_faults"]) / per_unit[p]
         # Our bridge's counters over the phase.
         if "br_blk_kicks" in ph[p] and "error" not in ph[p]:
             kicks = int(ph[p]["br_blk_kicks"])
@@ -272,6 +280,22 @@ def main():
             print("| %s | %s |" % (labels[p], " | ".join(
                 cell(side, "z1_%s.%s" % (key, p)) for key in ("per_round", "submit_us", "wait_us")
                 for side in (ours, tool))))
+    vcpus = sorted({k.split(".")[0] for r in ours + tool for k in r if k.startswith("vcpu")})
+    if vcpus:
+        print()
+        print("Host CPU of each of QEMU's vCPU threads during each blk phase, in %% of the phase's host "
+              "time (the host has %d cores; medians), ours / %s; and the daemon's minor page faults "
+              "in zone0 per request (per MiB for the sequential phases):" % (os.cpu_count(), theirs_name))
+        print()
+        print("| phase | " + " | ".join("CPU %s" % v[4:-4] for v in vcpus) + " | zone0 faults |")
+        print("|---|" + "---|" * (len(vcpus) + 1))
+        for p in LOAD:
+            def med(runs, key):
+                values = [r[key] for r in runs if r.get(key) is not None]
+                return "%.0f" % statistics.median(values) if values else "—"
+            print("| %s | %s | %s / %s |" % (labels[p], " | ".join(
+                "%s / %s" % (med(ours, "%s.%s" % (v, p)), med(tool, "%s.%s" % (v, p))) for v in vcpus),
+                cell(ours, "z0_faults_per." + p), cell(tool, "z0_faults_per." + p)))
     ring = [p for p in LOAD if any("br_requests_per." + p in r for r in ours)]
     if ring:
         print()

@@ -319,6 +319,33 @@ class Rig:
             by[name] = by.get(name, 0) + int(ticks)
         return int(f[0]), by
 
+    def minor_faults(self):
+        """Minor page faults so far of the daemon and everything it spawned (zone0's /proc)."""
+        rc, out = self.sh("minor_faults %d" % self.daemon_pid)
+        f = self.fact(out, r"@Z0 minor faults=(\d+)@")
+        if rc != 0 or f is None:
+            raise RuntimeError("minor_faults failed: " + out.strip())
+        return int(f[0])
+
+    def vcpu_ticks(self):
+        """Host CPU ticks so far of each of QEMU's vCPU threads ("CPU <n>/TCG", named so by
+        run.sh's `-name debug-threads=on`), by n: which of the machine's CPUs (zone0's, zone1's,
+        the one hvisor parks) compete for the host's cores during a phase."""
+        ticks = {}
+        task = "/proc/%d/task" % self.con.proc.pid
+        for tid in os.listdir(task):
+            try:
+                with open("%s/%s/comm" % (task, tid)) as f:
+                    m = re.match(r"CPU (\d+)/", f.read())
+                with open("%s/%s/stat" % (task, tid)) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the thread ended
+            if m:
+                # utime and stime: fields 14 and 15 of stat, 12 and 13 after the comm.
+                ticks[int(m.group(1))] = int(fields[11]) + int(fields[12])
+        return ticks
+
     def bridge_counters(self):
         """Our bridge's loop counters now (its status socket), with the notify-to-call round
         trips of the blk device (the bench's zone1 has one); None with hvisor-tool."""
@@ -375,12 +402,20 @@ class Rig:
         for name, args in load:
             op, rest = args.split(" ", 1)
             counters = self.bridge_counters()
+            faults = self.minor_faults()
+            vcpus, sampled = self.vcpu_ticks(), time.monotonic()
             rc, out = self.z1("load %s %s %s" % (op, serial, rest), a.timeout * 3)
+            vcpus_after, sampled = self.vcpu_ticks(), time.monotonic() - sampled
             f = self.fact(out, r"@LOAD (op=[^@]*)@")
             facts = f[0] if f else "error=no-result"
             counts = self.fact(out, r"@Z1 load-counts irqs=(\d+) busy_pct=(\S+)@")
             if counts:
                 facts += " z1_irqs=%s z1_busy_pct=%s" % counts
+            facts += " z0_faults=%d" % (self.minor_faults() - faults)
+            hz = os.sysconf("SC_CLK_TCK")
+            facts += " host_vcpu_s=" + ",".join("%d:%.2f" % (n, (vcpus_after[n] - vcpus.get(n, 0)) / hz)
+                                                for n in sorted(vcpus_after))
+            facts += " host_s=%.2f" % sampled
             after = self.bridge_counters()
             if counters and after:
                 facts += "".join(" br_%s=%d" % (k, after[k] - counters[k]) for k in BRIDGE_PHASE_COUNTERS)

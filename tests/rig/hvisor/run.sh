@@ -294,6 +294,7 @@ truncate -s "${DISK_MIB}M" "$RUN/zone0-disk.img"
     printf '%s\n' qemu-system-aarch64 -machine virt,secure=on,gic-version=3,virtualization=on,iommu=smmuv3 \
         -global arm-smmuv3.stage=2 -cpu cortex-a72 -smp 4 -m 2G \
         -display none -monitor none -serial stdio -no-reboot \
+        -name hvisor-rig,debug-threads=on \
         -bios "$OUT/u-boot-atf.bin" \
         -device "loader,file=$HVISOR_BIN,addr=0x40400000,force-raw=on" \
         -device "loader,file=$OUT/Image,addr=0xa0400000,force-raw=on" \
