@@ -107,6 +107,7 @@ def metrics(path, args):
     for p in LOAD:
         if "z1_irqs" in ph[p] and "error" not in ph[p]:
             m["z1_irqs_per." + p] = int(ph[p]["z1_irqs"]) / per_unit[p]
+            m["z1_all_irqs_per." + p] = int(ph[p]["z1_all_irqs"]) / per_unit[p]
             m["z1_busy." + p] = float(ph[p]["z1_busy_pct"])
         if "rounds" in ph[p] and "error" not in ph[p]:
             for key in ("per_round", "submit_us", "wait_us"):
@@ -257,14 +258,15 @@ def main():
     if any("z1_irqs_per." + p in r for r in ours + tool for p in LOAD):
         print()
         print("Zone1's view of the blk phases (medians [min–max]): its interrupts per request (per "
-              "MiB for the sequential phases) and its CPU's busy share, %:")
+              "MiB for the sequential phases), the disk's and all of them, and its CPU's busy share, %:")
         print()
-        print("| phase | interrupts, ours | interrupts, %s | zone1 busy %%, ours | zone1 busy %%, %s |" % (
-            theirs_name, theirs_name))
-        print("|---|---|---|---|---|")
+        print("| phase | disk's interrupts, ours | %s | all interrupts, ours | %s | zone1 busy %%, ours | %s |"
+              % ((theirs_name,) * 3))
+        print("|---|---|---|---|---|---|---|")
         for p in LOAD:
-            print("| %s | %s | %s | %s | %s |" % (labels[p], cell(ours, "z1_irqs_per." + p), cell(tool, "z1_irqs_per." + p),
-                                               cell(ours, "z1_busy." + p), cell(tool, "z1_busy." + p)))
+            print("| %s | %s |" % (labels[p], " | ".join(
+                cell(side, "%s.%s" % (key, p)) for key in ("z1_irqs_per", "z1_all_irqs_per", "z1_busy")
+                for side in (ours, tool))))
 
     deep = [p for p in LOAD if any("z1_per_round." + p in r for r in ours + tool)]
     if deep:

@@ -408,9 +408,9 @@ class Rig:
             vcpus_after, sampled = self.vcpu_ticks(), time.monotonic() - sampled
             f = self.fact(out, r"@LOAD (op=[^@]*)@")
             facts = f[0] if f else "error=no-result"
-            counts = self.fact(out, r"@Z1 load-counts irqs=(\d+) busy_pct=(\S+)@")
+            counts = self.fact(out, r"@Z1 load-counts irqs=(\d+) all_irqs=(\d+) busy_pct=(\S+)@")
             if counts:
-                facts += " z1_irqs=%s z1_busy_pct=%s" % counts
+                facts += " z1_irqs=%s z1_all_irqs=%s z1_busy_pct=%s" % counts
             facts += " z0_faults=%d" % (self.minor_faults() - faults)
             hz = os.sysconf("SC_CLK_TCK")
             facts += " host_vcpu_s=" + ",".join("%d:%.2f" % (n, (vcpus_after[n] - vcpus.get(n, 0)) / hz)
