@@ -153,39 +153,34 @@ log_wait() {
     z0mark "log-wait ok: $1"
 }
 
-# cpu_ticks PID: user+system clock ticks of PID and every process below it (the daemon and the
-# backends it spawned; with the reaped children's), from one read of every /proc/N/stat.
-cpu_ticks() {
+# tree_stat PID: a line for PID and for every process below it (the daemon and the backends it
+# spawned), from one read of every /proc/N/stat: its name, its user+system clock ticks and its
+# minor page faults, each with its reaped children's.
+tree_stat() {
     cat /proc/[0-9]*/stat 2> /dev/null | awk -v root="$1" '
-        { ppid[$1] = $4; t[$1] = $14 + $15 + $16 + $17; comm[$1] = substr($2, 2, length($2) - 2) }
+        { ppid[$1] = $4; comm[$1] = substr($2, 2, length($2) - 2)
+          ticks[$1] = $14 + $15 + $16 + $17; faults[$1] = $10 + $11 }
         END {
             tree[root] = 1
             do {
                 more = 0
                 for (p in ppid) if (!(p in tree) && (ppid[p] in tree)) { tree[p] = 1; more = 1 }
             } while (more)
-            n = 0; sum = 0; by = ""
-            for (p in tree) if (p in t) { n++; sum += t[p]; by = by comm[p] ":" t[p] "," }
-            printf "@Z0 cpu ticks=%d procs=%d by=%s@\n", sum, n, by
+            for (p in tree) if (p in ticks) print comm[p], ticks[p], faults[p]
         }'
 }
 
-# minor_faults PID: minor page faults so far of PID and every process below it. A daemon that
-# maps and unmaps memory per request shows here; on arm64 each unmap is a broadcast TLB
-# invalidation, which under QEMU TCG stops every vCPU of the machine, zone1's included.
+# cpu_ticks PID: user+system clock ticks of PID's tree, in all and by process name.
+cpu_ticks() {
+    tree_stat "$1" | awk '{ n++; sum += $2; by = by $1 ":" $2 "," }
+        END { printf "@Z0 cpu ticks=%d procs=%d by=%s@\n", sum, n, by }'
+}
+
+# minor_faults PID: minor page faults of PID's tree. A daemon that maps and unmaps memory per
+# request shows here; on arm64 each unmap is a broadcast TLB invalidation, which under QEMU TCG
+# stops every vCPU of the machine, zone1's included.
 minor_faults() {
-    cat /proc/[0-9]*/stat 2> /dev/null | awk -v root="$1" '
-        { ppid[$1] = $4; f[$1] = $10 + $11 }
-        END {
-            tree[root] = 1
-            do {
-                more = 0
-                for (p in ppid) if (!(p in tree) && (ppid[p] in tree)) { tree[p] = 1; more = 1 }
-            } while (more)
-            sum = 0
-            for (p in tree) if (p in f) sum += f[p]
-            printf "@Z0 minor faults=%d@\n", sum
-        }'
+    tree_stat "$1" | awk '{ sum += $3 } END { printf "@Z0 minor faults=%d@\n", sum }'
 }
 
 # bridge_status: our bridge's status document (devices and loop counters), on one line.
