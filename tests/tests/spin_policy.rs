@@ -67,9 +67,11 @@ fn sleeps_for_qd1_reads(tag: &str, bridge_args: &[&str]) -> (u64, String) {
     );
     // Each read's notify is answered by the backend's call, whether or not the bridge polls
     // for it; the line also sums their round trips, which benchmarks divide by this count.
+    // A call the bridge reads after the next notify answers both and counts once, so a few
+    // reads may go uncounted; none counted is the failure.
     let (_, answered) = stopping_counter(&log_path, "answered kicks");
     assert!(
-        (REQUESTS..REQUESTS + 16).contains(&answered),
+        (REQUESTS * 9 / 10..REQUESTS + 16).contains(&answered),
         "{answered} answered kicks for {REQUESTS} reads ({stats})"
     );
     (sleeps, stats)
