@@ -547,23 +547,28 @@ fn a_restarted_backend_without_a_feature_the_guest_acked_is_refused() {
 fn a_backend_that_refuses_the_queue_size_is_told_apart_from_one_that_died() {
     let mut refusing = Script::new(60);
     refusing.vring_num = VringNumReply::Refuse;
-    let (fake, frontend) = Fake::start(refusing);
-    let error = VhostUserDevice::new(spec(BLK, 1, 60), frontend, memory(1)).unwrap_err();
+    let error = refused(refusing, spec(BLK, 1, 60));
     assert!(
         matches!(error, FrontendError::QueueSizeRefused { queue: 0, .. }),
         "{}",
         chain(&error)
     );
     assert!(!error.connection_lost());
-    fake.thread.join().unwrap();
 
     // Killed while the bridge negotiates (a restore): worth another backend, not a reset.
     let mut dying = Script::new(60);
     dying.vring_num = VringNumReply::HangUp;
-    let (fake, frontend) = Fake::start(dying);
-    let error = VhostUserDevice::new(spec(BLK, 1, 60), frontend, memory(1)).unwrap_err();
+    let error = refused(dying, spec(BLK, 1, 60));
     assert!(error.connection_lost(), "{}", chain(&error));
+}
+
+/// Negotiates with a scripted backend that must refuse the device; its error, once the
+/// backend's thread has ended.
+fn refused(script: Script, spec: DeviceSpec) -> FrontendError {
+    let (fake, frontend) = Fake::start(script);
+    let error = VhostUserDevice::new(spec, frontend, memory(1)).unwrap_err();
     fake.thread.join().unwrap();
+    error
 }
 
 #[test]
@@ -574,8 +579,7 @@ fn a_backend_without_reply_ack_that_hangs_up_at_the_queue_size_is_named_for_it()
     let mut script = Script::new(36);
     script.protocol = P::MQ | P::CONFIG;
     script.vring_num = VringNumReply::HangUp;
-    let (fake, frontend) = Fake::start(script);
-    let error = VhostUserDevice::new(spec(SCSI, 1, 36), frontend, memory(1)).unwrap_err();
+    let error = refused(script, spec(SCSI, 1, 36));
     assert!(
         matches!(error, FrontendError::HungUpAtQueueSize { size: 64, .. }),
         "{}",
@@ -583,5 +587,4 @@ fn a_backend_without_reply_ack_that_hangs_up_at_the_queue_size_is_named_for_it()
     );
     // Still a lost connection: a restore starts another backend for it.
     assert!(error.connection_lost(), "{}", chain(&error));
-    fake.thread.join().unwrap();
 }
